@@ -1,0 +1,252 @@
+//! `app`: one copy of the program. With no command it joins the group (generator if the lease is
+//! free, handler otherwise); `app getErrors` prints and deletes every failed message.
+//!
+//! Exit codes: 0 clean stop, 1 unexpected failure, 2 bad flags, 3 Redis unreachable.
+
+use clap::{Args, Parser, Subcommand};
+use leaderq::errors_store::{self, DrainConfig};
+use leaderq::generator::GeneratorConfig;
+use leaderq::handler::HandlerConfig;
+use leaderq::outcome::OutcomeModel;
+use leaderq::{conn, node, Config, Error, Keys};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+/// Many copies of one program sharing work through Redis: one elected generator produces
+/// messages 0, 1, 2, … every --interval-ms; every other copy handles them; each outcome is
+/// recorded exactly once; failed messages go to an error store that `app getErrors` drains.
+#[derive(Debug, Parser)]
+#[command(name = "app", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    run: RunFlags,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print every failed message (one per line on stdout, a count on stderr), delete them, exit.
+    /// Killed halfway, the next call prints what was left: nothing is lost.
+    #[command(name = "getErrors", visible_alias = "get-errors")]
+    GetErrors {
+        #[command(flatten)]
+        common: Common,
+        /// Entries printed per Redis round trip.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        chunk: u64,
+    },
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+struct Common {
+    /// Redis to use.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Namespace of the group: every key lives under `{NAMESPACE}:` (one Redis Cluster slot).
+    #[arg(long, default_value = "app")]
+    namespace: String,
+    /// Give up with exit code 3 when Redis stays unreachable this long at start-up.
+    #[arg(long, default_value_t = 5000)]
+    connect_timeout_ms: u64,
+}
+
+/// Flags of the default command (join the group).
+#[derive(Debug, Args)]
+struct RunFlags {
+    /// Milliseconds between generated messages (the task's 500); 0 = as fast as handlers take them.
+    #[arg(long, default_value_t = 500)]
+    interval_ms: u64,
+    /// Stop generating after id N-1. Stored in Redis, so a successor generator respects it.
+    #[arg(long, value_name = "N")]
+    max_messages: Option<u64>,
+    /// Seed the handler: each message's delay and error become a pure function of (seed, id).
+    /// Random when absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Probability that eventHandler fails a message (the task's 15 %).
+    #[arg(long, default_value_t = 0.15)]
+    error_rate: f64,
+    /// eventHandler waits a uniform integer delay in 0..this many ms (the task's 1000).
+    #[arg(long, default_value_t = 1000)]
+    handler_delay_max_ms: u64,
+    /// Leader lease TTL. A SIGKILLed generator is replaced within about this long.
+    #[arg(long, default_value_t = 600)]
+    lease_ms: u64,
+    /// Handler heartbeat TTL. A SIGKILLed handler's messages are reclaimed within about this long.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Messages per fetch (one script call each).
+    #[arg(long, default_value_t = 1000)]
+    batch: u64,
+    /// Messages a handler holds at once (fetched, not yet committed).
+    #[arg(long, default_value_t = 20_000)]
+    max_in_flight: usize,
+    /// Outcomes per commit (one script call each), at most.
+    #[arg(long, default_value_t = 2000)]
+    commit_max: usize,
+    /// Messages per generate call when --interval-ms is 0.
+    #[arg(long, default_value_t = 1000)]
+    gen_batch: u64,
+    /// Backpressure: the generator waits while this many messages are queued.
+    #[arg(long, default_value_t = 50_000)]
+    queue_max: u64,
+    /// Unique id of this copy (default: host-pid-random).
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// Exit with code 3 when Redis stays unreachable this long mid-run.
+    #[arg(long, default_value_t = 30_000)]
+    redis_down_max_ms: u64,
+    /// On SIGTERM/SIGINT, wait at most this long for in-flight messages to commit
+    /// (default: --handler-delay-max-ms + 5000). A second signal exits at once.
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("app: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("app: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Config(_) => 2,
+        e if e.is_connection() => 3,
+        _ => 1,
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Some(Command::GetErrors { common, chunk }) => get_errors(common, chunk).await,
+        None => join(cli.common, cli.run).await,
+    }
+}
+
+async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
+    let instance_id = f.instance_id.unwrap_or_else(default_instance_id);
+    let config = Config {
+        redis_url: common.redis_url,
+        keys: Keys::new(&common.namespace)?,
+        instance_id: instance_id.clone(),
+        generator: GeneratorConfig {
+            interval_ms: f.interval_ms,
+            batch_max: f.gen_batch,
+            queue_max: f.queue_max,
+            lease_ms: f.lease_ms,
+        },
+        handler: HandlerConfig {
+            instance_id,
+            batch: f.batch,
+            max_in_flight: f.max_in_flight,
+            commit_max: f.commit_max,
+            heartbeat_ms: f.heartbeat_ms,
+            redis_down_max_ms: f.redis_down_max_ms,
+            model: OutcomeModel {
+                seed: f.seed,
+                error_rate: f.error_rate,
+                delay_max_ms: f.handler_delay_max_ms,
+            },
+        },
+        max_messages: f.max_messages,
+        connect_timeout_ms: common.connect_timeout_ms,
+        redis_down_max_ms: f.redis_down_max_ms,
+        drain_timeout_ms: f.drain_timeout_ms.unwrap_or(f.handler_delay_max_ms + 5000),
+    }
+    .validate()?;
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    node::run(config, stop).await
+}
+
+async fn get_errors(common: Common, chunk: u64) -> Result<(), Error> {
+    let keys = Keys::new(&common.namespace)?;
+    let mut con = conn::connect(&common.redis_url, common.connect_timeout_ms).await?;
+    let config = DrainConfig {
+        chunk: chunk as usize,
+        lock_ms: 30_000,
+        token: default_instance_id(),
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let drained = errors_store::drain(&mut con, &keys, &config, &mut out).await?;
+    eprintln!(
+        "getErrors: printed and deleted {} entries ({} failed messages, {} other)",
+        drained.printed,
+        drained.printed - drained.bad,
+        drained.bad
+    );
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: stop cleanly (release the lease, drain). Second: exit at once, which is
+/// safe — whatever was in flight is reclaimed by the other copies.
+fn spawn_signal_handler(stop: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!("cannot install signal handlers; stop with SIGKILL (nothing is lost)");
+            return;
+        };
+        for n in 0..2 {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!("signal received: stopping (a second signal exits at once)");
+                stop.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now; in-flight messages will be reclaimed");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// `host-pid-random`: unique per process, and readable in logs and Redis.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(24)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}

@@ -1,0 +1,141 @@
+//! The validated configuration of one `app` process: flags become this before any work starts,
+//! so a bad value is one clear error at start-up rather than a surprise mid-run.
+
+use crate::error::Error;
+use crate::generator::GeneratorConfig;
+use crate::handler::HandlerConfig;
+use crate::keys::Keys;
+use crate::outcome::OutcomeModel;
+
+/// Everything `node::run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where Redis is.
+    pub redis_url: String,
+    /// Key names of the namespace this copy joins.
+    pub keys: Keys,
+    /// Unique per process: the lease value and handler ids are built from it.
+    pub instance_id: String,
+    /// Generation settings (used while this copy holds the lease).
+    pub generator: GeneratorConfig,
+    /// Handling settings (used while it does not).
+    pub handler: HandlerConfig,
+    /// `Some(n)`: store n in Redis so every generator stops after id n-1.
+    pub max_messages: Option<u64>,
+    /// How long to keep trying to reach Redis at start-up.
+    pub connect_timeout_ms: u64,
+    /// How long Redis may stay unreachable mid-run before the process gives up (exit code 3).
+    pub redis_down_max_ms: u64,
+    /// On SIGTERM, how long in-flight messages may take to finish and commit.
+    pub drain_timeout_ms: u64,
+}
+
+impl Config {
+    /// Checks every value; returns the config unchanged when it can work.
+    pub fn validate(self) -> Result<Config, Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        let id = &self.instance_id;
+        if id.is_empty()
+            || id.len() > 64
+            || id
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '{' || c == '}')
+        {
+            return bad(format!(
+                "--instance-id {id:?} must be 1-64 characters without whitespace or braces"
+            ));
+        }
+        let m = &self.handler.model;
+        if !(0.0..=1.0).contains(&m.error_rate) || m.error_rate.is_nan() {
+            return bad(format!(
+                "--error-rate {} must be between 0 and 1",
+                m.error_rate
+            ));
+        }
+        if m.delay_max_ms > 3_600_000 {
+            return bad(format!(
+                "--handler-delay-max-ms {} exceeds one hour",
+                m.delay_max_ms
+            ));
+        }
+        let g = &self.generator;
+        if g.lease_ms < 30 || g.lease_ms > 600_000 {
+            return bad(format!(
+                "--lease-ms {} must be between 30 and 600000",
+                g.lease_ms
+            ));
+        }
+        if g.batch_max == 0 || g.batch_max > 100_000 {
+            return bad(format!(
+                "--gen-batch {} must be between 1 and 100000",
+                g.batch_max
+            ));
+        }
+        if g.queue_max == 0 {
+            return bad("--queue-max must be at least 1".into());
+        }
+        let h = &self.handler;
+        if h.max_in_flight == 0 || h.max_in_flight > 1_000_000 {
+            return bad(format!(
+                "--max-in-flight {} must be between 1 and 1000000",
+                h.max_in_flight
+            ));
+        }
+        if h.batch == 0 || h.batch > h.max_in_flight as u64 || h.batch > 100_000 {
+            return bad(format!(
+                "--batch {} must be between 1 and min(--max-in-flight, 100000)",
+                h.batch
+            ));
+        }
+        if h.commit_max == 0 || h.commit_max > 100_000 {
+            return bad(format!(
+                "--commit-max {} must be between 1 and 100000",
+                h.commit_max
+            ));
+        }
+        if h.heartbeat_ms < 50 {
+            return bad(format!(
+                "--heartbeat-ms {} must be at least 50",
+                h.heartbeat_ms
+            ));
+        }
+        if let Some(max) = self.max_messages {
+            if max > crate::message::ID_MAX + 1 {
+                return bad(format!(
+                    "--max-messages {max} exceeds {} (ids index a Redis bitmap)",
+                    crate::message::ID_MAX + 1
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// A config with the task's defaults, for tests and benches.
+    pub fn defaults(redis_url: &str, namespace: &str, instance_id: &str) -> Result<Config, Error> {
+        Config {
+            redis_url: redis_url.to_string(),
+            keys: Keys::new(namespace)?,
+            instance_id: instance_id.to_string(),
+            generator: GeneratorConfig {
+                interval_ms: 500,
+                batch_max: 1000,
+                queue_max: 50_000,
+                lease_ms: 600,
+            },
+            handler: HandlerConfig {
+                instance_id: instance_id.to_string(),
+                batch: 1000,
+                max_in_flight: 20_000,
+                commit_max: 2000,
+                heartbeat_ms: 1000,
+                redis_down_max_ms: 30_000,
+                model: OutcomeModel::default(),
+            },
+            max_messages: None,
+            connect_timeout_ms: 5000,
+            redis_down_max_ms: 30_000,
+            drain_timeout_ms: 10_000,
+        }
+        .validate()
+    }
+}

@@ -1,0 +1,53 @@
+//! The library's error type: Redis failures kept apart from the domain's own refusals, so the
+//! binaries can map each class to its own exit code.
+
+/// Everything the library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Redis command or script failed (connection, protocol, or a script's `error_reply`).
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// Redis could not be reached within the configured bound.
+    #[error("redis at {url} unreachable after {attempts} attempts over {waited_ms} ms: {last}")]
+    Unreachable {
+        /// The URL, with any password removed.
+        url: String,
+        /// How many connection attempts were made.
+        attempts: u32,
+        /// How long we kept trying.
+        waited_ms: u64,
+        /// The last error seen.
+        last: String,
+    },
+    /// A flag or setting that cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Data in Redis that breaks the protocol and cannot be quarantined (e.g. a non-integer counter).
+    #[error("corrupt data in redis: {0}")]
+    Corrupt(String),
+    /// `getErrors` lost its drain lock to another `getErrors` (nothing is lost: the other one prints).
+    #[error("another getErrors took over the error drain; nothing was lost, run it again")]
+    DrainLockLost,
+    /// A task of the process panicked or was cancelled unexpectedly.
+    #[error("internal task failure: {0}")]
+    Task(String),
+    /// Writing to stdout failed (e.g. a closed pipe) before the entries were deleted.
+    #[error("writing the errors out failed: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl Error {
+    /// True when the error is Redis being unreachable rather than refusing something.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } => true,
+            Error::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+            }
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The generator: `getMessage()` in batches, while and only while this process holds the lease.
+
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::keys::Keys;
+use crate::lease::{self, Lease};
+use crate::scripts;
+use std::time::Duration;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What one call of generate.lua did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generated {
+    /// Ids `first_id .. first_id + count` were appended at Redis time `time_us`.
+    Batch {
+        first_id: u64,
+        count: u64,
+        time_us: u64,
+    },
+    /// The queue holds `queue_max` messages: wait for the handlers.
+    QueueFull,
+    /// `max_messages` were generated: nothing left to do.
+    Finished,
+    /// The lease is not ours any more: step down.
+    Fenced,
+}
+
+/// Runs generate.lua once: at most `batch_max` messages, only under `lease`.
+pub async fn generate(
+    con: &mut Conn,
+    keys: &Keys,
+    lease: &Lease,
+    batch_max: u64,
+    queue_max: u64,
+) -> Result<Generated, Error> {
+    let (status, first_id, count, time_us): (i64, u64, u64, u64) = scripts::GENERATE
+        .key(keys.lease())
+        .key(keys.next_id())
+        .key(keys.max())
+        .key(keys.queue())
+        .key(keys.epochs())
+        .key(keys.stats())
+        .arg(&lease.value)
+        .arg(lease.epoch)
+        .arg(batch_max)
+        .arg(queue_max)
+        .invoke_async(con)
+        .await
+        .map_err(|e| match e.code() {
+            Some("ERR") if e.to_string().contains("generate:") => Error::Corrupt(e.to_string()),
+            _ => Error::Redis(e),
+        })?;
+    Ok(match status {
+        1 => Generated::Batch {
+            first_id,
+            count,
+            time_us,
+        },
+        2 => Generated::QueueFull,
+        3 => Generated::Finished,
+        _ => Generated::Fenced,
+    })
+}
+
+/// How the generator knows when and how much to generate.
+#[derive(Debug, Clone)]
+pub struct GeneratorConfig {
+    /// Pause between messages (the task's 500 ms); 0 = as fast as the handlers take them.
+    pub interval_ms: u64,
+    /// Messages per script call when `interval_ms` is 0.
+    pub batch_max: u64,
+    /// Backpressure: generate only while the queue holds fewer messages.
+    pub queue_max: u64,
+    /// Lease TTL; renewed every third of it.
+    pub lease_ms: u64,
+}
+
+/// Why [`lead`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeadEnd {
+    /// `stop` fired; the lease was released (or found already gone).
+    Stopped,
+    /// The lease was lost (fenced, not renewed in time): go back to handling.
+    Lost,
+}
+
+/// Generates while `lease` holds, renewing it every `lease_ms / 3`.
+///
+/// Correctness does not depend on this loop noticing a lost lease quickly: generate.lua checks
+/// the lease on every call. Noticing only matters so the process goes back to handling.
+pub async fn lead(
+    con: &mut Conn,
+    keys: &Keys,
+    lease: &Lease,
+    config: &GeneratorConfig,
+    stop: &CancellationToken,
+) -> Result<LeadEnd, Error> {
+    let renew_every = Duration::from_millis((config.lease_ms / 3).max(1));
+    let lease_ttl = Duration::from_millis(config.lease_ms);
+    let interval = Duration::from_millis(config.interval_ms);
+    let batch = if config.interval_ms == 0 {
+        config.batch_max
+    } else {
+        1
+    };
+    let mut renewed_at = Instant::now();
+    let mut next_renew = renewed_at + renew_every;
+    let mut next_generate = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                match lease::release(con, keys, lease).await {
+                    Ok(released) => tracing::info!(epoch = lease.epoch, released, "generator stopped"),
+                    Err(e) => tracing::warn!(epoch = lease.epoch, error = %e, "could not release the lease; it expires by itself"),
+                }
+                return Ok(LeadEnd::Stopped);
+            }
+            _ = sleep_until(next_renew) => {
+                match lease::renew(con, keys, lease, config.lease_ms).await {
+                    Ok(true) => renewed_at = Instant::now(),
+                    Ok(false) => {
+                        tracing::warn!(epoch = lease.epoch, "lease lost; stepping down");
+                        return Ok(LeadEnd::Lost);
+                    }
+                    Err(e) if renewed_at.elapsed() >= lease_ttl => {
+                        tracing::warn!(epoch = lease.epoch, error = %e, "lease not renewed within its TTL; stepping down");
+                        return Ok(LeadEnd::Lost);
+                    }
+                    Err(e) => tracing::warn!(epoch = lease.epoch, error = %e, "lease renewal failed; retrying"),
+                }
+                next_renew = Instant::now() + renew_every;
+            }
+            _ = sleep_until(next_generate) => {
+                let now = Instant::now();
+                next_generate = match generate(con, keys, lease, batch, config.queue_max).await {
+                    Ok(Generated::Batch { .. }) => {
+                        failures = 0;
+                        // Pace from the planned time, but never burst to catch up after a stall.
+                        (next_generate + interval).max(now)
+                    }
+                    Ok(Generated::QueueFull) => now + Duration::from_millis(1),
+                    Ok(Generated::Finished) => now + Duration::from_millis(100),
+                    Ok(Generated::Fenced) => {
+                        tracing::warn!(epoch = lease.epoch, "generation fenced: another epoch holds the lease; stepping down");
+                        return Ok(LeadEnd::Lost);
+                    }
+                    Err(Error::Corrupt(msg)) => {
+                        // Never reset the counter: ids would repeat. Keep the lease (so no one
+                        // else trips over the same data in a loop) and say so, loudly and rarely.
+                        failures += 1;
+                        if failures.is_power_of_two() {
+                            tracing::error!(error = %msg, "cannot generate: fix or delete the key named above");
+                        }
+                        now + Duration::from_millis(500)
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, failures, "generate failed; retrying");
+                        now + Duration::from_millis(10 * u64::from(failures.min(50)))
+                    }
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,63 @@
+-- commit.lua: record the outcomes of a batch, each only if this handler still owns the message.
+-- KEYS[1]: this handler's in-flight set ({ns}:inflight:<handler>)
+-- KEYS[2]: outcome bitmap ({ns}:done): bit id = an outcome was recorded for id
+-- KEYS[3]: success bitmap ({ns}:ok)
+-- KEYS[4]: error store ({ns}:errors), list of "<payload>\t<reason>\t<time_us>"
+-- KEYS[5]: stats hash ({ns}:stats)
+-- ARGV: triples (kind, payload, extra):
+--   kind "o": handled ok,      extra = id
+--   kind "e": handler error,   extra = id
+--   kind "b": unparseable message (never handled), extra = reason
+-- Returns: {time_us, refused_index, ...}: the Redis time of the commit, then the 1-based triple
+--   numbers NOT recorded because this handler no longer owns the payload (it was reclaimed and
+--   re-queued after our heartbeat expired; another handler records it). Usually just {time_us}.
+-- Ownership is SREM's answer: the payload leaves the in-flight set exactly once. A second outcome
+-- for an id whose bit in KEYS[2] is already set is counted as a duplicate and not recorded again.
+-- Every argument is validated before anything is mutated.
+if #ARGV % 3 ~= 0 then
+  return redis.error_reply('ERR commit: arguments must be (kind, payload, extra) triples')
+end
+for i = 1, #ARGV, 3 do
+  local kind = ARGV[i]
+  if kind == 'o' or kind == 'e' then
+    local id = tonumber(ARGV[i + 2])
+    if not id or id < 0 or id >= 4294967296 or id ~= math.floor(id) then
+      return redis.error_reply('ERR commit: bad id ' .. ARGV[i + 2])
+    end
+  elseif kind ~= 'b' then
+    return redis.error_reply('ERR commit: bad kind ' .. kind)
+  end
+end
+local t = redis.call('TIME')
+-- As a string: Lua 5.1 would print a 16-digit number in exponent form.
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local now_us = tonumber(now)
+local result = {now_us}
+local processed, errors, bad, duplicates, runs = 0, 0, 0, 0, 0
+for i = 1, #ARGV, 3 do
+  local kind, payload, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if kind ~= 'b' then
+    runs = runs + 1
+  end
+  if redis.call('SREM', KEYS[1], payload) == 0 then
+    result[#result + 1] = (i + 2) / 3
+  elseif kind == 'b' then
+    redis.call('RPUSH', KEYS[4], payload .. '\t' .. extra .. '\t' .. now)
+    bad = bad + 1
+  elseif redis.call('SETBIT', KEYS[2], extra, 1) == 1 then
+    duplicates = duplicates + 1
+  elseif kind == 'o' then
+    redis.call('SETBIT', KEYS[3], extra, 1)
+    processed = processed + 1
+  else
+    redis.call('RPUSH', KEYS[4], payload .. '\thandler error\t' .. now)
+    errors = errors + 1
+  end
+end
+if processed > 0 then redis.call('HINCRBY', KEYS[5], 'processed', processed) end
+if errors > 0 then redis.call('HINCRBY', KEYS[5], 'errors', errors) end
+if bad > 0 then redis.call('HINCRBY', KEYS[5], 'bad', bad) end
+if duplicates > 0 then redis.call('HINCRBY', KEYS[5], 'duplicates', duplicates) end
+if runs > 0 then redis.call('HINCRBY', KEYS[5], 'runs', runs) end
+if #result > 1 then redis.call('HINCRBY', KEYS[5], 'refused', #result - 1) end
+return result

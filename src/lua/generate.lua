@@ -1,0 +1,86 @@
+-- generate.lua: getMessage() for a batch: fenced, gap-free ids appended to the queue.
+-- KEYS[1]: lease key ({ns}:lease)
+-- KEYS[2]: next id ({ns}:next_id), integer, absent = 0
+-- KEYS[3]: max messages ({ns}:max), integer, absent = unlimited
+-- KEYS[4]: queue ({ns}:queue), list of "<id>:<epoch>:<generated_us>"
+-- KEYS[5]: epoch log ({ns}:epochs), list of "<epoch>:<first_id>:<count>:<time_us>"
+-- KEYS[6]: stats hash ({ns}:stats)
+-- ARGV[1]: our lease value "<epoch>:<instance>"
+-- ARGV[2]: our epoch (integer)
+-- ARGV[3]: batch_max, integer >= 1: at most this many messages
+-- ARGV[4]: queue_max, integer >= 1: generate only while the queue holds fewer
+-- Returns: {status, first_id, count, time_us}
+--   status 1: generated ids first_id .. first_id+count-1 at Redis time time_us
+--   status 2: the queue is full (backpressure), nothing generated
+--   status 3: max messages reached, nothing generated
+--   status -1: fenced: the lease is not ours (expired, or another epoch holds it); nothing generated
+-- Errors (nothing mutated): bad arguments; a non-integer next_id or max (never silently reset:
+-- restarting at 0 would repeat ids).
+local batch_max = tonumber(ARGV[3])
+local queue_max = tonumber(ARGV[4])
+local epoch = tonumber(ARGV[2])
+if not string.match(ARGV[2], '^%d+$') then
+  return redis.error_reply('ERR generate: epoch must be a decimal integer')
+end
+if not batch_max or batch_max < 1 or not queue_max or queue_max < 1 or not epoch then
+  return redis.error_reply('ERR generate: bad arguments')
+end
+local t = redis.call('TIME')
+-- As a string: Lua 5.1 would print a 16-digit number in exponent form.
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local now_us = tonumber(now)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {-1, 0, 0, now_us}
+end
+local raw_next = redis.call('GET', KEYS[2])
+local next_id = 0
+if raw_next then
+  next_id = tonumber(raw_next)
+  if not next_id or next_id < 0 or next_id ~= math.floor(next_id) then
+    return redis.error_reply('ERR generate: ' .. KEYS[2] .. ' is not a non-negative integer')
+  end
+end
+local n = batch_max
+local raw_max = redis.call('GET', KEYS[3])
+if raw_max then
+  local max = tonumber(raw_max)
+  if not max or max < 0 then
+    return redis.error_reply('ERR generate: ' .. KEYS[3] .. ' is not a non-negative integer')
+  end
+  if next_id >= max then
+    return {3, next_id, 0, now_us}
+  end
+  n = math.min(n, max - next_id)
+end
+local room = queue_max - redis.call('LLEN', KEYS[4])
+if room <= 0 then
+  return {2, next_id, 0, now_us}
+end
+n = math.min(n, room)
+-- Append in chunks: unpack() of a huge table would overflow Lua's C stack.
+local suffix = ':' .. ARGV[2] .. ':' .. now
+local chunk = {}
+for i = 0, n - 1 do
+  chunk[#chunk + 1] = (next_id + i) .. suffix
+  if #chunk == 1000 then
+    redis.call('RPUSH', KEYS[4], unpack(chunk))
+    chunk = {}
+  end
+end
+if #chunk > 0 then
+  redis.call('RPUSH', KEYS[4], unpack(chunk))
+end
+redis.call('SET', KEYS[2], next_id + n)
+redis.call('HINCRBY', KEYS[6], 'generated', n)
+-- Epoch log: extend the last range when it is ours and contiguous, so the log grows per failover,
+-- not per batch; its first time_us is when the epoch's first message was made.
+local last = redis.call('LINDEX', KEYS[5], -1)
+if last then
+  local e, first, count, t0 = string.match(last, '^(%d+):(%d+):(%d+):(%d+)$')
+  if e and tonumber(e) == epoch and tonumber(first) + tonumber(count) == next_id then
+    redis.call('LSET', KEYS[5], -1, e .. ':' .. first .. ':' .. (tonumber(count) + n) .. ':' .. t0)
+    return {1, next_id, n, now_us}
+  end
+end
+redis.call('RPUSH', KEYS[5], ARGV[2] .. ':' .. next_id .. ':' .. n .. ':' .. now)
+return {1, next_id, n, now_us}

@@ -1,0 +1,202 @@
+//! One copy of the program: competes for the lease, generates while it holds it, handles
+//! otherwise, keeps its heartbeat, reclaims dead handlers' work, and stops cleanly when told.
+
+use crate::config::Config;
+use crate::conn::{self, Conn};
+use crate::error::Error;
+use crate::generator::{self, GeneratorConfig, LeadEnd};
+use crate::handler::{self, HandlerShared, Role};
+use crate::keys::Keys;
+use crate::lease;
+use crate::liveness;
+use crate::scripts;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Runs one copy until `stop` fires (then drains and returns `Ok`) or a fatal error.
+///
+/// On a fatal error nothing is cleaned up on purpose: the lease and heartbeat expire in Redis and
+/// the in-flight messages are reclaimed, exactly as after a SIGKILL.
+pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
+    let mut con = conn::connect(&config.redis_url, config.connect_timeout_ms).await?;
+    scripts::load_all(&mut con).await?;
+    let keys = config.keys.clone();
+    if let Some(max) = config.max_messages {
+        redis::cmd("SET")
+            .arg(keys.max())
+            .arg(max)
+            .query_async::<()>(&mut con)
+            .await?;
+    }
+    tracing::info!(instance = %config.instance_id, "joined");
+
+    let (role_tx, role_rx) = watch::channel(Role::Handler);
+    let (owner_tx, owner_rx) =
+        watch::channel::<Arc<str>>(Arc::from(format!("{}.0", config.instance_id)));
+    let shared = HandlerShared::default();
+    // Liveness and publishing outlive the handler's drain, so they have their own token.
+    let background = CancellationToken::new();
+
+    let mut leader = spawn(leader_loop(
+        con.clone(),
+        keys.clone(),
+        config.instance_id.clone(),
+        config.generator.clone(),
+        role_tx,
+        stop.clone(),
+    ));
+    let mut handling = spawn(handler::run(
+        con.clone(),
+        keys.clone(),
+        config.handler.clone(),
+        role_rx,
+        owner_tx,
+        shared.clone(),
+        stop.clone(),
+    ));
+    let mut alive = spawn(liveness::run(
+        con.clone(),
+        keys.clone(),
+        owner_rx.clone(),
+        config.handler.heartbeat_ms,
+        config.redis_down_max_ms,
+        background.clone(),
+    ));
+    let mut publisher = spawn(publish_loop(
+        con.clone(),
+        keys.clone(),
+        config.instance_id.clone(),
+        shared.clone(),
+        background.clone(),
+    ));
+
+    // Until `stop`, any task ending is fatal (none of them returns on its own).
+    let fatal = tokio::select! {
+        _ = stop.cancelled() => None,
+        r = &mut leader => Some(r),
+        r = &mut handling => Some(r),
+        r = &mut alive => Some(r),
+        r = &mut publisher => Some(r),
+    };
+    if let Some(r) = fatal {
+        stop.cancel();
+        background.cancel();
+        return Err(joined(r)
+            .err()
+            .unwrap_or_else(|| Error::Task("a task ended before stop".into())));
+    }
+
+    tracing::info!("stopping: releasing the lease, finishing in-flight messages");
+    joined(leader.await)?;
+    let drain = Duration::from_millis(config.drain_timeout_ms);
+    match tokio::time::timeout(drain, &mut handling).await {
+        Ok(r) => joined(r)?,
+        Err(_) => {
+            handling.abort();
+            tracing::warn!(
+                in_flight = shared.in_flight.load(Ordering::Relaxed),
+                "drain timed out; the rest will be reclaimed by the other copies"
+            );
+        }
+    }
+    background.cancel();
+    let _ = alive.await;
+    let _ = publisher.await;
+    let latencies = shared
+        .latencies
+        .lock()
+        .expect("latency lock poisoned")
+        .clone();
+    latencies
+        .publish(&mut con, &keys, &config.instance_id)
+        .await?;
+    if shared.in_flight.load(Ordering::Relaxed) == 0 {
+        let owner = owner_rx.borrow().clone();
+        liveness::forget(&mut con, &keys, &owner).await?;
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+fn spawn<F>(f: F) -> JoinHandle<Result<(), Error>>
+where
+    F: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+{
+    tokio::spawn(f)
+}
+
+fn joined(r: Result<Result<(), Error>, tokio::task::JoinError>) -> Result<(), Error> {
+    r.map_err(|e| Error::Task(e.to_string()))?
+}
+
+/// Competes for the lease every `lease_ms / 10` (5..100 ms); generates while holding it.
+async fn leader_loop(
+    mut con: Conn,
+    keys: Keys,
+    instance: String,
+    config: GeneratorConfig,
+    role: watch::Sender<Role>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let poll = Duration::from_millis((config.lease_ms / 10).clamp(5, 100));
+    let mut failures = 0u32;
+    loop {
+        match lease::try_acquire(&mut con, &keys, &instance, config.lease_ms).await {
+            Ok(Some(lease)) => {
+                failures = 0;
+                tracing::info!(epoch = lease.epoch, "became the generator");
+                role.send_replace(Role::Generator { epoch: lease.epoch });
+                let end = generator::lead(&mut con, &keys, &lease, &config, &stop).await;
+                role.send_replace(Role::Handler);
+                match end? {
+                    LeadEnd::Stopped => return Ok(()),
+                    LeadEnd::Lost => {
+                        tracing::info!(epoch = lease.epoch, "no longer the generator; handling")
+                    }
+                }
+            }
+            Ok(None) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, "lease check failed; retrying");
+                }
+            }
+        }
+        let backoff = poll * failures.clamp(1, 10);
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+/// Publishes this process's latency histograms once a second.
+async fn publish_loop(
+    mut con: Conn,
+    keys: Keys,
+    instance: String,
+    shared: HandlerShared,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let snapshot = shared
+            .latencies
+            .lock()
+            .expect("latency lock poisoned")
+            .clone();
+        if let Err(e) = snapshot.publish(&mut con, &keys, &instance).await {
+            tracing::debug!(error = %e, "publishing latencies failed; next second");
+        }
+    }
+}

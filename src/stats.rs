@@ -1,0 +1,151 @@
+//! Counters and latency histograms.
+//!
+//! Counters live in one Redis hash, bumped by the scripts in the same atomic step as the change
+//! they count. Latencies are measured on Redis's clock (generation, fetch and commit times all come
+//! from `TIME` inside the scripts) and kept per process in HdrHistograms, which are written to
+//! `{ns}:hist:<instance>` every second so `sim` can merge them without a per-message write.
+
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::keys::Keys;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+
+/// The counters in `{ns}:stats`; absent fields are 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages generated (ids handed out).
+    pub generated: u64,
+    /// Successful outcomes recorded.
+    pub processed: u64,
+    /// Error outcomes recorded (entries pushed to the error store by handlers).
+    pub errors: u64,
+    /// Outcomes refused because one was already recorded for the id (must stay 0).
+    pub duplicates: u64,
+    /// eventHandler runs whose outcome reached a commit (recorded or refused).
+    pub runs: u64,
+    /// Messages given back to the queue from dead handlers.
+    pub reclaimed: u64,
+    /// Commits refused because the handler no longer owned the message.
+    pub refused: u64,
+    /// Unparseable messages or keys moved to the error store.
+    pub bad: u64,
+}
+
+impl Counters {
+    /// Reads `{ns}:stats`.
+    pub async fn read(con: &mut Conn, keys: &Keys) -> Result<Counters, Error> {
+        let map: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(keys.stats())
+            .query_async(con)
+            .await?;
+        let get = |k: &str| map.get(k).copied().unwrap_or(0);
+        Ok(Counters {
+            generated: get("generated"),
+            processed: get("processed"),
+            errors: get("errors"),
+            duplicates: get("duplicates"),
+            runs: get("runs"),
+            reclaimed: get("reclaimed"),
+            refused: get("refused"),
+            bad: get("bad"),
+        })
+    }
+}
+
+/// Highest latency a histogram tracks: one hour, in µs (larger values are clamped).
+const LATENCY_US_MAX: u64 = 3_600_000_000;
+
+/// A latency histogram in microseconds, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("static bounds are valid")
+}
+
+/// The latencies one process has measured.
+#[derive(Debug, Clone)]
+pub struct Latencies {
+    /// Generation → outcome committed, µs (Redis clock).
+    pub end_to_end_us: Histogram<u64>,
+    /// Generation → fetched by a handler, µs (Redis clock).
+    pub queue_wait_us: Histogram<u64>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            end_to_end_us: latency_histogram(),
+            queue_wait_us: latency_histogram(),
+        }
+    }
+}
+
+/// Records `value_us` into `h`, clamped into range (a clock step must not drop a sample).
+pub fn record(h: &mut Histogram<u64>, value_us: u64) {
+    h.saturating_record(value_us.clamp(1, LATENCY_US_MAX));
+}
+
+impl Latencies {
+    /// Writes both histograms to `{ns}:hist:<instance>` (overwriting: each is cumulative).
+    pub async fn publish(&self, con: &mut Conn, keys: &Keys, instance: &str) -> Result<(), Error> {
+        let e2e = serialize(&self.end_to_end_us);
+        let wait = serialize(&self.queue_wait_us);
+        redis::cmd("HSET")
+            .arg(keys.histograms(instance))
+            .arg("e2e_us")
+            .arg(e2e)
+            .arg("wait_us")
+            .arg(wait)
+            .query_async::<()>(con)
+            .await?;
+        Ok(())
+    }
+
+    /// Reads and merges every instance's histograms in the namespace (bounded SCAN).
+    pub async fn collect(con: &mut Conn, keys: &Keys) -> Result<Latencies, Error> {
+        let mut all = Latencies::default();
+        let mut cursor: u64 = 0;
+        for _ in 0..10_000 {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(keys.histograms_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(con)
+                .await?;
+            for key in found {
+                let fields: HashMap<String, Vec<u8>> =
+                    redis::cmd("HGETALL").arg(&key).query_async(con).await?;
+                for (name, target) in [
+                    ("e2e_us", &mut all.end_to_end_us),
+                    ("wait_us", &mut all.queue_wait_us),
+                ] {
+                    if let Some(h) = fields.get(name).and_then(|b| deserialize(b)) {
+                        // Same bounds on both sides, so add cannot fail; ignore defensively.
+                        let _ = target.add(&h);
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        Ok(all)
+    }
+}
+
+fn serialize(h: &Histogram<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    V2Serializer::new()
+        .serialize(h, &mut out)
+        .expect("serializing into a Vec cannot fail");
+    out
+}
+
+fn deserialize(bytes: &[u8]) -> Option<Histogram<u64>> {
+    Deserializer::new()
+        .deserialize(&mut std::io::Cursor::new(bytes))
+        .ok()
+}
