@@ -26,7 +26,9 @@ pub enum Error {
     #[error("corrupt data in redis: {0}")]
     Corrupt(String),
     /// `getErrors` lost its drain lock to another `getErrors` (nothing is lost: the other one prints).
-    #[error("another getErrors took over the error drain; nothing was lost, run it again")]
+    #[error(
+        "another getErrors holds the error drain (or took it over); nothing was lost, run it again"
+    )]
     DrainLockLost,
     /// A task of the process panicked or was cancelled unexpectedly.
     #[error("internal task failure: {0}")]

@@ -69,7 +69,8 @@ impl ErrorEntry {
 pub struct DrainConfig {
     /// Entries printed per round trip.
     pub chunk: usize,
-    /// Drain lock TTL, extended on every chunk.
+    /// Drain lock TTL, extended on every chunk. A call finding the lock held waits up to this long
+    /// (a killed getErrors's lock expires by then).
     pub lock_ms: u64,
     /// Unique token of this call.
     pub token: String,
@@ -94,7 +95,9 @@ pub async fn drain(
 ) -> Result<Drained, Error> {
     let mut total = Drained::default();
     let result = async {
-        for mode in ["resume", "take"] {
+        let mut waited_ms = 0;
+        let mut modes = ["resume", "take"].into_iter().peekable();
+        while let Some(&mode) = modes.peek() {
             let left: i64 = scripts::ERRORS_TAKE
                 .key(keys.errors_lock())
                 .key(keys.errors())
@@ -105,9 +108,17 @@ pub async fn drain(
                 .invoke_async(con)
                 .await?;
             if left < 0 {
-                return Err(Error::DrainLockLost);
+                // Another getErrors holds the lock (or a killed one did): wait for it, bounded
+                // by the lock's TTL, then take over what it left.
+                waited_ms += 100;
+                if waited_ms > config.lock_ms + 1000 {
+                    return Err(Error::DrainLockLost);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
             }
             drain_list(con, keys, config, out, &mut total).await?;
+            modes.next();
         }
         Ok(())
     }

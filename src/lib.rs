@@ -9,14 +9,17 @@ pub mod error;
 pub mod errors_store;
 pub mod generator;
 pub mod handler;
+pub mod inspect;
 pub mod keys;
 pub mod lease;
 pub mod liveness;
 pub mod message;
 pub mod node;
 pub mod outcome;
+pub mod procs;
 pub mod scripts;
 pub mod stats;
+pub mod verify;
 
 pub use config::Config;
 pub use error::Error;

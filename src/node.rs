@@ -74,8 +74,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         background.clone(),
     ));
 
-    // Until `stop`, any task ending is fatal (none of them returns on its own).
+    // Until `stop`, any task ending is fatal (none of them returns on its own). Biased: once
+    // `stop` fires, tasks that end because of it must not be mistaken for failures.
     let fatal = tokio::select! {
+        biased;
         _ = stop.cancelled() => None,
         r = &mut leader => Some(r),
         r = &mut handling => Some(r),

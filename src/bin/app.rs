@@ -189,7 +189,7 @@ async fn get_errors(common: Common, chunk: u64) -> Result<(), Error> {
     let mut con = conn::connect(&common.redis_url, common.connect_timeout_ms).await?;
     let config = DrainConfig {
         chunk: chunk as usize,
-        lock_ms: 30_000,
+        lock_ms: 5_000,
         token: default_instance_id(),
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

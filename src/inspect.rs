@@ -1,0 +1,136 @@
+//! Reads the state of a namespace for verification (`sim`, tests): what was recorded, what is
+//! still queued or in flight, and who generated what. Read-only.
+
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::keys::Keys;
+use crate::stats::Counters;
+
+/// The recorded state of one namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The success bitmap (`{ns}:ok`), MSB-first per byte like `SETBIT`.
+    pub ok_bitmap: Vec<u8>,
+    /// The epoch log (`{ns}:epochs`), `"epoch:first_id:count:time_us"` entries.
+    pub epoch_log: Vec<String>,
+    /// The counters.
+    pub counters: Counters,
+    /// Messages still queued.
+    pub queue_len: u64,
+    /// Messages in any handler's in-flight set.
+    pub in_flight: u64,
+    /// Entries in the error store (not yet drained).
+    pub error_store_len: u64,
+    /// The next id the generator would hand out.
+    pub next_id: u64,
+    /// The current lease value, `"epoch:instance"`, if held.
+    pub lease: Option<String>,
+}
+
+/// Takes a snapshot. Not atomic across keys: call it when the group is idle or stopped.
+pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
+    let ok_bitmap: Option<Vec<u8>> = redis::cmd("GET").arg(keys.ok()).query_async(con).await?;
+    let epoch_log: Vec<String> = redis::cmd("LRANGE")
+        .arg(keys.epochs())
+        .arg(0)
+        .arg(-1)
+        .query_async(con)
+        .await?;
+    let counters = Counters::read(con, keys).await?;
+    let queue_len: u64 = redis::cmd("LLEN")
+        .arg(keys.queue())
+        .query_async(con)
+        .await?;
+    let error_store_len: u64 = redis::cmd("LLEN")
+        .arg(keys.errors())
+        .query_async(con)
+        .await?;
+    let next_id: Option<u64> = redis::cmd("GET")
+        .arg(keys.next_id())
+        .query_async(con)
+        .await?;
+    let lease: Option<String> = redis::cmd("GET").arg(keys.lease()).query_async(con).await?;
+    let in_flight = in_flight_matching(con, keys, "*").await?;
+    Ok(Snapshot {
+        ok_bitmap: ok_bitmap.unwrap_or_default(),
+        epoch_log,
+        counters,
+        queue_len,
+        in_flight,
+        error_store_len,
+        next_id: next_id.unwrap_or(0),
+        lease,
+    })
+}
+
+/// Messages in the in-flight sets of handler ids matching `handler_glob` (e.g. `"<instance>.*"`).
+/// Bounded SCAN.
+pub async fn in_flight_matching(
+    con: &mut Conn,
+    keys: &Keys,
+    handler_glob: &str,
+) -> Result<u64, Error> {
+    let pattern = keys.inflight(handler_glob);
+    let mut cursor: u64 = 0;
+    let mut total = 0;
+    for _ in 0..100_000 {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        for key in found {
+            let n: u64 = redis::cmd("SCARD").arg(&key).query_async(con).await?;
+            total += n;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+/// The Redis server's clock, µs (for timing events against script timestamps).
+pub async fn redis_time_us(con: &mut Conn) -> Result<u64, Error> {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(con).await?;
+    Ok(s * 1_000_000 + us)
+}
+
+/// One `INFO <section>` as `field -> value`.
+pub async fn info(
+    con: &mut Conn,
+    section: &str,
+) -> Result<std::collections::HashMap<String, String>, Error> {
+    let text: String = redis::cmd("INFO").arg(section).query_async(con).await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect())
+}
+
+/// Total calls and script calls from `INFO commandstats` (`cmdstat_x:calls=N,...`).
+pub async fn command_calls(con: &mut Conn) -> Result<(u64, u64), Error> {
+    let stats = info(con, "commandstats").await?;
+    let mut total = 0;
+    let mut scripts = 0;
+    for (name, value) in &stats {
+        let Some(cmd) = name.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let calls = value
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        total += calls;
+        if cmd == "evalsha" || cmd == "eval" {
+            scripts += calls;
+        }
+    }
+    Ok((total, scripts))
+}

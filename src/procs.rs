@@ -1,0 +1,224 @@
+//! Local processes that tests, benches and `sim` start: a throwaway `redis-server` and `app`
+//! copies. Each is a guard that SIGKILLs and reaps its process on drop, so a failing test or a
+//! panicking `sim` leaves nothing running.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Sends `signal` to `pid` (SIGKILL, SIGTERM, SIGSTOP, SIGCONT).
+pub fn signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: kill(2) has no memory effects; a stale pid yields ESRCH, reported as an error.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A `redis-server` on a free loopback port, in its own temp dir, killed on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a throwaway server (no persistence).
+    pub fn start() -> std::io::Result<RedisServer> {
+        Self::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts a server with extra `redis-server` arguments (e.g. AOF settings).
+    pub fn start_with(extra: &[&str]) -> std::io::Result<RedisServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("leaderq-redis-")
+            .tempdir()?;
+        let mut last = None;
+        // A free port can be taken between our probe and the server's bind: try a few.
+        for _ in 0..5 {
+            let port = free_port()?;
+            match Self::spawn_on(dir.path(), port, extra) {
+                Ok(child) => return Ok(RedisServer { child, port, dir }),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not start")))
+    }
+
+    fn spawn_on(dir: &Path, port: u16, extra: &[&str]) -> std::io::Result<Child> {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
+            .arg(dir)
+            .args(["--logfile", "redis.log", "--daemonize", "no"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    std::io::Error::new(
+                        e.kind(),
+                        "redis-server not found on PATH; install it (Debian/Ubuntu: apt-get install -y redis-server)",
+                    )
+                } else {
+                    e
+                }
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "redis-server exited at start: {status}"
+                )));
+            }
+            if ping(port) {
+                return Ok(child);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(std::io::Error::other(
+            "redis-server did not answer PING within 10 s",
+        ))
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's working directory (its log and any AOF live there).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// True when something on `port` answers a RESP `PING` with `+PONG`.
+fn ping(port: u16) -> bool {
+    let Ok(mut s) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
+}
+
+/// A running `app` copy, SIGKILLed on drop.
+#[derive(Debug)]
+pub struct AppProcess {
+    child: Child,
+    /// The `--instance-id` it was started with.
+    pub instance_id: String,
+}
+
+impl AppProcess {
+    /// Starts `bin` with `args` plus `--instance-id instance_id`; stderr goes to `log` (or nowhere).
+    pub fn spawn(
+        bin: &Path,
+        instance_id: &str,
+        args: &[String],
+        log: Option<&Path>,
+    ) -> std::io::Result<AppProcess> {
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::File::create(p)?),
+            None => Stdio::null(),
+        };
+        let child = Command::new(bin)
+            .args(args)
+            .args(["--instance-id", instance_id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()?;
+        Ok(AppProcess {
+            child,
+            instance_id: instance_id.to_string(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+        signal(self.pid(), sig)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `bound` for the process to exit by itself; `None` when it is still running.
+    pub fn wait_timeout(
+        &mut self,
+        bound: Duration,
+    ) -> std::io::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for AppProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `app` binary next to the running executable (how `sim` finds it), if it exists.
+pub fn sibling_app_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("app"), dir.join("../app")]
+        .into_iter()
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,160 @@
+//! Shared test fixtures: a real `redis-server` per test, real `app` processes, and the one
+//! verifier (`leaderq::verify`) applied to what Redis recorded.
+#![allow(dead_code)]
+
+use leaderq::procs::{AppProcess, RedisServer};
+use leaderq::verify::{self, Observed, Verdict};
+use leaderq::{conn, inspect, Keys};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub const NS: &str = "t";
+
+pub fn app_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_app"))
+}
+
+/// A Redis for this test only, plus the app processes it starts; all killed on drop.
+pub struct Fixture {
+    pub redis: RedisServer,
+    pub apps: Vec<AppProcess>,
+    pub logs: tempfile::TempDir,
+    pub keys: Keys,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        Fixture {
+            redis: RedisServer::start().expect("start redis-server"),
+            apps: Vec::new(),
+            logs: tempfile::tempdir().expect("tempdir"),
+            keys: Keys::new(NS).unwrap(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.redis.url()
+    }
+
+    pub async fn con(&self) -> conn::Conn {
+        conn::connect(&self.url(), 5000).await.expect("connect")
+    }
+
+    /// Common flags plus `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = ["--redis-url", &self.url(), "--namespace", NS]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// Starts an app copy named `name`; returns its index in `apps`.
+    pub fn spawn(&mut self, name: &str, extra: &[&str]) -> usize {
+        let log = self.logs.path().join(format!("{name}.log"));
+        let app =
+            AppProcess::spawn(&app_bin(), name, &self.args(extra), Some(&log)).expect("spawn app");
+        self.apps.push(app);
+        self.apps.len() - 1
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Index of the app whose instance id holds the lease, with the epoch.
+    pub async fn generator(&self, con: &mut conn::Conn) -> Option<(u64, usize)> {
+        let value = leaderq::lease::holder(con, &self.keys).await.ok()??;
+        let (epoch, instance) = value.split_once(':')?;
+        let i = self.apps.iter().position(|a| a.instance_id == instance)?;
+        Some((epoch.parse().ok()?, i))
+    }
+
+    /// SIGTERMs every app and waits for all to exit (bounded); returns their exit codes.
+    pub fn stop_all(&mut self) -> Vec<Option<i32>> {
+        for a in &self.apps {
+            let _ = a.signal(libc::SIGTERM);
+        }
+        self.apps
+            .iter_mut()
+            .map(|a| match a.wait_timeout(Duration::from_secs(20)) {
+                Ok(Some(status)) => status.code(),
+                Ok(None) => {
+                    a.kill();
+                    None
+                }
+                Err(_) => None,
+            })
+            .collect()
+    }
+
+    /// Runs `app getErrors` to completion and returns its stdout lines.
+    pub fn get_errors(&self) -> Vec<String> {
+        let out = std::process::Command::new(app_bin())
+            .arg("getErrors")
+            .args(self.args(&[]))
+            .output()
+            .expect("run getErrors");
+        assert!(
+            out.status.success(),
+            "getErrors failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Drains the error store and checks everything the verifier checks.
+    pub async fn verdict(
+        &self,
+        messages: u64,
+        seed: u64,
+        error_rate: f64,
+        delay_max_ms: u64,
+        worker_kills: u64,
+    ) -> (Verdict, Observed) {
+        let error_lines = self.get_errors();
+        let mut con = self.con().await;
+        let snap = inspect::snapshot(&mut con, &self.keys)
+            .await
+            .expect("snapshot");
+        let observed = Observed::from_snapshot(
+            &snap,
+            messages,
+            seed,
+            error_rate,
+            delay_max_ms,
+            error_lines,
+            worker_kills,
+        )
+        .expect("epoch log parses");
+        (verify::check(&observed), observed)
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, at most `bound`.
+pub async fn wait_for<T, F, Fut>(bound: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// Outcomes recorded so far.
+pub async fn outcomes(con: &mut conn::Conn, keys: &Keys) -> u64 {
+    let c = leaderq::stats::Counters::read(con, keys)
+        .await
+        .expect("counters");
+    c.processed + c.errors
+}
