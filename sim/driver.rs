@@ -33,8 +33,9 @@ const KILL_WAIT_MAX: Duration = Duration::from_secs(3);
 
 /// One planned or executed generator kill.
 struct Kill {
-    /// Kill once this many outcomes are recorded.
-    at_done: u64,
+    /// Kill once this many messages have been generated: mid-generation, so the failover
+    /// (kill → the successor's first message) is measured while there is work to generate.
+    at_generated: u64,
     /// Seconds since the start when it happened.
     t_s: f64,
     /// The epoch of the killed generator.
@@ -43,7 +44,7 @@ struct Kill {
     redis_us: u64,
 }
 
-/// The seeded kill plan: `kills` points spread uniformly over 10 %..90 % of the run.
+/// The seeded kill plan: `kills` generation points drawn uniformly from 10 %..90 % of the ids.
 fn kill_plan(seed: u64, messages: u64, kills: u32) -> Vec<u64> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x6b69_6c6c);
     let mut plan: Vec<u64> = (0..kills)
@@ -114,7 +115,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let kills_planned = if flags.kill_leader { flags.kills } else { 0 };
     let plan = kill_plan(seed, flags.messages, kills_planned);
     eprintln!(
-        "sim: messages={} processes={} kills at outcomes {:?} error_rate={} handler_delay_max_ms={} report={}",
+        "sim: messages={} processes={} kills at generated ids {:?} error_rate={} handler_delay_max_ms={} report={}",
         flags.messages,
         flags.processes,
         plan,
@@ -159,8 +160,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     };
     let mut kills: Vec<Kill> = plan
         .iter()
-        .map(|&at_done| Kill {
-            at_done,
+        .map(|&at_generated| Kill {
+            at_generated,
             t_s: 0.0,
             epoch: 0,
             redis_us: 0,
@@ -196,7 +197,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
             timed_out = true;
             break;
         }
-        if next_kill < kills.len() && done >= kills[next_kill].at_done {
+        if next_kill < kills.len() && counters.generated >= kills[next_kill].at_generated {
             let Some((epoch, idx)) = current_generator(&mut con, &keys, &apps).await? else {
                 continue; // a failover is in progress: no generator to kill this tick
             };
