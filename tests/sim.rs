@@ -1,0 +1,84 @@
+//! The `sim` binary end to end: a CI-sized run with generator SIGKILLs must pass its own verdict
+//! and write the report it promises.
+
+use std::process::Command;
+
+#[test]
+fn small_sim_with_leader_kills_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report");
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args([
+            "--messages",
+            "50000",
+            "--kill-leader",
+            "--kills",
+            "2",
+            "--seed",
+            "12345",
+            "--quiet",
+            "--timeout-s",
+            "300",
+        ])
+        .arg("--report-dir")
+        .arg(&report)
+        .arg("--app-bin")
+        .arg(env!("CARGO_BIN_EXE_app"))
+        .output()
+        .expect("run sim");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "sim failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert_eq!(
+        stdout.lines().next(),
+        Some("seed=12345"),
+        "the seed is printed first"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["verdict"], "pass");
+    assert_eq!(summary["messages"], 50000);
+    assert_eq!(summary["leader_kills"], 2);
+    assert_eq!(summary["missing"], 0);
+    assert_eq!(summary["duplicates"], 0);
+    assert_eq!(
+        summary["handler_runs"], 50000,
+        "only generators were killed: nothing re-ran"
+    );
+    assert_eq!(
+        summary["processed"].as_u64().unwrap() + summary["errors"].as_u64().unwrap(),
+        50000
+    );
+    assert!(
+        !summary["failover_ms"].as_array().unwrap().is_empty(),
+        "at least one failover measured"
+    );
+    for file in [
+        "summary.md",
+        "latency.hgrm",
+        "queue_wait.hgrm",
+        "latency.svg",
+        "throughput.svg",
+    ] {
+        assert!(report.join(file).is_file(), "{file} written");
+    }
+}
+
+#[test]
+fn sim_rejects_bad_flags_with_exit_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(["--error-rate", "1.5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(["--processes", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
