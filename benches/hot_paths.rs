@@ -1,1 +1,399 @@
-fn main() {}
+//! Criterion benches of leaderq's hot paths, each group against its own throwaway `redis-server`
+//! (started by [`RedisServer::start`], killed when the group ends), all reported per message
+//! (`Throughput::Elements`), so batch sizes compare directly.
+//!
+//! - `generate/<batch>_msgs`: one generate.lua call (lease check, `RPUSH` of `batch` payloads,
+//!   counter, epoch log). Shows how much batching the generator amortises the round trip by.
+//! - `fetch/<count>_msgs`: one fetch.lua call moving `count` messages from the queue into an
+//!   in-flight set. The handler's intake cost per message.
+//! - `commit/<batch>_msgs`: one commit.lua call recording `batch` outcomes (15% errors, as the
+//!   task's `eventHandler` fails). Only the commit is timed; the fetch that fills the in-flight set
+//!   and building the items are not. The handler's output cost per message.
+//! - `pipeline/<n>_msgs`: one lease holder generating N messages (batches of 1,000) while one
+//!   handler fetches batches of 1,000 and commits each at once (handler delay 0), on a fresh
+//!   database, timed until all N outcomes are recorded. The whole system's Redis + client cost per
+//!   message, i.e. the ceiling on throughput when `eventHandler` costs nothing.
+//!
+//! Setup that is not the measured call (refilling the queue, deleting the in-flight set or error
+//! list so memory stays bounded, `FLUSHALL`) is done untimed inside `iter_custom`.
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use leaderq::conn::{self, Conn};
+use leaderq::generator::{self, Generated};
+use leaderq::handler::{self, Done, Verdict};
+use leaderq::lease::{self, Lease};
+use leaderq::message::Message;
+use leaderq::outcome;
+use leaderq::procs::RedisServer;
+use leaderq::Keys;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+
+/// Long enough that the lease never expires during a group.
+const LEASE_MS: u64 = 3_600_000;
+/// No backpressure in the micro benches: the queue is bounded by deleting it instead.
+const QUEUE_UNBOUNDED: u64 = 1 << 40;
+/// Messages kept in Redis at most before an untimed `DEL`, so a long run's memory stays bounded.
+const KEEP_MAX: u64 = 100_000;
+/// Messages per generate call when refilling the queue for the fetch and commit benches.
+const REFILL_BATCH: u64 = 10_000;
+/// Heartbeat TTL for the bench handlers (long: nothing reclaims here).
+const HEARTBEAT_MS: u64 = 60_000;
+/// Seed for the outcome model, so the 15% error set is the same every run.
+const SEED: u64 = 42;
+/// The task's error rate.
+const ERROR_RATE: f64 = 0.15;
+
+/// A Redis server for one group, a runtime, a connection and a lease held for the whole group.
+struct Bench {
+    rt: Runtime,
+    con: Conn,
+    keys: Keys,
+    lease: Lease,
+    /// Declared last so it is dropped (killed) after the connection.
+    _redis: RedisServer,
+}
+
+impl Bench {
+    fn start() -> Bench {
+        let redis = RedisServer::start().expect("start redis-server");
+        let rt = Runtime::new().expect("tokio runtime");
+        let keys = Keys::new("bench").expect("namespace");
+        let (con, lease) = rt.block_on(async {
+            let mut con = conn::connect(&redis.url(), 5000).await.expect("connect");
+            let lease = acquire(&mut con, &keys).await;
+            (con, lease)
+        });
+        Bench {
+            rt,
+            con,
+            keys,
+            lease,
+            _redis: redis,
+        }
+    }
+}
+
+async fn acquire(con: &mut Conn, keys: &Keys) -> Lease {
+    lease::try_acquire(con, keys, "bench", LEASE_MS)
+        .await
+        .expect("acquire")
+        .expect("the lease is free")
+}
+
+async fn del(con: &mut Conn, key: &str) {
+    let _: i64 = redis::cmd("DEL")
+        .arg(key)
+        .query_async(con)
+        .await
+        .expect("DEL");
+}
+
+/// Appends `n` messages to the queue (untimed setup for fetch and commit).
+async fn refill(con: &mut Conn, keys: &Keys, lease: &Lease, n: u64) {
+    let mut left = n;
+    while left > 0 {
+        match generator::generate(con, keys, lease, left.min(REFILL_BATCH), QUEUE_UNBOUNDED)
+            .await
+            .expect("generate")
+        {
+            Generated::Batch { count, .. } => left -= count,
+            other => panic!("refill: generate returned {other:?}"),
+        }
+    }
+}
+
+/// The outcome the task's `eventHandler` would give message `id` (delay 0).
+fn verdict(id: u64) -> Verdict {
+    if outcome::seeded(SEED, id, ERROR_RATE, 0).failed {
+        Verdict::Failed
+    } else {
+        Verdict::Ok
+    }
+}
+
+/// Parsed, decided items for commit.lua, as the handler builds them.
+fn done_items(owner: &Arc<str>, payloads: Vec<Vec<u8>>) -> Vec<Done> {
+    payloads
+        .into_iter()
+        .map(|payload| {
+            let message = Message::parse(std::str::from_utf8(&payload).expect("utf-8 payload"))
+                .expect("well-formed payload");
+            Done {
+                owner: owner.clone(),
+                verdict: verdict(message.id),
+                message,
+                payload,
+            }
+        })
+        .collect()
+}
+
+/// Generation cost per message by batch size: the round trip and the script's fixed work
+/// (lease check, TIME, counter, epoch log) amortised over the batch.
+fn bench_generate(c: &mut Criterion) {
+    let b = Bench::start();
+    let mut group = c.benchmark_group("generate");
+    group
+        .sample_size(15)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for batch in [1u64, 10, 100, 1_000, 10_000] {
+        group.throughput(Throughput::Elements(batch));
+        group.bench_function(format!("{batch}_msgs"), |bencher| {
+            bencher.to_async(&b.rt).iter_custom(|iters| {
+                let (mut con, keys, lease) = (b.con.clone(), b.keys.clone(), b.lease.clone());
+                async move {
+                    let mut queued = 0;
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        if queued + batch > KEEP_MAX {
+                            del(&mut con, &keys.queue()).await;
+                            queued = 0;
+                        }
+                        let start = Instant::now();
+                        let r =
+                            generator::generate(&mut con, &keys, &lease, batch, QUEUE_UNBOUNDED)
+                                .await
+                                .expect("generate");
+                        timed += start.elapsed();
+                        assert!(matches!(r, Generated::Batch { count, .. } if count == batch));
+                        queued += batch;
+                    }
+                    del(&mut con, &keys.queue()).await;
+                    timed
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+/// Fetch cost per message by batch size: `LPOP count` plus `SADD` into the in-flight set, plus
+/// the heartbeat and registry writes every fetch makes.
+fn bench_fetch(c: &mut Criterion) {
+    let b = Bench::start();
+    let mut group = c.benchmark_group("fetch");
+    group
+        .sample_size(15)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let handler_id = "bench-fetch";
+    for count in [1u64, 10, 100, 1_000] {
+        group.throughput(Throughput::Elements(count));
+        group.bench_function(format!("{count}_msgs"), |bencher| {
+            bencher.to_async(&b.rt).iter_custom(|iters| {
+                let (mut con, keys, lease) = (b.con.clone(), b.keys.clone(), b.lease.clone());
+                async move {
+                    del(&mut con, &keys.queue()).await;
+                    del(&mut con, &keys.inflight(handler_id)).await;
+                    let (mut queued, mut inflight) = (0, 0);
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        if queued < count {
+                            refill(&mut con, &keys, &lease, KEEP_MAX).await;
+                            queued += KEEP_MAX;
+                        }
+                        if inflight + count > KEEP_MAX {
+                            del(&mut con, &keys.inflight(handler_id)).await;
+                            inflight = 0;
+                        }
+                        let start = Instant::now();
+                        let (_, payloads) =
+                            handler::fetch(&mut con, &keys, handler_id, count, HEARTBEAT_MS)
+                                .await
+                                .expect("fetch");
+                        timed += start.elapsed();
+                        assert_eq!(payloads.len() as u64, count);
+                        black_box(payloads);
+                        queued -= count;
+                        inflight += count;
+                    }
+                    timed
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+/// Commit cost per message by batch size: one `SREM` (ownership), one or two `SETBIT`s, and an
+/// error-list `RPUSH` for the 15% that failed, per message; stats once per batch.
+fn bench_commit(c: &mut Criterion) {
+    let b = Bench::start();
+    let mut group = c.benchmark_group("commit");
+    group
+        .sample_size(15)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let owner: Arc<str> = Arc::from("bench-commit");
+    for batch in [1u64, 10, 100, 1_000] {
+        group.throughput(Throughput::Elements(batch));
+        group.bench_function(format!("{batch}_msgs"), |bencher| {
+            bencher.to_async(&b.rt).iter_custom(|iters| {
+                let (mut con, keys, lease) = (b.con.clone(), b.keys.clone(), b.lease.clone());
+                let owner = owner.clone();
+                async move {
+                    del(&mut con, &keys.queue()).await;
+                    del(&mut con, &keys.inflight(&owner)).await;
+                    let (mut queued, mut errors) = (0, 0);
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        if queued < batch {
+                            refill(&mut con, &keys, &lease, KEEP_MAX).await;
+                            queued += KEEP_MAX;
+                        }
+                        if errors + batch > KEEP_MAX {
+                            del(&mut con, &keys.errors()).await;
+                            errors = 0;
+                        }
+                        let (_, payloads) =
+                            handler::fetch(&mut con, &keys, &owner, batch, HEARTBEAT_MS)
+                                .await
+                                .expect("fetch");
+                        assert_eq!(payloads.len() as u64, batch);
+                        queued -= batch;
+                        let items = done_items(&owner, payloads);
+                        errors += items
+                            .iter()
+                            .filter(|d| d.verdict == Verdict::Failed)
+                            .count() as u64;
+                        let start = Instant::now();
+                        let (_, refused) = handler::commit(&mut con, &keys, &items)
+                            .await
+                            .expect("commit");
+                        timed += start.elapsed();
+                        assert!(refused.is_empty(), "commit refused {refused:?}");
+                    }
+                    timed
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+/// Messages per pipeline iteration.
+const PIPELINE_N: u64 = 20_000;
+/// Generator batch and handler fetch/commit batch in the pipeline (the app's defaults).
+const PIPELINE_BATCH: u64 = 1_000;
+/// The app's default backpressure bound.
+const PIPELINE_QUEUE_MAX: u64 = 50_000;
+
+/// Generates until `{ns}:max` is reached, as `generator::lead` does at interval 0.
+async fn pipeline_generator(mut con: Conn, keys: Keys, lease: Lease) {
+    loop {
+        match generator::generate(&mut con, &keys, &lease, PIPELINE_BATCH, PIPELINE_QUEUE_MAX)
+            .await
+            .expect("generate")
+        {
+            Generated::Batch { .. } => {}
+            Generated::QueueFull => tokio::time::sleep(Duration::from_millis(1)).await,
+            Generated::Finished => return,
+            Generated::Fenced => panic!("pipeline generator fenced"),
+        }
+    }
+}
+
+/// Fetches and immediately commits until `n` outcomes are recorded.
+async fn pipeline_handler(mut con: Conn, keys: Keys, n: u64) {
+    let owner: Arc<str> = Arc::from("bench-pipeline");
+    let mut committed = 0;
+    while committed < n {
+        let (_, payloads) = handler::fetch(&mut con, &keys, &owner, PIPELINE_BATCH, HEARTBEAT_MS)
+            .await
+            .expect("fetch");
+        if payloads.is_empty() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let items = done_items(&owner, payloads);
+        let (_, refused) = handler::commit(&mut con, &keys, &items)
+            .await
+            .expect("commit");
+        assert!(refused.is_empty(), "commit refused {refused:?}");
+        committed += items.len() as u64;
+    }
+}
+
+/// End-to-end cost per message with a free `eventHandler`: generator and handler running at once
+/// on separate connections, so it includes their contention on the one Redis.
+fn bench_pipeline(c: &mut Criterion) {
+    let redis = RedisServer::start().expect("start redis-server");
+    let rt = Runtime::new().expect("tokio runtime");
+    let keys = Keys::new("bench").expect("namespace");
+    let (gen_con, handler_con) = rt.block_on(async {
+        let g = conn::connect(&redis.url(), 5000).await.expect("connect");
+        let h = conn::connect(&redis.url(), 5000).await.expect("connect");
+        (g, h)
+    });
+    let mut group = c.benchmark_group("pipeline");
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(PIPELINE_N));
+    group.bench_function(format!("{PIPELINE_N}_msgs"), |bencher| {
+        bencher.to_async(&rt).iter_custom(|iters| {
+            let (mut gen_con, handler_con, keys) =
+                (gen_con.clone(), handler_con.clone(), keys.clone());
+            async move {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    // Ids restart at 0 only on an empty database; otherwise the done bitmap
+                    // would make every commit a duplicate.
+                    let _: String = redis::cmd("FLUSHALL")
+                        .query_async(&mut gen_con)
+                        .await
+                        .expect("FLUSHALL");
+                    let _: String = redis::cmd("SET")
+                        .arg(keys.max())
+                        .arg(PIPELINE_N)
+                        .query_async(&mut gen_con)
+                        .await
+                        .expect("SET max");
+                    let lease = acquire(&mut gen_con, &keys).await;
+                    let start = Instant::now();
+                    let generator =
+                        tokio::spawn(pipeline_generator(gen_con.clone(), keys.clone(), lease));
+                    let handler = tokio::spawn(pipeline_handler(
+                        handler_con.clone(),
+                        keys.clone(),
+                        PIPELINE_N,
+                    ));
+                    generator.await.expect("generator task");
+                    handler.await.expect("handler task");
+                    timed += start.elapsed();
+                    let (processed, errors): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+                        .arg(keys.stats())
+                        .arg("processed")
+                        .arg("errors")
+                        .query_async(&mut gen_con)
+                        .await
+                        .expect("HMGET stats");
+                    assert_eq!(
+                        processed.unwrap_or(0) + errors.unwrap_or(0),
+                        PIPELINE_N,
+                        "every message recorded exactly once"
+                    );
+                }
+                timed
+            }
+        });
+    });
+    group.finish();
+    drop(rt);
+    drop(redis);
+}
+
+criterion_group!(
+    benches,
+    bench_generate,
+    bench_fetch,
+    bench_commit,
+    bench_pipeline
+);
+criterion_main!(benches);

@@ -26,31 +26,76 @@ pub enum End {
     Timeout,
 }
 
-/// How often the driver looks at Redis (progress, kill plan, crash detection).
+/// How often the driver looks at Redis (progress, fault plan, crash detection, reclaims).
 const TICK: Duration = Duration::from_millis(50);
-/// How long a kill may wait for the generator to finish its leftover handler work.
-const KILL_WAIT_MAX: Duration = Duration::from_secs(3);
+/// How long a generator fault may wait for the generator to finish its leftover handler work.
+const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
+/// How long the driver watches a killed handler's in-flight sets for the reclaim.
+const RECLAIM_WATCH_MAX: Duration = Duration::from_secs(30);
 
-/// One planned or executed generator kill.
-struct Kill {
-    /// Kill once this many messages have been generated: mid-generation, so the failover
-    /// (kill → the successor's first message) is measured while there is work to generate.
-    at_generated: u64,
+/// The faults `sim` can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    KillLeader,
+    PauseLeader,
+    KillWorker,
+    DropConnections,
+    RestartRedis,
+}
+
+impl FaultKind {
+    /// The label in logs and plots.
+    fn label(self) -> &'static str {
+        match self {
+            FaultKind::KillLeader => "leader kill",
+            FaultKind::PauseLeader => "leader pause",
+            FaultKind::KillWorker => "worker kill",
+            FaultKind::DropConnections => "connection drop",
+            FaultKind::RestartRedis => "redis restart",
+        }
+    }
+
+    /// Generator faults trigger on generated ids (so a failover is measured while there is work
+    /// to generate); the others on recorded outcomes (so handlers are busy).
+    fn on_generated(self) -> bool {
+        matches!(self, FaultKind::KillLeader | FaultKind::PauseLeader)
+    }
+}
+
+/// One planned (then executed) fault.
+struct Fault {
+    kind: FaultKind,
+    /// Trigger once this many ids are generated (generator faults) or outcomes recorded (others).
+    at: u64,
+    /// Executed yet?
+    done: bool,
     /// Seconds since the start when it happened.
     t_s: f64,
-    /// The epoch of the killed generator.
+    /// The epoch of the generator it hit (generator faults).
     epoch: u64,
-    /// Redis time just before the SIGKILL, µs.
+    /// Redis time just before the fault, µs.
     redis_us: u64,
 }
 
-/// The seeded kill plan: `kills` generation points drawn uniformly from 10 %..90 % of the ids.
-fn kill_plan(seed: u64, messages: u64, kills: u32) -> Vec<u64> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x6b69_6c6c);
-    let mut plan: Vec<u64> = (0..kills)
-        .map(|_| (messages as f64 * rng.random_range(0.1..0.9)) as u64)
-        .collect();
-    plan.sort_unstable();
+/// The seeded fault plan: for each kind, `count` trigger points drawn uniformly from 10 %..90 %
+/// of the run, each kind from its own stream so adding one kind does not move the others.
+fn fault_plan(seed: u64, messages: u64, counts: &[(FaultKind, u32)]) -> Vec<Fault> {
+    let mut plan = Vec::new();
+    for (salt, &(kind, count)) in counts.iter().enumerate() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (0x6b69_6c6c + salt as u64));
+        let mut points: Vec<u64> = (0..count)
+            .map(|_| (messages as f64 * rng.random_range(0.1..0.9)) as u64)
+            .collect();
+        points.sort_unstable();
+        plan.extend(points.into_iter().map(|at| Fault {
+            kind,
+            at,
+            done: false,
+            t_s: 0.0,
+            epoch: 0,
+            redis_us: 0,
+        }));
+    }
     plan
 }
 
@@ -59,7 +104,8 @@ fn app_args(flags: &Flags, url: &str, namespace: &str, seed: u64) -> Vec<String>
     [
         ("--redis-url", url.to_string()),
         ("--namespace", namespace.to_string()),
-        ("--interval-ms", "0".into()),
+        ("--interval-ms", flags.interval_ms.to_string()),
+        ("--queue-max", flags.queue_max.to_string()),
         ("--max-messages", flags.messages.to_string()),
         ("--seed", seed.to_string()),
         ("--error-rate", flags.error_rate.to_string()),
@@ -112,20 +158,47 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         None => procs::sibling_app_binary()
             .context("cannot find the app binary next to sim; pass --app-bin")?,
     };
-    let kills_planned = if flags.kill_leader { flags.kills } else { 0 };
-    let plan = kill_plan(seed, flags.messages, kills_planned);
+    let kills = if flags.kill_leader { flags.kills } else { 0 };
+    let mut faults = fault_plan(
+        seed,
+        flags.messages,
+        &[
+            (FaultKind::KillLeader, kills),
+            (FaultKind::PauseLeader, flags.pause_leader),
+            (FaultKind::KillWorker, flags.kill_workers),
+            (FaultKind::DropConnections, flags.drop_connections),
+            (FaultKind::RestartRedis, flags.restart_redis),
+        ],
+    );
+    let plan: Vec<String> = faults
+        .iter()
+        .map(|f| format!("{}@{}", f.kind.label(), f.at))
+        .collect();
     eprintln!(
-        "sim: messages={} processes={} kills at generated ids {:?} error_rate={} handler_delay_max_ms={} report={}",
+        "sim: messages={} processes={} error_rate={} handler_delay_max_ms={} report={}",
         flags.messages,
         flags.processes,
-        plan,
         flags.error_rate,
         flags.handler_delay_max_ms,
         report_dir.display()
     );
+    eprintln!(
+        "sim: fault plan (trigger = generated ids for leader faults, outcomes otherwise): {plan:?}"
+    );
 
-    let server = match &flags.redis_url {
+    let mut server = match &flags.redis_url {
         Some(_) => None,
+        None if flags.restart_redis > 0 => Some(
+            RedisServer::start_with(&[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .context("starting redis-server with an AOF")?,
+        ),
         None => Some(RedisServer::start().context("starting redis-server")?),
     };
     let url = match (&server, &flags.redis_url) {
@@ -158,27 +231,28 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let mut timeline = Timeline {
         samples: vec![(0.0, 0)],
     };
-    let mut kills: Vec<Kill> = plan
-        .iter()
-        .map(|&at_generated| Kill {
-            at_generated,
-            t_s: 0.0,
-            epoch: 0,
-            redis_us: 0,
-        })
-        .collect();
-    let mut next_kill = 0usize;
-    let mut kill_waiting_since: Option<Instant> = None;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7069_636b);
+    let mut waiting_since: Option<Instant> = None;
+    let mut resumes: Vec<(u32, Instant)> = Vec::new();
+    let mut watched: Vec<(String, Instant)> = Vec::new();
+    let mut reclaim_ms: Vec<f64> = Vec::new();
+    let mut disruptions = 0u64;
     let mut rss_mb_max = 0.0f64;
-    let mut replacements = 0u32;
+    let mut spawned = flags.processes;
     let mut timed_out = false;
+    let mut last_counters = leaderq::stats::Counters::default();
+    let mut redis_errors = 0u32;
     loop {
         tokio::time::sleep(TICK).await;
-        let counters = leaderq::stats::Counters::read(&mut con, &keys).await?;
-        let done = counters.processed + counters.errors + counters.bad;
-        let t_s = started.elapsed().as_secs_f64();
-        timeline.samples.push((t_s, done));
-        progress.update(done, next_kill, kills.len());
+        let now = Instant::now();
+        for (pid, due) in resumes.iter().filter(|(_, due)| *due <= now) {
+            let _ = procs::signal(*pid, libc::SIGCONT);
+            progress.note(&format!(
+                "resumed paused generator pid {pid} after {:?}",
+                now - *due + pause_for(flags)
+            ));
+        }
+        resumes.retain(|(_, due)| *due > now);
         for app in apps.iter_mut() {
             rss_mb_max = rss_mb_max.max(peak_rss_mb(app.pid()));
             if !app.is_running() {
@@ -190,52 +264,174 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                 );
             }
         }
+        // Redis may be restarting: keep the last counters and try again next tick.
+        let counters = match leaderq::stats::Counters::read(&mut con, &keys).await {
+            Ok(c) => {
+                redis_errors = 0;
+                c
+            }
+            Err(e) => {
+                redis_errors += 1;
+                if redis_errors.is_power_of_two() {
+                    progress.note(&format!("redis not answering ({e}); retrying"));
+                }
+                last_counters
+            }
+        };
+        last_counters = counters;
+        let done = counters.processed + counters.errors + counters.bad + counters.poisoned;
+        let t_s = started.elapsed().as_secs_f64();
+        timeline.samples.push((t_s, done));
+        let executed = faults.iter().filter(|f| f.done).count();
+        progress.update(done, executed, faults.len());
+        if redis_errors == 0 {
+            watch_reclaims(&mut con, &keys, &mut watched, &mut reclaim_ms, &progress).await;
+        }
         if done >= flags.messages {
             break;
         }
-        if Instant::now() >= deadline {
+        if now >= deadline {
             timed_out = true;
             break;
         }
-        if next_kill < kills.len() && counters.generated >= kills[next_kill].at_generated {
-            let Some((epoch, idx)) = current_generator(&mut con, &keys, &apps).await? else {
-                continue; // a failover is in progress: no generator to kill this tick
-            };
-            // A fresh generator may still be finishing messages it fetched as a handler; killing
-            // it then would make those re-run. Wait (bounded) until it is a pure generator.
-            let busy = inspect::in_flight_matching(
-                &mut con,
-                &keys,
-                &format!("{}.*", apps[idx].instance_id),
-            )
-            .await?;
-            let waited = kill_waiting_since
-                .get_or_insert_with(Instant::now)
-                .elapsed();
-            if busy > 0 && waited < KILL_WAIT_MAX {
-                continue;
+        if redis_errors > 0 {
+            continue;
+        }
+        // At most one fault per tick. A due fault that cannot act yet (no pure generator, no busy
+        // handler) does not hold up the others.
+        let due: Vec<usize> = (0..faults.len())
+            .filter(|&i| {
+                let f = &faults[i];
+                !f.done
+                    && if f.kind.on_generated() {
+                        counters.generated >= f.at
+                    } else {
+                        done >= f.at
+                    }
+            })
+            .collect();
+        'due: for i in due {
+            let kind = faults[i].kind;
+            match kind {
+                FaultKind::KillLeader | FaultKind::PauseLeader => {
+                    let Some((epoch, idx)) = current_generator(&mut con, &keys, &apps).await?
+                    else {
+                        continue 'due; // a failover is in progress: no generator to hit this tick
+                    };
+                    if resumes.iter().any(|(pid, _)| *pid == apps[idx].pid()) {
+                        continue 'due;
+                    }
+                    // A fresh generator may still be finishing messages it fetched as a handler;
+                    // hitting it then would make those re-run. Wait (bounded) for a pure generator.
+                    let busy = inspect::in_flight_matching(
+                        &mut con,
+                        &keys,
+                        &format!("{}.*", apps[idx].instance_id),
+                    )
+                    .await?;
+                    let waited = waiting_since.get_or_insert(now).elapsed();
+                    if busy > 0 && waited < PURE_GENERATOR_WAIT_MAX {
+                        continue 'due;
+                    }
+                    waiting_since = None;
+                    if busy > 0 {
+                        disruptions += 1;
+                    }
+                    let redis_us = inspect::redis_time_us(&mut con).await?;
+                    let name = apps[idx].instance_id.clone();
+                    if kind == FaultKind::KillLeader {
+                        apps[idx].kill();
+                        apps[idx] = spawn(format!("app{spawned}"))?;
+                        spawned += 1;
+                    } else {
+                        apps[idx].signal(libc::SIGSTOP)?;
+                        resumes.push((apps[idx].pid(), now + pause_for(flags)));
+                    }
+                    let f = &mut faults[i];
+                    (f.t_s, f.epoch, f.redis_us, f.done) =
+                        (started.elapsed().as_secs_f64(), epoch, redis_us, true);
+                    progress.note(&format!(
+                        "{}: {name} (epoch {epoch}, {busy} in flight) at {} generated",
+                        kind.label(),
+                        counters.generated
+                    ));
+                }
+                FaultKind::KillWorker => {
+                    let generator = current_generator(&mut con, &keys, &apps)
+                        .await?
+                        .map(|(_, i)| i);
+                    let mut busy = Vec::new();
+                    for (j, app) in apps.iter().enumerate() {
+                        if Some(j) == generator || resumes.iter().any(|(pid, _)| *pid == app.pid())
+                        {
+                            continue;
+                        }
+                        let n = inspect::in_flight_matching(
+                            &mut con,
+                            &keys,
+                            &format!("{}.*", app.instance_id),
+                        )
+                        .await?;
+                        if n > 0 {
+                            busy.push((j, n));
+                        }
+                    }
+                    if busy.is_empty() {
+                        continue 'due;
+                    }
+                    let (j, n) = busy[rng.random_range(0..busy.len())];
+                    let name = apps[j].instance_id.clone();
+                    apps[j].kill();
+                    apps[j] = spawn(format!("app{spawned}"))?;
+                    spawned += 1;
+                    watched.push((name.clone(), Instant::now()));
+                    disruptions += 1;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!(
+                        "worker kill: {name} holding {n} messages at {done} outcomes"
+                    ));
+                }
+                FaultKind::DropConnections => {
+                    let dropped: u64 = redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("TYPE")
+                        .arg("normal")
+                        .arg("SKIPME")
+                        .arg("yes")
+                        .query_async(&mut con)
+                        .await?;
+                    disruptions += 1;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!(
+                        "connection drop: {dropped} connections killed at {done} outcomes"
+                    ));
+                }
+                FaultKind::RestartRedis => {
+                    let server = server
+                        .as_mut()
+                        .context("--restart-redis needs the sim's own Redis")?;
+                    let began = Instant::now();
+                    tokio::task::block_in_place(|| server.crash_and_restart())
+                        .context("restarting redis-server")?;
+                    disruptions += 1;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!(
+                        "redis restart: SIGKILLed and back from its AOF in {:?} at {done} outcomes",
+                        began.elapsed()
+                    ));
+                }
             }
-            kill_waiting_since = None;
-            let redis_us = inspect::redis_time_us(&mut con).await?;
-            apps[idx].kill();
-            let k = &mut kills[next_kill];
-            k.t_s = started.elapsed().as_secs_f64();
-            k.epoch = epoch;
-            k.redis_us = redis_us;
-            progress.note(&format!(
-                "killed generator {} (epoch {epoch}, {busy} in flight) at {done} outcomes",
-                apps[idx].instance_id
-            ));
-            replacements += 1;
-            apps[idx] = spawn(format!(
-                "app{}r{replacements}",
-                flags.processes + replacements - 1
-            ))?;
-            next_kill += 1;
+            break 'due;
         }
     }
     let elapsed_s = started.elapsed().as_secs_f64();
     progress.finish();
+    for (pid, _) in resumes.drain(..) {
+        let _ = procs::signal(pid, libc::SIGCONT);
+    }
 
     // Stop every copy cleanly (they publish their latency histograms on the way out).
     for app in &apps {
@@ -256,7 +452,6 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let latencies = Latencies::collect(&mut con, &keys).await?;
     let memory = inspect::info(&mut con, "memory").await?;
     let (calls_after, scripts_after) = inspect::command_calls(&mut con).await?;
-    let executed: Vec<&Kill> = kills.iter().take(next_kill).collect();
     let observed = Observed::from_snapshot(
         &snap,
         flags.messages,
@@ -264,20 +459,25 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         flags.error_rate,
         flags.handler_delay_max_ms,
         error_lines,
-        0,
+        disruptions,
     )
     .map_err(anyhow::Error::msg)?;
-    // Failover: from the Redis time of the SIGKILL to the first message of the next epoch.
-    let failover_ms: Vec<f64> = executed
-        .iter()
-        .filter_map(|k| {
-            observed
-                .epoch_log
-                .iter()
-                .filter(|b| b.epoch > k.epoch)
-                .min_by_key(|b| b.epoch)
-                .map(|b| b.time_us.saturating_sub(k.redis_us) as f64 / 1000.0)
-        })
+    // Failover: from the Redis time of the fault to the first message of the next epoch.
+    let failover = |f: &Fault| -> Option<f64> {
+        observed
+            .epoch_log
+            .iter()
+            .filter(|b| b.epoch > f.epoch)
+            .min_by_key(|b| b.epoch)
+            .map(|b| b.time_us.saturating_sub(f.redis_us) as f64 / 1000.0)
+    };
+    let executed: Vec<&Fault> = faults.iter().filter(|f| f.done).collect();
+    let of_kind = |k: FaultKind| executed.iter().filter(move |f| f.kind == k);
+    let failover_ms: Vec<f64> = of_kind(FaultKind::KillLeader)
+        .filter_map(|f| failover(f))
+        .collect();
+    let pause_failover_ms: Vec<f64> = of_kind(FaultKind::PauseLeader)
+        .filter_map(|f| failover(f))
         .collect();
     let c = snap.counters;
     let verdict = verify::check(&observed);
@@ -287,8 +487,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         commit: git_commit(),
         messages: flags.messages,
         processes: flags.processes as u64,
-        leader_kills: executed.len() as u64,
-        worker_kills: 0,
+        leader_kills: of_kind(FaultKind::KillLeader).count() as u64,
+        worker_kills: of_kind(FaultKind::KillWorker).count() as u64,
         processed: verdict.processed,
         errors: verdict.errors,
         missing: verdict.missing,
@@ -298,7 +498,12 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         reruns: verdict.reruns,
         elapsed_s,
         throughput_msgs_per_s: c.processed.saturating_add(c.errors) as f64 / elapsed_s,
-        failover_ms: failover_ms.clone(),
+        failover_ms,
+        pauses: of_kind(FaultKind::PauseLeader).count() as u64,
+        pause_failover_ms,
+        reclaim_ms,
+        connection_drops: of_kind(FaultKind::DropConnections).count() as u64,
+        redis_restarts: of_kind(FaultKind::RestartRedis).count() as u64,
         latency_ms: Percentiles::from_histogram_us(&latencies.end_to_end_us),
         queue_wait_ms: Percentiles::from_histogram_us(&latencies.queue_wait_us),
         verdict: if verdict.pass && !timed_out {
@@ -325,11 +530,10 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     };
     let kill_events: Vec<KillEvent> = executed
         .iter()
-        .enumerate()
-        .map(|(i, k)| KillEvent {
-            t_s: k.t_s,
-            kind: "leader".into(),
-            failover_ms: failover_ms.get(i).copied(),
+        .map(|f| KillEvent {
+            t_s: f.t_s,
+            kind: f.kind.label().into(),
+            failover_ms: f.kind.on_generated().then(|| failover(f)).flatten(),
         })
         .collect();
     report::write_report(
@@ -355,6 +559,33 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     } else {
         End::Violation
     })
+}
+
+/// How long a paused generator stays stopped: past its lease, so a successor takes over.
+fn pause_for(flags: &Flags) -> Duration {
+    Duration::from_millis(2 * flags.lease_ms + 500)
+}
+
+/// Checks killed handlers' in-flight sets; records how long each took to be reclaimed.
+async fn watch_reclaims(
+    con: &mut conn::Conn,
+    keys: &Keys,
+    watched: &mut Vec<(String, Instant)>,
+    reclaim_ms: &mut Vec<f64>,
+    progress: &Progress,
+) {
+    let mut still = Vec::new();
+    for (name, killed) in watched.drain(..) {
+        match inspect::in_flight_matching(con, keys, &format!("{name}.*")).await {
+            Ok(0) => reclaim_ms.push(killed.elapsed().as_secs_f64() * 1000.0),
+            Ok(_) if killed.elapsed() < RECLAIM_WATCH_MAX => still.push((name, killed)),
+            Ok(n) => progress.note(&format!(
+                "{name}: {n} messages still not reclaimed after {RECLAIM_WATCH_MAX:?}"
+            )),
+            Err(_) => still.push((name, killed)),
+        }
+    }
+    *watched = still;
 }
 
 /// The generator right now: its epoch and its index in `apps`, from the lease value.
@@ -411,6 +642,19 @@ fn print_summary(s: &Summary, dir: &Path) {
         s.leader_kills,
         s.failover_ms.iter().map(|f| f.round()).collect::<Vec<_>>()
     );
+    if s.pauses + s.worker_kills + s.connection_drops + s.redis_restarts > 0 {
+        let round = |v: &[f64]| v.iter().map(|f| f.round()).collect::<Vec<_>>();
+        println!(
+            "pauses={} pause_failover_ms={:?} worker_kills={} reclaim_ms={:?} connection_drops={} redis_restarts={} reruns={}",
+            s.pauses,
+            round(&s.pause_failover_ms),
+            s.worker_kills,
+            round(&s.reclaim_ms),
+            s.connection_drops,
+            s.redis_restarts,
+            s.reruns
+        );
+    }
     println!(
         "latency_ms p50={:.1} p99={:.1} max={:.1}; queue_wait_ms p50={:.1} p99={:.1}; redis commands/msg={:.2} scripts/msg={:.4}",
         s.latency_ms.p50, s.latency_ms.p99, s.latency_ms.max, s.queue_wait_ms.p50, s.queue_wait_ms.p99, s.redis_commands_per_msg, s.redis_scripts_per_msg
@@ -453,7 +697,7 @@ impl Progress {
     fn update(&self, done: u64, kills_done: usize, kills: usize) {
         if let Some(b) = &self.bar {
             b.set_position(done);
-            b.set_message(format!("kills {kills_done}/{kills}"));
+            b.set_message(format!("faults {kills_done}/{kills}"));
         } else if self.plain
             && self
                 .last_line
@@ -462,7 +706,7 @@ impl Progress {
         {
             self.last_line.set(Some(Instant::now()));
             eprintln!(
-                "sim: {done}/{} outcomes, kills {kills_done}/{kills}",
+                "sim: {done}/{} outcomes, faults {kills_done}/{kills}",
                 self.total
             );
         }

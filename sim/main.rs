@@ -35,6 +35,20 @@ pub struct Flags {
     /// How many generator kills with --kill-leader.
     #[arg(long, default_value_t = 3)]
     pub kills: u32,
+    /// SIGSTOP the generator this many times, each for twice --lease-ms plus 500 ms, then
+    /// SIGCONT it: it must not generate again (fencing) and must step down.
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub pause_leader: u32,
+    /// SIGKILL this many handlers while they hold in-flight messages (and start replacements).
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub kill_workers: u32,
+    /// Drop every copy's Redis connection (`CLIENT KILL TYPE normal`) this many times.
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub drop_connections: u32,
+    /// SIGKILL Redis and restart it from its AOF (`appendfsync always`) this many times. Needs
+    /// the sim's own Redis (no --redis-url).
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub restart_redis: u32,
     /// Probability that eventHandler fails a message (the task's 15 %).
     #[arg(long, default_value_t = 0.15)]
     pub error_rate: f64,
@@ -47,6 +61,12 @@ pub struct Flags {
     /// Passed to every app: messages per fetch.
     #[arg(long, default_value_t = 1000)]
     pub batch: u64,
+    /// Passed to every app: backpressure, the generator waits while this many are queued.
+    #[arg(long, default_value_t = 50_000)]
+    pub queue_max: u64,
+    /// Passed to every app: ms between generated messages (0 = as fast as handlers take them).
+    #[arg(long, default_value_t = 0)]
+    pub interval_ms: u64,
     /// Passed to every app: leader lease TTL.
     #[arg(long, default_value_t = 600)]
     pub lease_ms: u64,
@@ -74,6 +94,10 @@ fn main() -> ExitCode {
             "sim: --error-rate {} must be between 0 and 1",
             flags.error_rate
         );
+        return ExitCode::from(2);
+    }
+    if flags.restart_redis > 0 && flags.redis_url.is_some() {
+        eprintln!("sim: --restart-redis needs the sim's own Redis; drop --redis-url");
         return ExitCode::from(2);
     }
     if flags.messages == 0 || flags.messages > leaderq::message::ID_MAX + 1 {

@@ -223,8 +223,7 @@ pub fn throughput_svg(path: &Path, timeline: &Timeline, kills: &[KillEvent]) -> 
         let (x0, x1) = (f.x(k.t_s), f.x(k.t_s + gap_s(k)));
         svg += &rect(x0, TOP, x1 - x0, BOTTOM - TOP, BAND);
         svg += &line(x0, TOP, x0, BOTTOM, &format!(r#"class="kill" {KILL}"#));
-        let name = format!("{} kill", k.kind);
-        svg += &text(x0 + 4.0, TOP - 6.0, KILL_LABEL, name.trim());
+        svg += &text(x0 + 4.0, TOP - 6.0, KILL_LABEL, k.kind.trim());
     }
     let points: Vec<_> = steps
         .iter()
@@ -282,12 +281,12 @@ mod tests {
         let kills = [
             KillEvent {
                 t_s: 10.0,
-                kind: "leader".into(),
+                kind: "leader kill".into(),
                 failover_ms: Some(1800.0),
             },
             KillEvent {
                 t_s: 20.0,
-                kind: "leader".into(),
+                kind: "leader kill".into(),
                 failover_ms: None,
             },
         ];

@@ -40,7 +40,8 @@ impl Percentiles {
 pub struct KillEvent {
     /// Seconds since the run started.
     pub t_s: f64,
-    /// What was killed, e.g. "leader".
+    /// What happened, as the plot labels it: "leader kill", "leader pause", "worker kill",
+    /// "connection drop", "redis restart".
     pub kind: String,
     /// Time until the next generator produced again; `None` if it never did.
     pub failover_ms: Option<f64>,
@@ -65,6 +66,16 @@ pub struct Summary {
     pub elapsed_s: f64,
     pub throughput_msgs_per_s: f64,
     pub failover_ms: Vec<f64>,
+    /// Generator paused (SIGSTOP) past its lease, then resumed.
+    pub pauses: u64,
+    /// Pause → the successor's first message, ms (detected by lease TTL, not by a closed socket).
+    pub pause_failover_ms: Vec<f64>,
+    /// Handler SIGKILL → its in-flight messages back in the queue, ms (50 ms sampling).
+    pub reclaim_ms: Vec<f64>,
+    /// `CLIENT KILL TYPE normal` rounds: every copy's connection dropped at once.
+    pub connection_drops: u64,
+    /// Redis SIGKILLed and restarted from its AOF (`appendfsync always`).
+    pub redis_restarts: u64,
     pub latency_ms: Percentiles,
     pub queue_wait_ms: Percentiles,
     /// "pass" or "fail".
@@ -136,7 +147,14 @@ fn summary_markdown(s: &Summary) -> String {
     );
     let (latency, queue_wait) = (pct(&s.latency_ms), pct(&s.queue_wait_ms));
     let command_line = format!("`{}`", s.command_line);
-    let rows: [(&str, &dyn Display); 30] = [
+    let pause_failovers: Vec<String> = s
+        .pause_failover_ms
+        .iter()
+        .map(|ms| format!("{ms:.0}"))
+        .collect();
+    let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
+    let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
+    let rows: [(&str, &dyn Display); 35] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -156,6 +174,11 @@ fn summary_markdown(s: &Summary) -> String {
         ("elapsed_s", &elapsed),
         ("throughput_msgs_per_s", &rate),
         ("failover_ms", &failovers.join(", ")),
+        ("pauses", &s.pauses),
+        ("pause_failover_ms", &pause_failovers),
+        ("reclaim_ms", &reclaims),
+        ("connection_drops", &s.connection_drops),
+        ("redis_restarts", &s.redis_restarts),
         ("latency_ms", &latency),
         ("queue_wait_ms", &queue_wait),
         ("error_rate", &s.error_rate),
@@ -305,7 +328,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(31));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(36));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

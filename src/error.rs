@@ -39,7 +39,15 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when the error is Redis being unreachable rather than refusing something.
+    /// True when retrying later can succeed: Redis unreachable, or a server state that passes
+    /// (loading its dataset after a restart, failing over).
+    pub fn is_transient(&self) -> bool {
+        self.is_connection()
+            || matches!(self, Error::Redis(e) if matches!(e.code(), Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")))
+    }
+
+    /// True when the error is Redis being unreachable rather than refusing something: the reply
+    /// to a command sent may have been lost, so its effect is unknown.
     pub fn is_connection(&self) -> bool {
         match self {
             Error::Unreachable { .. } => true,

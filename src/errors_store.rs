@@ -6,6 +6,9 @@
 //! printing and before trimming leaves those entries for the next call, which prints them again:
 //! an entry can be printed twice after a crash, never lost. Only the lock holder may trim, so two
 //! concurrent calls cannot trim each other's unprinted entries.
+//!
+//! `getErrors --peek` ([`peek`]) prints the same entries in the same order without the lock and
+//! without deleting anything, and `--json` ([`LineFormat::Json`]) prints one JSON object a line.
 
 use crate::conn::Conn;
 use crate::error::Error;
@@ -62,6 +65,62 @@ impl ErrorEntry {
                 .replace('\r', "\\r"),
         }
     }
+
+    /// The entry as one JSON object: `id` (null for anything but a failed message), `reason`,
+    /// `when` (RFC 3339 UTC from `time_us`, null when the entry carries no time) and, for
+    /// anything but a failed message, the raw `payload` (lossy UTF-8) so nothing is hidden.
+    pub fn json(&self) -> serde_json::Value {
+        let text = String::from_utf8_lossy(&self.payload);
+        let when = (self.time_us > 0).then(|| rfc3339_utc(self.time_us));
+        match crate::message::Message::parse(&text) {
+            Ok(m) => serde_json::json!({"id": m.id, "reason": self.reason, "when": when}),
+            Err(_) => serde_json::json!({
+                "id": null,
+                "reason": self.reason,
+                "when": when,
+                "payload": text,
+            }),
+        }
+    }
+
+    /// The entry printed in `format`, without the newline.
+    pub fn render(&self, format: LineFormat) -> String {
+        match format {
+            LineFormat::Plain => self.line(),
+            LineFormat::Json => self.json().to_string(),
+        }
+    }
+}
+
+/// How `getErrors` prints an entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LineFormat {
+    /// [`ErrorEntry::line`]: the id, or the escaped payload (the task's output).
+    #[default]
+    Plain,
+    /// [`ErrorEntry::json`]: one JSON object a line, for machines.
+    Json,
+}
+
+/// `time_us` (µs since the Unix epoch) as RFC 3339 UTC with microseconds,
+/// e.g. `2023-11-14T22:13:20.000123Z`. Written out (Hinnant's civil-from-days) rather than
+/// pulling in a date crate for one format.
+pub fn rfc3339_utc(time_us: u64) -> String {
+    let secs = time_us / 1_000_000;
+    let micros = time_us % 1_000_000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z")
 }
 
 /// Settings of one drain.
@@ -74,6 +133,8 @@ pub struct DrainConfig {
     pub lock_ms: u64,
     /// Unique token of this call.
     pub token: String,
+    /// How each entry is printed.
+    pub format: LineFormat,
 }
 
 /// What a drain did.
@@ -148,7 +209,7 @@ async fn drain_list(
             return Ok(());
         }
         for entry in raw.iter().map(|r| ErrorEntry::parse(r)) {
-            writeln!(out, "{}", entry.line())?;
+            writeln!(out, "{}", entry.render(config.format))?;
             if entry.reason != "handler error" {
                 total.bad += 1;
             }
@@ -172,6 +233,56 @@ async fn drain_list(
     }
 }
 
+/// What a peek printed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peeked {
+    /// Entries of the drain list (left by a getErrors that was killed or is running now).
+    pub draining: u64,
+    /// Entries of the store.
+    pub stored: u64,
+}
+
+/// `getErrors --peek`: prints every entry, in the order a drain would (the drain list, then the
+/// store), and deletes nothing. It takes no lock, so it never delays a real `getErrors`.
+///
+/// Each list's length is read first and only that many entries are walked, so the walk ends even
+/// while handlers keep appending. A concurrent drain trimming the drain list meanwhile can make
+/// this skip or repeat a few entries: peek is for looking; the drain is the record.
+pub async fn peek(
+    con: &mut Conn,
+    keys: &Keys,
+    chunk: usize,
+    format: LineFormat,
+    out: &mut impl Write,
+) -> Result<Peeked, Error> {
+    let chunk = chunk.max(1);
+    let mut counts = [0u64; 2];
+    for (list, count) in [keys.errors_drain(), keys.errors()].iter().zip(&mut counts) {
+        let len: u64 = redis::cmd("LLEN").arg(list).query_async(con).await?;
+        while *count < len {
+            let last = (*count + chunk as u64).min(len) - 1;
+            let raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(list)
+                .arg(*count)
+                .arg(last)
+                .query_async(con)
+                .await?;
+            if raw.is_empty() {
+                break; // trimmed under us
+            }
+            for entry in raw.iter().map(|r| ErrorEntry::parse(r)) {
+                writeln!(out, "{}", entry.render(format))?;
+            }
+            *count += raw.len() as u64;
+        }
+    }
+    out.flush()?;
+    Ok(Peeked {
+        draining: counts[0],
+        stored: counts[1],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +298,35 @@ mod tests {
         assert_eq!(g.line(), "a\tb\\nc");
         let odd = ErrorEntry::parse(b"no tabs here");
         assert_eq!(odd.reason, "unrecognised entry");
+    }
+
+    #[test]
+    fn json_lines_name_the_id_or_show_the_payload() {
+        let e = ErrorEntry::parse(b"12:3:1700000000000000\thandler error\t1700000000000123");
+        assert_eq!(
+            e.render(LineFormat::Json),
+            r#"{"id":12,"reason":"handler error","when":"2023-11-14T22:13:20.000123Z"}"#
+        );
+        let g = ErrorEntry::parse(b"a\"b\tmissing field epoch\t5").json();
+        assert_eq!(g["id"], serde_json::Value::Null);
+        assert_eq!(g["payload"], "a\"b");
+        assert_eq!(g["when"], "1970-01-01T00:00:00.000005Z");
+        let odd = ErrorEntry::parse(b"no tabs here").json();
+        assert_eq!(odd["when"], serde_json::Value::Null);
+        assert_eq!(odd["payload"], "no tabs here");
+    }
+
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00.000000Z");
+        // 2000-02-29 (a leap day in a century leap year) 12:34:56.789012 UTC.
+        assert_eq!(
+            rfc3339_utc(951_827_696_789_012),
+            "2000-02-29T12:34:56.789012Z"
+        );
+        assert_eq!(
+            rfc3339_utc(4_102_444_799_000_000),
+            "2099-12-31T23:59:59.000000Z"
+        );
     }
 }

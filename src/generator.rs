@@ -136,8 +136,9 @@ pub async fn lead(
             _ = sleep_until(next_generate) => {
                 let now = Instant::now();
                 next_generate = match generate(con, keys, lease, batch, config.queue_max).await {
-                    Ok(Generated::Batch { .. }) => {
+                    Ok(Generated::Batch { count, .. }) => {
                         failures = 0;
+                        crate::metrics::generated(count);
                         // Pace from the planned time, but never burst to catch up after a stall.
                         (next_generate + interval).max(now)
                     }

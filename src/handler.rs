@@ -82,13 +82,37 @@ pub struct Done {
     pub verdict: Verdict,
 }
 
-/// Runs fetch.lua: up to `count` messages into `handler`'s in-flight set.
-/// Returns the Redis time of the fetch (µs) and the payloads.
+/// Runs fetch.lua: up to `count` messages into `handler`'s in-flight set, a tenth of them at most
+/// from the retry set, and one isolated message. See [`fetch_limited`].
 pub async fn fetch(
     con: &mut Conn,
     keys: &Keys,
     handler: &str,
     count: u64,
+    heartbeat_ms: u64,
+) -> Result<(u64, Vec<Vec<u8>>), Error> {
+    fetch_limited(
+        con,
+        keys,
+        handler,
+        count,
+        count.div_ceil(10),
+        true,
+        heartbeat_ms,
+    )
+    .await
+}
+
+/// Runs fetch.lua: up to `count` messages into `handler`'s in-flight set — one isolated message
+/// when `isolated_ok` (the handler holds none), up to `retry_max` from the retry set, the rest
+/// fresh from the queue. Returns the Redis time of the fetch (µs) and the payloads.
+pub async fn fetch_limited(
+    con: &mut Conn,
+    keys: &Keys,
+    handler: &str,
+    count: u64,
+    retry_max: u64,
+    isolated_ok: bool,
     heartbeat_ms: u64,
 ) -> Result<(u64, Vec<Vec<u8>>), Error> {
     let reply: Vec<redis::Value> = scripts::FETCH
@@ -98,9 +122,13 @@ pub async fn fetch(
         .key(keys.heartbeat(handler))
         .key(keys.errors())
         .key(keys.stats())
+        .key(keys.retry())
+        .key(keys.isolate())
         .arg(handler)
         .arg(count)
         .arg(heartbeat_ms)
+        .arg(retry_max)
+        .arg(if isolated_ok { "1" } else { "0" })
         .invoke_async(con)
         .await?;
     let mut items = reply.into_iter();
@@ -162,6 +190,8 @@ pub struct HandlerShared {
     pub in_flight: Arc<AtomicU64>,
     /// Latencies measured by this process.
     pub latencies: Arc<Mutex<Latencies>>,
+    /// Isolated messages (reclaimed twice or more) held now: at most one, see reclaim.lua.
+    pub isolated: Arc<AtomicU64>,
 }
 
 /// Runs the three tasks until `stop` fires, then drains: no new fetches, every fetched message is
@@ -225,7 +255,19 @@ async fn fetch_loop(
             p = permits.acquire_many(batch as u32) => p.expect("the semaphore is never closed"),
         };
         held.forget();
-        match fetch(&mut con, keys, &owner, batch, config.heartbeat_ms).await {
+        let isolated_ok = shared.isolated.load(Ordering::Relaxed) == 0;
+        let retry_max = batch.div_ceil(10);
+        match fetch_limited(
+            &mut con,
+            keys,
+            &owner,
+            batch,
+            retry_max,
+            isolated_ok,
+            config.heartbeat_ms,
+        )
+        .await
+        {
             Ok((time_us, payloads)) => {
                 failures = 0;
                 permits.add_permits(batch as usize - payloads.len());
@@ -254,18 +296,14 @@ async fn fetch_loop(
                                     &mut lat.queue_wait_us,
                                     time_us.saturating_sub(m.generated_us),
                                 );
+                                if m.reclaims >= 2 {
+                                    shared.isolated.fetch_add(1, Ordering::Relaxed);
+                                }
                                 (m, Verdict::Ok)
                             }
                             Err(reason) => {
                                 tracing::warn!(payload = %String::from_utf8_lossy(&payload), %reason, "bad message; moving it to the error store");
-                                (
-                                    Message {
-                                        id: 0,
-                                        epoch: 0,
-                                        generated_us: 0,
-                                    },
-                                    Verdict::Bad(reason),
-                                )
+                                (Message::default(), Verdict::Bad(reason))
                             }
                         };
                         items.push(Done {
@@ -315,7 +353,12 @@ async fn timer_loop(
                 let Some(batch) = batch else { open = false; continue };
                 for mut d in batch {
                     if d.verdict == Verdict::Ok {
+                        if model.crash_on_id == Some(d.message.id) {
+                            tracing::error!(id = d.message.id, "fault injection: crashing on this message");
+                            std::process::abort();
+                        }
                         let outcome = model.decide(d.message.id);
+                        crate::metrics::handler_ms(outcome.delay_ms);
                         if outcome.failed {
                             d.verdict = Verdict::Failed;
                         }
@@ -372,30 +415,40 @@ async fn commit_loop(
             }
             let mut lat = shared.latencies.lock().expect("latency lock poisoned");
             let mut refused = refused.into_iter().peekable();
+            let (mut processed, mut errors) = (0, 0);
             for (i, d) in group.iter().enumerate() {
                 if refused.peek() == Some(&i) {
                     refused.next();
                     continue;
                 }
+                if d.verdict == Verdict::Ok {
+                    processed += 1;
+                } else {
+                    errors += 1;
+                }
                 if !matches!(d.verdict, Verdict::Bad(_)) {
-                    stats::record(
-                        &mut lat.end_to_end_us,
-                        time_us.saturating_sub(d.message.generated_us),
-                    );
+                    let latency_us = time_us.saturating_sub(d.message.generated_us);
+                    stats::record(&mut lat.end_to_end_us, latency_us);
+                    crate::metrics::end_to_end_us(latency_us);
                 }
             }
+            crate::metrics::committed(processed, errors);
             start = end;
         }
         shared
             .in_flight
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        let isolated = batch.iter().filter(|d| d.message.reclaims >= 2).count() as u64;
+        if isolated > 0 {
+            shared.isolated.fetch_sub(isolated, Ordering::Relaxed);
+        }
         permits.add_permits(batch.len());
         batch.clear();
     }
     Ok(())
 }
 
-/// Commits, retrying while Redis is unreachable (a lost reply is safe to retry: a commit that did
+/// Commits, retrying while Redis is unreachable or loading (a lost reply is safe to retry: a commit that did
 /// land makes the retry's SREM find nothing, so nothing is recorded twice). Any other failure is a
 /// bug or corrupt data, and fatal: the process exits, its heartbeat expires, and its messages are
 /// reclaimed by the others.
@@ -411,7 +464,7 @@ async fn commit_with_retry(
         match commit(con, keys, group).await {
             Ok(r) => return Ok(r),
             Err(e)
-                if e.is_connection()
+                if e.is_transient()
                     && started.elapsed() < Duration::from_millis(config.redis_down_max_ms) =>
             {
                 failures += 1;

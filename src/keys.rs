@@ -44,6 +44,12 @@ impl Keys {
     pub fn lease(&self) -> String {
         self.key("lease")
     }
+    /// Integer: the Redis connection id (`CLIENT ID`) of the lease holder when it took the lease.
+    /// When that connection is gone (a SIGKILLed process's socket closes at once) candidates may
+    /// take the lease without waiting for its TTL.
+    pub fn lease_conn(&self) -> String {
+        self.key("lease:conn")
+    }
     /// Integer, INCR on every lease acquisition: the fencing token.
     pub fn epoch(&self) -> String {
         self.key("epoch")
@@ -59,6 +65,14 @@ impl Keys {
     /// List of message payloads waiting for a handler.
     pub fn queue(&self) -> String {
         self.key("queue")
+    }
+    /// Set of payloads reclaimed once from a dead handler, fetched in random samples.
+    pub fn retry(&self) -> String {
+        self.key("retry")
+    }
+    /// List of payloads reclaimed twice or more; a handler holds at most one at a time.
+    pub fn isolate(&self) -> String {
+        self.key("isolate")
     }
     /// List of `"epoch:first_id:count:time_us"`: which epoch generated which id range, and when.
     pub fn epochs(&self) -> String {
@@ -107,6 +121,19 @@ impl Keys {
     /// Pattern matching every instance's histogram hash (for `sim`).
     pub fn histograms_pattern(&self) -> String {
         self.key("hist:*")
+    }
+    /// Hash, field = instance id, value = that process's self-description as JSON (role, epoch,
+    /// in-flight count, Redis time of its last write): what `app status` lists. Each process writes
+    /// only its own field (presence.lua) and deletes it on a clean stop; a SIGKILLed process's entry
+    /// goes stale, which `status` shows as dead, and a later join prunes it (prune.lua).
+    pub fn instances(&self) -> String {
+        self.key("instances")
+    }
+    /// List of counter samples, newest first, at most 16: one a second from the generator
+    /// (sample.lua), so `status` can compute rates over the last ~10 s without any process
+    /// keeping state for it.
+    pub fn stats_history(&self) -> String {
+        self.key("stats:history")
     }
 }
 

@@ -19,21 +19,60 @@ pub struct Lease {
     pub value: String,
 }
 
-/// Takes the lease if it is free. `Ok(None)` when someone holds it.
+/// Takes the lease if it is free, or if its holder's Redis connection is gone. `Ok(None)` when a
+/// live holder has it.
+///
+/// A SIGKILLed process's socket is closed by the kernel at once, so Redis drops the holder's
+/// connection within milliseconds; waiting for the TTL would waste up to `lease_ms`. Taking over
+/// early is safe even when the holder is alive but disconnected: the old value is deleted only if
+/// unchanged (compare-and-delete), the new holder gets a higher epoch, and the old one is fenced.
+/// A paused holder keeps its connection, so the TTL remains the detector for silent deaths.
 pub async fn try_acquire(
     con: &mut Conn,
     keys: &Keys,
     instance: &str,
     lease_ms: u64,
 ) -> Result<Option<Lease>, Error> {
-    let (epoch, value): (u64, String) = scripts::ACQUIRE
-        .key(keys.lease())
-        .key(keys.epoch())
-        .arg(instance)
-        .arg(lease_ms)
-        .invoke_async(con)
+    for _ in 0..2 {
+        let client_id: u64 = redis::cmd("CLIENT").arg("ID").query_async(con).await?;
+        let (epoch, value): (u64, String) = scripts::ACQUIRE
+            .key(keys.lease())
+            .key(keys.epoch())
+            .key(keys.lease_conn())
+            .arg(instance)
+            .arg(lease_ms)
+            .arg(client_id)
+            .invoke_async(con)
+            .await?;
+        if epoch > 0 {
+            return Ok(Some(Lease { epoch, value }));
+        }
+        if !holder_disconnected(con, keys).await?
+            || !release_lock(con, &keys.lease(), &value).await?
+        {
+            return Ok(None);
+        }
+        tracing::info!(holder = %value, "lease holder's connection is gone; taking over without waiting for the TTL");
+    }
+    Ok(None)
+}
+
+/// True when the connection recorded by the lease holder no longer exists in Redis.
+async fn holder_disconnected(con: &mut Conn, keys: &Keys) -> Result<bool, Error> {
+    let id: Option<u64> = redis::cmd("GET")
+        .arg(keys.lease_conn())
+        .query_async(con)
         .await?;
-    Ok((epoch > 0).then_some(Lease { epoch, value }))
+    let Some(id) = id else {
+        return Ok(false); // unknown: rely on the TTL
+    };
+    let listing: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("ID")
+        .arg(id)
+        .query_async(con)
+        .await?;
+    Ok(listing.trim().is_empty())
 }
 
 /// Extends the lease if it is still ours; `Ok(false)` means it is lost and we must step down.

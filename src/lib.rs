@@ -14,11 +14,13 @@ pub mod keys;
 pub mod lease;
 pub mod liveness;
 pub mod message;
+pub mod metrics;
 pub mod node;
 pub mod outcome;
 pub mod procs;
 pub mod scripts;
 pub mod stats;
+pub mod status;
 pub mod verify;
 
 pub use config::Config;

@@ -4,11 +4,18 @@
 //! and every process runs reclaim.lua on the same beat: a handler whose heartbeat has expired is
 //! dead, and its in-flight set goes back to the head of the queue. No cleanup code is needed on
 //! death, so SIGKILL loses nothing.
+//!
+//! The same beat keeps this process's entry in the instance registry (`{ns}:instances`) fresh for
+//! `app status` (presence.lua, at most once a second or on a role change), and, while this process
+//! is the generator, pushes a counters sample to `{ns}:stats:history` once a second (sample.lua)
+//! so `status` can show rates. Both are best effort: failing them never stops the process.
 
 use crate::conn::Conn;
 use crate::error::Error;
+use crate::handler::Role;
 use crate::keys::Keys;
 use crate::scripts;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -42,32 +49,143 @@ pub async fn forget(con: &mut Conn, keys: &Keys, handler: &str) -> Result<(), Er
     Ok(())
 }
 
-/// Runs reclaim.lua once. Returns (dead handlers, messages re-queued).
-pub async fn reclaim(con: &mut Conn, keys: &Keys) -> Result<(u64, u64), Error> {
-    let (dead, moved): (u64, u64) = scripts::RECLAIM
-        .key(keys.handlers())
-        .key(keys.queue())
-        .key(keys.stats())
-        .arg(keys.prefix())
+/// Counter samples kept in `{ns}:stats:history`: 16 one-second samples cover the 10 s rate
+/// window of `app status` with room for a late tick.
+pub const HISTORY_LEN: u64 = 16;
+
+/// Registry entries not refreshed for this long are pruned when a process joins: long enough that
+/// `status` shows a dead copy for a good while, short enough that the hash stays small.
+pub const PRUNE_AFTER_MS: u64 = 3_600_000;
+
+/// What this process says about itself in the instance registry.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    /// The instance id (the registry field).
+    pub instance: String,
+    /// The current role (generator under an epoch, or handler).
+    pub role: watch::Receiver<Role>,
+    /// Messages fetched and not yet committed.
+    pub in_flight: Arc<AtomicU64>,
+    /// Redis time when this process joined, µs.
+    pub started_us: u64,
+}
+
+impl Presence {
+    /// The entry's JSON without its closing brace and without `seen_us`'s value (presence.lua
+    /// appends Redis's time). Fields: `role`, `epoch` (0 while handling), `in_flight`,
+    /// `started_us`, `handler` (the current handler id), `heartbeat_ms` (so `status` judges
+    /// staleness by this process's own beat), then `seen_us`.
+    fn body(&self, role: Role, handler: &str, heartbeat_ms: u64) -> String {
+        let (name, epoch) = match role {
+            Role::Generator { epoch } => ("generator", epoch),
+            Role::Handler => ("handler", 0),
+        };
+        format!(
+            "{{\"role\":\"{name}\",\"epoch\":{epoch},\"in_flight\":{},\"started_us\":{},\"handler\":{},\"heartbeat_ms\":{heartbeat_ms},\"seen_us\":",
+            self.in_flight.load(Ordering::Relaxed),
+            self.started_us,
+            serde_json::Value::from(handler),
+        )
+    }
+}
+
+/// Writes this process's registry entry (presence.lua). Returns the Redis time written, µs.
+pub async fn announce(
+    con: &mut Conn,
+    keys: &Keys,
+    presence: &Presence,
+    handler: &str,
+    heartbeat_ms: u64,
+) -> Result<u64, Error> {
+    let role = *presence.role.borrow();
+    let seen_us: u64 = scripts::PRESENCE
+        .key(keys.instances())
+        .arg(&presence.instance)
+        .arg(presence.body(role, handler, heartbeat_ms))
         .invoke_async(con)
         .await?;
+    Ok(seen_us)
+}
+
+/// Deletes `instance`'s registry entry (end of a clean stop: `status` then stops listing it).
+pub async fn leave(con: &mut Conn, keys: &Keys, instance: &str) -> Result<(), Error> {
+    redis::cmd("HDEL")
+        .arg(keys.instances())
+        .arg(instance)
+        .query_async::<()>(con)
+        .await?;
+    Ok(())
+}
+
+/// Deletes registry entries older than `max_age_ms` (prune.lua). Returns how many.
+pub async fn prune(con: &mut Conn, keys: &Keys, max_age_ms: u64) -> Result<u64, Error> {
+    let deleted: u64 = scripts::PRUNE
+        .key(keys.instances())
+        .arg(max_age_ms)
+        .invoke_async(con)
+        .await?;
+    Ok(deleted)
+}
+
+/// Pushes one counters sample to the history if `lease_value` still holds the lease
+/// (sample.lua). Returns whether it did.
+pub async fn sample(con: &mut Conn, keys: &Keys, lease_value: &str) -> Result<bool, Error> {
+    let pushed: i64 = scripts::SAMPLE
+        .key(keys.lease())
+        .key(keys.stats())
+        .key(keys.stats_history())
+        .arg(lease_value)
+        .arg(HISTORY_LEN)
+        .invoke_async(con)
+        .await?;
+    Ok(pushed == 1)
+}
+
+/// Runs reclaim.lua once. Returns (dead handlers, messages re-queued).
+pub async fn reclaim(con: &mut Conn, keys: &Keys) -> Result<(u64, u64), Error> {
+    let (dead, moved, poisoned): (u64, u64, u64) = scripts::RECLAIM
+        .key(keys.handlers())
+        .key(keys.retry())
+        .key(keys.isolate())
+        .key(keys.done())
+        .key(keys.errors())
+        .key(keys.stats())
+        .arg(keys.prefix())
+        .arg(MAX_RECLAIMS)
+        .invoke_async(con)
+        .await?;
+    if poisoned > 0 {
+        tracing::warn!(poisoned, "poison messages moved to the error store: every handler holding them died {MAX_RECLAIMS} times");
+    }
     Ok((dead, moved))
 }
 
+/// A message reclaimed this many times is poison: it goes to the error store instead of killing
+/// handlers forever. From its second reclaim on a message is handled in isolation (reclaim.lua),
+/// so reaching 4 means it was the one isolated message of two handlers that both died.
+pub const MAX_RECLAIMS: u64 = 4;
+
 /// Heartbeats the current handler id and reclaims dead handlers' messages every
-/// `heartbeat_ms / 5`, until `stop`. Fails with [`Error::Unreachable`] when Redis has not answered
+/// `heartbeat_ms / 5`, until `stop`; keeps the registry entry and, as generator, the counters
+/// history fresh once a second. Fails with [`Error::Unreachable`] when Redis has not answered
 /// for `redis_down_max_ms` (the process then exits; its messages are reclaimed by the others).
 pub async fn run(
     mut con: Conn,
     keys: Keys,
     owner: watch::Receiver<Arc<str>>,
+    presence: Presence,
     heartbeat_ms: u64,
     redis_down_max_ms: u64,
     stop: CancellationToken,
 ) -> Result<(), Error> {
+    let every_s = Duration::from_secs(1);
     let mut tick = tokio::time::interval(Duration::from_millis((heartbeat_ms / 5).max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = Instant::now();
+    // `None`: due now. The registry is also rewritten at once when the role changes.
+    let mut announced: Option<(Instant, Role)> = None;
+    let mut sampled: Option<Instant> = None;
+    let mut quiet_failures = 0u32;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -79,13 +197,47 @@ pub async fn run(
             Ok(()) => reclaim(&mut con, &keys).await,
             Err(e) => Err(e),
         };
+        let role = *presence.role.borrow();
+        crate::metrics::in_flight(presence.in_flight.load(Ordering::Relaxed));
+        if swept.is_ok() {
+            let due = announced.is_none_or(|(at, r)| r != role || at.elapsed() >= every_s);
+            let mut result = Ok(());
+            if due {
+                result = announce(&mut con, &keys, &presence, &handler, heartbeat_ms)
+                    .await
+                    .map(|_| announced = Some((Instant::now(), role)));
+            }
+            if let Role::Generator { epoch } = role {
+                if result.is_ok() && sampled.is_none_or(|at| at.elapsed() >= every_s) {
+                    let lease_value = format!("{epoch}:{}", presence.instance);
+                    result = sample(&mut con, &keys, &lease_value)
+                        .await
+                        .map(|_| sampled = Some(Instant::now()));
+                }
+            }
+            match result {
+                Ok(()) => quiet_failures = 0,
+                Err(e) => {
+                    quiet_failures += 1;
+                    if quiet_failures.is_power_of_two() {
+                        tracing::warn!(error = %e, failures = quiet_failures, "status registry or history write failed; retrying");
+                    }
+                }
+            }
+        }
         match swept {
             Ok((dead, moved)) => {
                 last_ok = Instant::now();
                 if dead > 0 {
+                    crate::metrics::reclaimed(moved);
+                    let epoch = match role {
+                        Role::Generator { epoch } => Some(epoch),
+                        Role::Handler => None,
+                    };
                     tracing::info!(
                         dead,
                         moved,
+                        ?epoch,
                         "reclaimed the in-flight messages of dead handlers"
                     );
                 }

@@ -1,14 +1,18 @@
 //! One copy of the program: competes for the lease, generates while it holds it, handles
 //! otherwise, keeps its heartbeat, reclaims dead handlers' work, and stops cleanly when told.
+//!
+//! Everything it logs runs inside a `node{instance=…}` span (lines written while generating add a
+//! `generator{epoch=…}` span), so every log line says which copy, and which epoch, wrote it.
 
 use crate::config::Config;
 use crate::conn::{self, Conn};
 use crate::error::Error;
 use crate::generator::{self, GeneratorConfig, LeadEnd};
 use crate::handler::{self, HandlerShared, Role};
+use crate::inspect;
 use crate::keys::Keys;
 use crate::lease;
-use crate::liveness;
+use crate::liveness::{self, Presence};
 use crate::scripts;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,23 +20,42 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Runs one copy until `stop` fires (then drains and returns `Ok`) or a fatal error.
 ///
 /// On a fatal error nothing is cleaned up on purpose: the lease and heartbeat expire in Redis and
 /// the in-flight messages are reclaimed, exactly as after a SIGKILL.
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
+    let span = tracing::info_span!("node", instance = %config.instance_id);
+    run_in_span(config, stop).instrument(span).await
+}
+
+async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let mut con = conn::connect(&config.redis_url, config.connect_timeout_ms).await?;
-    scripts::load_all(&mut con).await?;
     let keys = config.keys.clone();
-    if let Some(max) = config.max_messages {
-        redis::cmd("SET")
-            .arg(keys.max())
-            .arg(max)
-            .query_async::<()>(&mut con)
-            .await?;
+    // The start-up steps are idempotent: retry them while Redis is briefly away (a dropped
+    // connection, a restart still loading its AOF), within the connect bound.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
+    let started_us = loop {
+        match start_up(&mut con, &keys, config.max_messages).await {
+            Ok(started_us) => break started_us,
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "start-up failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    match liveness::prune(&mut con, &keys, liveness::PRUNE_AFTER_MS).await {
+        Ok(0) => {}
+        Ok(pruned) => tracing::info!(
+            pruned,
+            "pruned long-dead entries from the instance registry"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not prune the instance registry"),
     }
-    tracing::info!(instance = %config.instance_id, "joined");
+    tracing::info!("joined");
 
     let (role_tx, role_rx) = watch::channel(Role::Handler);
     let (owner_tx, owner_rx) =
@@ -53,15 +76,22 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         con.clone(),
         keys.clone(),
         config.handler.clone(),
-        role_rx,
+        role_rx.clone(),
         owner_tx,
         shared.clone(),
         stop.clone(),
     ));
+    let presence = Presence {
+        instance: config.instance_id.clone(),
+        role: role_rx.clone(),
+        in_flight: shared.in_flight.clone(),
+        started_us,
+    };
     let mut alive = spawn(liveness::run(
         con.clone(),
         keys.clone(),
         owner_rx.clone(),
+        presence,
         config.handler.heartbeat_ms,
         config.redis_down_max_ms,
         background.clone(),
@@ -120,15 +150,30 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
         let owner = owner_rx.borrow().clone();
         liveness::forget(&mut con, &keys, &owner).await?;
     }
+    liveness::leave(&mut con, &keys, &config.instance_id).await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Loads the scripts, stores `--max-messages`, and returns the Redis time of the join.
+async fn start_up(con: &mut Conn, keys: &Keys, max_messages: Option<u64>) -> Result<u64, Error> {
+    scripts::load_all(con).await?;
+    if let Some(max) = max_messages {
+        redis::cmd("SET")
+            .arg(keys.max())
+            .arg(max)
+            .query_async::<()>(con)
+            .await?;
+    }
+    inspect::redis_time_us(con).await
 }
 
 fn spawn<F>(f: F) -> JoinHandle<Result<(), Error>>
 where
     F: std::future::Future<Output = Result<(), Error>> + Send + 'static,
 {
-    tokio::spawn(f)
+    // Spawned tasks do not inherit the caller's span by themselves.
+    tokio::spawn(f.in_current_span())
 }
 
 fn joined(r: Result<Result<(), Error>, tokio::task::JoinError>) -> Result<(), Error> {
@@ -152,8 +197,12 @@ async fn leader_loop(
                 failures = 0;
                 tracing::info!(epoch = lease.epoch, "became the generator");
                 role.send_replace(Role::Generator { epoch: lease.epoch });
-                let end = generator::lead(&mut con, &keys, &lease, &config, &stop).await;
+                crate::metrics::role(Role::Generator { epoch: lease.epoch });
+                let end = generator::lead(&mut con, &keys, &lease, &config, &stop)
+                    .instrument(tracing::info_span!("generator", epoch = lease.epoch))
+                    .await;
                 role.send_replace(Role::Handler);
+                crate::metrics::role(Role::Handler);
                 match end? {
                     LeadEnd::Stopped => return Ok(()),
                     LeadEnd::Lost => {

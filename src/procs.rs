@@ -25,6 +25,8 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    /// The extra arguments it was started with (a restart uses them again).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -43,7 +45,15 @@ impl RedisServer {
         for _ in 0..5 {
             let port = free_port()?;
             match Self::spawn_on(dir.path(), port, extra) {
-                Ok(child) => return Ok(RedisServer { child, port, dir }),
+                Ok(child) => {
+                    let extra = extra.iter().map(|s| s.to_string()).collect();
+                    return Ok(RedisServer {
+                        child,
+                        port,
+                        dir,
+                        extra,
+                    });
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -87,6 +97,27 @@ impl RedisServer {
         Err(std::io::Error::other(
             "redis-server did not answer PING within 10 s",
         ))
+    }
+
+    /// SIGKILLs the server and starts it again on the same port and directory (so an AOF, if
+    /// configured, is replayed): a crash and recovery of Redis itself.
+    pub fn crash_and_restart(&mut self) -> std::io::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let mut last = None;
+        // The port is free again once the process is reaped; retry briefly in case of TIME_WAIT.
+        for _ in 0..50 {
+            match Self::spawn_on(self.dir.path(), self.port, &extra) {
+                Ok(child) => {
+                    self.child = child;
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not restart")))
     }
 
     /// `redis://127.0.0.1:<port>`.

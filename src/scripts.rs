@@ -24,6 +24,9 @@ script!(COMMIT, "commit.lua");
 script!(RECLAIM, "reclaim.lua");
 script!(ERRORS_TAKE, "errors_take.lua");
 script!(ERRORS_ACK, "errors_ack.lua");
+script!(PRESENCE, "presence.lua");
+script!(SAMPLE, "sample.lua");
+script!(PRUNE, "prune.lua");
 
 /// Loads every script into Redis up front, so the first hot-path call is a plain `EVALSHA` and a
 /// syntax error shows at start-up rather than mid-run.
@@ -38,6 +41,9 @@ pub async fn load_all<C: redis::aio::ConnectionLike>(con: &mut C) -> redis::Redi
         &*RECLAIM,
         &*ERRORS_TAKE,
         &*ERRORS_ACK,
+        &*PRESENCE,
+        &*SAMPLE,
+        &*PRUNE,
     ] {
         s.load_async(con).await?;
     }

@@ -25,12 +25,14 @@ pub struct Counters {
     pub duplicates: u64,
     /// eventHandler runs whose outcome reached a commit (recorded or refused).
     pub runs: u64,
-    /// Messages given back to the queue from dead handlers.
+    /// Messages given back to the queue from dead handlers (each time).
     pub reclaimed: u64,
     /// Commits refused because the handler no longer owned the message.
     pub refused: u64,
     /// Unparseable messages or keys moved to the error store.
     pub bad: u64,
+    /// Poison messages moved to the error store after `MAX_RECLAIMS` handler deaths.
+    pub poisoned: u64,
 }
 
 impl Counters {
@@ -50,6 +52,7 @@ impl Counters {
             reclaimed: get("reclaimed"),
             refused: get("refused"),
             bad: get("bad"),
+            poisoned: get("poisoned"),
         })
     }
 }

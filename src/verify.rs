@@ -223,9 +223,11 @@ pub fn check(o: &Observed) -> Verdict {
     if c.duplicates != 0 {
         v.push(|| format!("app counted {} duplicate outcomes", c.duplicates));
     }
-    let (ok, failed, runs) = (c.processed, c.errors, c.runs);
+    let (ok, failed, runs) = (c.processed, c.errors + c.poisoned, c.runs);
     if ok.saturating_add(failed) != n {
-        v.push(|| format!("app counted {ok} processed + {failed} errors, not {n}"));
+        v.push(|| {
+            format!("app counted {ok} processed + {failed} errors (poison included), not {n}")
+        });
     }
     if o.worker_kills == 0 && runs != n {
         v.push(|| format!("{runs} handler runs for {n} messages, no handler killed"));

@@ -1,15 +1,19 @@
 //! `app`: one copy of the program. With no command it joins the group (generator if the lease is
-//! free, handler otherwise); `app getErrors` prints and deletes every failed message.
+//! free, handler otherwise); `app getErrors` prints and deletes every failed message; `app status`
+//! shows what the group is doing.
 //!
 //! Exit codes: 0 clean stop, 1 unexpected failure, 2 bad flags, 3 Redis unreachable.
 
-use clap::{Args, Parser, Subcommand};
-use leaderq::errors_store::{self, DrainConfig};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use leaderq::errors_store::{self, DrainConfig, LineFormat};
 use leaderq::generator::GeneratorConfig;
 use leaderq::handler::HandlerConfig;
 use leaderq::outcome::OutcomeModel;
-use leaderq::{conn, node, Config, Error, Keys};
+use leaderq::status::{self, ShowOptions};
+use leaderq::{conn, metrics, node, Config, Error, Keys};
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Many copies of one program sharing work through Redis: one elected generator produces
@@ -37,7 +41,36 @@ enum Command {
         /// Entries printed per Redis round trip.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
         chunk: u64,
+        /// Print one JSON object a line instead: {"id", "reason", "when" (RFC 3339 UTC)}; id is
+        /// null for an entry that is not a failed message, which also gets a "payload" field.
+        #[arg(long)]
+        json: bool,
+        /// Print without deleting anything (what a drain would print, in the same order; no lock
+        /// is taken, so a running getErrors is never delayed).
+        #[arg(long)]
+        peek: bool,
     },
+    /// Show the generator, every copy with its role and in-flight count, queue depth, error-store
+    /// size, counters and rates over the last 10 s. Read-only.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// Print one JSON object (a line per refresh with --watch) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Refresh once a second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// How log lines on stderr look.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Readable lines.
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
 }
 
 /// Flags every command takes.
@@ -52,6 +85,9 @@ struct Common {
     /// Give up with exit code 3 when Redis stays unreachable this long at start-up.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
+    /// Log format on stderr; levels come from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// Flags of the default command (join the group).
@@ -104,16 +140,22 @@ struct RunFlags {
     /// (default: --handler-delay-max-ms + 5000). A second signal exits at once.
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
+    /// Fault injection for tests: handling this message id aborts the process, every time (a
+    /// poison message). Hidden: never use it in production.
+    #[arg(long, hide = true)]
+    fault_crash_on_id: Option<u64>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: no exporter, no cost).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let common = match &cli.command {
+        Some(Command::GetErrors { common, .. }) | Some(Command::Status { common, .. }) => common,
+        None => &cli.common,
+    };
+    init_logs(common.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,6 +175,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr (stdout is for getErrors' and status's output), filtered by RUST_LOG.
+fn init_logs(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        );
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
 fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Config(_) => 2,
@@ -143,7 +199,17 @@ fn exit_code(e: &Error) -> u8 {
 
 async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Some(Command::GetErrors { common, chunk }) => get_errors(common, chunk).await,
+        Some(Command::GetErrors {
+            common,
+            chunk,
+            json,
+            peek,
+        }) => get_errors(common, chunk, json, peek).await,
+        Some(Command::Status {
+            common,
+            json,
+            watch,
+        }) => show_status(common, json, watch).await,
         None => join(cli.common, cli.run).await,
     }
 }
@@ -171,6 +237,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
                 seed: f.seed,
                 error_rate: f.error_rate,
                 delay_max_ms: f.handler_delay_max_ms,
+                crash_on_id: f.fault_crash_on_id,
             },
         },
         max_messages: f.max_messages,
@@ -180,19 +247,42 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
     }
     .validate()?;
     let stop = CancellationToken::new();
-    spawn_signal_handler(stop.clone());
+    {
+        // So these lines, and the signal handler's, carry the instance like node::run's.
+        let _span = tracing::info_span!("node", instance = %config.instance_id).entered();
+        if let Some(addr) = &f.metrics_addr {
+            metrics::install(addr)?;
+        }
+        spawn_signal_handler(stop.clone());
+    }
     node::run(config, stop).await
 }
 
-async fn get_errors(common: Common, chunk: u64) -> Result<(), Error> {
+async fn get_errors(common: Common, chunk: u64, json: bool, peek: bool) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
     let mut con = conn::connect(&common.redis_url, common.connect_timeout_ms).await?;
+    let format = if json {
+        LineFormat::Json
+    } else {
+        LineFormat::Plain
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if peek {
+        let seen = errors_store::peek(&mut con, &keys, chunk as usize, format, &mut out).await?;
+        eprintln!(
+            "getErrors --peek: printed {} entries ({} being drained, {} in the store); deleted nothing",
+            seen.draining + seen.stored,
+            seen.draining,
+            seen.stored
+        );
+        return Ok(());
+    }
     let config = DrainConfig {
         chunk: chunk as usize,
         lock_ms: 5_000,
         token: default_instance_id(),
+        format,
     };
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let drained = errors_store::drain(&mut con, &keys, &config, &mut out).await?;
     eprintln!(
         "getErrors: printed and deleted {} entries ({} failed messages, {} other)",
@@ -203,10 +293,27 @@ async fn get_errors(common: Common, chunk: u64) -> Result<(), Error> {
     Ok(())
 }
 
+async fn show_status(common: Common, json: bool, watch: bool) -> Result<(), Error> {
+    let keys = Keys::new(&common.namespace)?;
+    let mut con = conn::connect(&common.redis_url, common.connect_timeout_ms).await?;
+    let options = ShowOptions {
+        json,
+        watch_every: watch.then_some(Duration::from_secs(1)),
+        clear_screen: std::io::stdout().is_terminal(),
+    };
+    let stop = CancellationToken::new();
+    if watch {
+        spawn_signal_handler(stop.clone());
+    }
+    let mut out = std::io::stdout().lock();
+    status::show(&mut con, &keys, options, &stop, &mut out).await
+}
+
 /// First SIGTERM/SIGINT: stop cleanly (release the lease, drain). Second: exit at once, which is
 /// safe — whatever was in flight is reclaimed by the other copies.
 fn spawn_signal_handler(stop: CancellationToken) {
-    tokio::spawn(async move {
+    use tracing::Instrument;
+    let task = async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
@@ -228,7 +335,8 @@ fn spawn_signal_handler(stop: CancellationToken) {
                 std::process::exit(130);
             }
         }
-    });
+    };
+    tokio::spawn(task.in_current_span());
 }
 
 /// `host-pid-random`: unique per process, and readable in logs and Redis.

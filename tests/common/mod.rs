@@ -158,3 +158,59 @@ pub async fn outcomes(con: &mut conn::Conn, keys: &Keys) -> u64 {
         .expect("counters");
     c.processed + c.errors
 }
+
+impl Fixture {
+    /// Runs `app <command> <common flags> <extra>` to completion (bounded by the command itself:
+    /// status and getErrors end on their own).
+    pub fn run_command(&self, command: &str, extra: &[&str]) -> std::process::Output {
+        std::process::Command::new(app_bin())
+            .arg(command)
+            .args(self.args(extra))
+            .output()
+            .expect("run app")
+    }
+
+    /// `app status --json`, parsed; panics with stderr when it fails.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.run_command("status", &["--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json prints one JSON object")
+    }
+}
+
+/// A port that was free a moment ago (for `--metrics-addr`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// Plain HTTP/1.0 GET over a std `TcpStream` (2 s timeouts); the body, or `None` on any failure.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let socket: std::net::SocketAddr = addr.parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&socket, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status_line = head.lines().next()?;
+    (status_line.starts_with("HTTP/1.") && status_line.contains(" 200 ")).then(|| body.to_string())
+}
+
+/// Prometheus text format → `series -> value` (series = name plus any `{labels}`).
+pub fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}

@@ -1,0 +1,33 @@
+-- sample.lua: push one counters sample onto the bounded history, from the lease holder only.
+-- KEYS[1]: lease key ({ns}:lease)
+-- KEYS[2]: stats hash ({ns}:stats)
+-- KEYS[3]: history ({ns}:stats:history), list of JSON samples, newest first
+-- ARGV[1]: our lease value "<epoch>:<instance>"
+-- ARGV[2]: samples to keep, integer 1..1000
+-- Returns: 1 when a sample was pushed; 0 when the lease is not ours (nothing changed).
+-- A sample: {"time_us":T,"generated":N,"processed":N,"errors":N,"duplicates":N,"reclaimed":N}.
+-- One script so the push and the trim never separate (the list stays bounded even if the caller
+-- dies), the counters and the time are read at one instant, and a deposed generator cannot add
+-- samples next to its successor's.
+local keep = tonumber(ARGV[2])
+if not ARGV[1] or ARGV[1] == '' or not keep or keep < 1 or keep > 1000 or keep ~= math.floor(keep) then
+  return redis.error_reply('ERR sample: bad arguments')
+end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local t = redis.call('TIME')
+local parts = {'{"time_us":' .. t[1] .. string.format('%06d', tonumber(t[2]))}
+local names = {'generated', 'processed', 'errors', 'duplicates', 'reclaimed'}
+local values = redis.call('HMGET', KEYS[2], unpack(names))
+for i, name in ipairs(names) do
+  local v = values[i]
+  -- Only digits go into the JSON: a corrupt counter reads as 0 here rather than breaking status.
+  if not v or not string.match(v, '^%d+$') then
+    v = '0'
+  end
+  parts[#parts + 1] = '"' .. name .. '":' .. v
+end
+redis.call('LPUSH', KEYS[3], table.concat(parts, ',') .. '}')
+redis.call('LTRIM', KEYS[3], 0, keep - 1)
+return 1

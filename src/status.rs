@@ -1,0 +1,673 @@
+//! `app status`: what the group is doing right now, read from Redis in one consistent snapshot.
+//!
+//! [`gather`] reads, [`render_text`] formats for people, and [`Status`] serializes for `--json`.
+//! Status is read-only: it never deletes a stale registry entry or repairs anything, so running
+//! it against a production namespace is always safe. Every time it shows is Redis's clock
+//! (`TIME`, script timestamps), so no two machines' clocks are compared.
+//!
+//! Sources: the lease and its PTTL (the generator), `{ns}:instances` (every copy's self-report,
+//! written by liveness.rs), the queue and error lists' lengths, the counters hash, and
+//! `{ns}:stats:history` (one counters sample a second from the generator) for rates.
+
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::keys::Keys;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The rate window `status` aims for; with fewer samples it uses the oldest it has.
+pub const RATE_WINDOW_US: u64 = 10_000_000;
+
+/// A registry entry is shown as dead when older than this many heartbeat intervals…
+pub const STALE_HEARTBEATS: u64 = 3;
+/// …or than this, whichever is longer (entries are rewritten once a second).
+pub const STALE_MS_MIN: u64 = 5_000;
+
+/// Everything `app status` shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The namespace read.
+    pub namespace: String,
+    /// Redis's clock when the snapshot was taken, µs.
+    pub redis_time_us: u64,
+    /// True when no key of the namespace exists: nothing has ever run here.
+    pub empty: bool,
+    /// Who holds the lease, if anyone.
+    pub generator: Option<GeneratorStatus>,
+    /// Every registry entry, live ones first.
+    pub instances: Vec<InstanceStatus>,
+    /// Messages waiting in the queue.
+    pub queue_depth: u64,
+    /// Entries in the error store (what the next `getErrors` takes).
+    pub error_store: u64,
+    /// Entries in the drain list: taken by a `getErrors` that is running or was killed.
+    pub error_draining: u64,
+    /// The group's counters (`{ns}:stats`).
+    pub counters: Totals,
+    /// Rates from the counters history; `None` until two samples exist.
+    pub rates: Option<Rates>,
+    /// Data that could not be read as expected (wrong key types, unreadable entries).
+    pub warnings: Vec<String>,
+}
+
+/// The current lease holder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratorStatus {
+    /// Instance id from the lease value.
+    pub instance: String,
+    /// Fencing epoch from the lease value.
+    pub epoch: u64,
+    /// Lease TTL left (PTTL); the holder renews it every third of `--lease-ms`.
+    pub lease_ms_left: u64,
+}
+
+/// One copy, as it last described itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Instance id.
+    pub instance: String,
+    /// False when the entry was not refreshed within the stale bound (killed, hung, or cut off).
+    pub alive: bool,
+    /// "generator", "handler", or "unreadable" for an entry that did not parse.
+    pub role: String,
+    /// Epoch of the lease it holds; 0 while handling.
+    pub epoch: u64,
+    /// Messages it had fetched and not yet committed.
+    pub in_flight: u64,
+    /// Its current handler id (`<instance>.<incarnation>`).
+    pub handler: String,
+    /// Redis time of its last registry write, µs.
+    pub seen_us: u64,
+    /// Milliseconds from that write to this snapshot.
+    pub seen_ms_ago: u64,
+    /// Redis time when it joined, µs.
+    pub started_us: u64,
+    /// Its heartbeat TTL (the stale bound is a multiple of it).
+    pub heartbeat_ms: u64,
+}
+
+/// The counters; absent fields are 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Messages generated.
+    pub generated: u64,
+    /// Successful outcomes recorded.
+    pub processed: u64,
+    /// Failed outcomes recorded.
+    pub errors: u64,
+    /// Second outcomes refused for an id (must stay 0).
+    pub duplicates: u64,
+    /// Messages re-queued from dead handlers.
+    pub reclaimed: u64,
+    /// eventHandler runs whose outcome reached a commit.
+    pub runs: u64,
+    /// Commits refused because the handler no longer owned the message.
+    pub refused: u64,
+    /// Unparseable messages or keys moved to the error store.
+    pub bad: u64,
+}
+
+/// Per-second rates between two history samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// Seconds between the two samples (about 10 once the generator has run that long).
+    pub window_s: f64,
+    /// Seconds since the newest sample: large when no generator has sampled lately.
+    pub age_s: f64,
+    /// Messages generated per second.
+    pub generated_per_s: f64,
+    /// Successful outcomes per second.
+    pub processed_per_s: f64,
+    /// Failed outcomes per second.
+    pub errors_per_s: f64,
+    /// Duplicates per second.
+    pub duplicates_per_s: f64,
+    /// Reclaimed messages per second.
+    pub reclaimed_per_s: f64,
+}
+
+/// One entry of `{ns}:stats:history` (sample.lua's JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Redis time of the sample, µs.
+    pub time_us: u64,
+    /// Counter values at that time.
+    #[serde(default)]
+    pub generated: u64,
+    /// See [`Totals::processed`].
+    #[serde(default)]
+    pub processed: u64,
+    /// See [`Totals::errors`].
+    #[serde(default)]
+    pub errors: u64,
+    /// See [`Totals::duplicates`].
+    #[serde(default)]
+    pub duplicates: u64,
+    /// See [`Totals::reclaimed`].
+    #[serde(default)]
+    pub reclaimed: u64,
+}
+
+/// The registry entry as presence.lua stores it.
+#[derive(Debug, Deserialize)]
+struct Entry {
+    role: String,
+    #[serde(default)]
+    epoch: u64,
+    #[serde(default)]
+    in_flight: u64,
+    #[serde(default)]
+    started_us: u64,
+    #[serde(default)]
+    handler: String,
+    #[serde(default)]
+    heartbeat_ms: u64,
+    seen_us: u64,
+}
+
+/// Reads the status of `keys`' namespace in one MULTI, so every number comes from the same
+/// instant. Fails only when Redis cannot be asked; data of the wrong shape becomes a warning.
+pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
+    let mut pipe = redis::pipe();
+    pipe.atomic().ignore_errors();
+    pipe.cmd("TIME")
+        .cmd("GET")
+        .arg(keys.lease())
+        .cmd("PTTL")
+        .arg(keys.lease())
+        .cmd("LLEN")
+        .arg(keys.queue())
+        .cmd("LLEN")
+        .arg(keys.errors())
+        .cmd("LLEN")
+        .arg(keys.errors_drain())
+        .cmd("HGETALL")
+        .arg(keys.stats())
+        .cmd("HGETALL")
+        .arg(keys.instances())
+        .cmd("LRANGE")
+        .arg(keys.stats_history())
+        .arg(0)
+        .arg(-1)
+        .cmd("EXISTS")
+        .arg(keys.lease())
+        .arg(keys.epoch())
+        .arg(keys.next_id())
+        .arg(keys.queue())
+        .arg(keys.stats())
+        .arg(keys.errors())
+        .arg(keys.errors_drain())
+        .arg(keys.instances())
+        .arg(keys.epochs());
+    let replies: Vec<redis::RedisResult<redis::Value>> = pipe.query_async(con).await?;
+    let mut replies = replies.into_iter();
+    let mut warnings = Vec::new();
+    let mut next = |what: &str| -> Option<redis::Value> {
+        match replies.next() {
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                warnings.push(format!("{what}: {e}"));
+                None
+            }
+            None => {
+                warnings.push(format!("{what}: no reply"));
+                None
+            }
+        }
+    };
+    let time: Option<(u64, u64)> = next("TIME").and_then(|v| redis::from_redis_value(v).ok());
+    let lease: Option<String> = next(&keys.lease()).and_then(|v| redis::from_redis_value(v).ok());
+    let pttl: Option<i64> = next(&keys.lease()).and_then(|v| redis::from_redis_value(v).ok());
+    let mut len = |key: String| -> u64 {
+        next(&key)
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or(0)
+    };
+    let queue_depth = len(keys.queue());
+    let error_store = len(keys.errors());
+    let error_draining = len(keys.errors_drain());
+    let stats: HashMap<String, String> = next(&keys.stats())
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or_default();
+    let registry: HashMap<String, String> = next(&keys.instances())
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or_default();
+    let history: Vec<String> = next(&keys.stats_history())
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or_default();
+    let existing: u64 = next("EXISTS")
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or(0);
+
+    let redis_time_us = time.map(|(s, us)| s * 1_000_000 + us).unwrap_or(0);
+    let generator = lease.and_then(|value| {
+        let parsed = value
+            .split_once(':')
+            .and_then(|(e, i)| Some((e.parse::<u64>().ok()?, i.to_string())));
+        match parsed {
+            Some((epoch, instance)) => Some(GeneratorStatus {
+                instance,
+                epoch,
+                lease_ms_left: pttl.unwrap_or(0).max(0) as u64,
+            }),
+            None => {
+                warnings.push(format!(
+                    "{}: unreadable lease value {value:?}",
+                    keys.lease()
+                ));
+                None
+            }
+        }
+    });
+    if pttl == Some(-1) {
+        warnings.push(format!("{}: the lease has no TTL", keys.lease()));
+    }
+    let counters = totals(&stats, &mut warnings);
+    let mut instances: Vec<InstanceStatus> = registry
+        .iter()
+        .map(|(id, raw)| instance(id, raw, redis_time_us))
+        .collect();
+    instances.sort_by(|a, b| b.alive.cmp(&a.alive).then(a.instance.cmp(&b.instance)));
+    let samples: Vec<Sample> = history
+        .iter()
+        .filter_map(|raw| match serde_json::from_str(raw) {
+            Ok(s) => Some(s),
+            Err(_) => {
+                warnings.push(format!(
+                    "{}: unreadable sample {raw:?}",
+                    keys.stats_history()
+                ));
+                None
+            }
+        })
+        .collect();
+    Ok(Status {
+        namespace: namespace(keys),
+        redis_time_us,
+        empty: existing == 0,
+        generator,
+        instances,
+        queue_depth,
+        error_store,
+        error_draining,
+        counters,
+        rates: rates(&samples, redis_time_us),
+        warnings,
+    })
+}
+
+/// `{ns}:` without its braces and colon.
+fn namespace(keys: &Keys) -> String {
+    let p = keys.prefix();
+    p.strip_prefix('{')
+        .and_then(|p| p.strip_suffix("}:"))
+        .unwrap_or(p)
+        .to_string()
+}
+
+fn totals(stats: &HashMap<String, String>, warnings: &mut Vec<String>) -> Totals {
+    let mut get = |name: &str| match stats.get(name).map(|v| v.parse::<u64>()) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            warnings.push(format!("counter {name} is not a non-negative integer"));
+            0
+        }
+    };
+    Totals {
+        generated: get("generated"),
+        processed: get("processed"),
+        errors: get("errors"),
+        duplicates: get("duplicates"),
+        reclaimed: get("reclaimed"),
+        runs: get("runs"),
+        refused: get("refused"),
+        bad: get("bad"),
+    }
+}
+
+/// One registry entry judged against `now_us`: dead when older than
+/// max([`STALE_MS_MIN`], [`STALE_HEARTBEATS`] × its heartbeat).
+pub fn instance(id: &str, raw: &str, now_us: u64) -> InstanceStatus {
+    match serde_json::from_str::<Entry>(raw) {
+        Ok(e) => {
+            let heartbeat_ms = if e.heartbeat_ms == 0 {
+                1000
+            } else {
+                e.heartbeat_ms
+            };
+            let stale_ms = (STALE_HEARTBEATS * heartbeat_ms).max(STALE_MS_MIN);
+            let seen_ms_ago = now_us.saturating_sub(e.seen_us) / 1000;
+            InstanceStatus {
+                instance: id.to_string(),
+                alive: seen_ms_ago <= stale_ms,
+                role: e.role,
+                epoch: e.epoch,
+                in_flight: e.in_flight,
+                handler: e.handler,
+                seen_us: e.seen_us,
+                seen_ms_ago,
+                started_us: e.started_us,
+                heartbeat_ms,
+            }
+        }
+        Err(_) => InstanceStatus {
+            instance: id.to_string(),
+            alive: false,
+            role: "unreadable".into(),
+            epoch: 0,
+            in_flight: 0,
+            handler: String::new(),
+            seen_us: 0,
+            seen_ms_ago: 0,
+            started_us: 0,
+            heartbeat_ms: 0,
+        },
+    }
+}
+
+/// Rates between the newest sample and the one about [`RATE_WINDOW_US`] older (or the oldest
+/// there is). `samples` are newest first, as LPUSH leaves them. `None` with fewer than two
+/// usable samples.
+pub fn rates(samples: &[Sample], now_us: u64) -> Option<Rates> {
+    let newest = samples.first()?;
+    // Half a second of slack: samples are a second apart, give or take a tick.
+    let wanted_us = RATE_WINDOW_US - 500_000;
+    let older = samples
+        .iter()
+        .find(|s| newest.time_us.saturating_sub(s.time_us) >= wanted_us)
+        .or(samples.last())?;
+    if older.time_us >= newest.time_us {
+        return None;
+    }
+    let window_s = (newest.time_us - older.time_us) as f64 / 1e6;
+    let per_s = |new: u64, old: u64| new.saturating_sub(old) as f64 / window_s;
+    Some(Rates {
+        window_s,
+        age_s: now_us.saturating_sub(newest.time_us) as f64 / 1e6,
+        generated_per_s: per_s(newest.generated, older.generated),
+        processed_per_s: per_s(newest.processed, older.processed),
+        errors_per_s: per_s(newest.errors, older.errors),
+        duplicates_per_s: per_s(newest.duplicates, older.duplicates),
+        reclaimed_per_s: per_s(newest.reclaimed, older.reclaimed),
+    })
+}
+
+/// The status for people: a few labelled lines and a table of instances.
+pub fn render_text(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "namespace   {}   (Redis time {})",
+        s.namespace,
+        crate::errors_store::rfc3339_utc(s.redis_time_us)
+    );
+    if s.empty {
+        let _ = writeln!(
+            out,
+            "no data yet: no copy of app has run against this Redis under this namespace"
+        );
+        return out;
+    }
+    match &s.generator {
+        Some(g) => {
+            let _ = writeln!(
+                out,
+                "generator   {}   epoch {}   lease {} ms left",
+                g.instance, g.epoch, g.lease_ms_left
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "generator   none (the lease is free; a running copy takes it within a poll)"
+            );
+        }
+    }
+    let live = s.instances.iter().filter(|i| i.alive).count();
+    let _ = writeln!(
+        out,
+        "instances   {live} live, {} dead",
+        s.instances.len() - live
+    );
+    if !s.instances.is_empty() {
+        let mut rows = vec![[
+            "INSTANCE".to_string(),
+            "STATE".into(),
+            "ROLE".into(),
+            "EPOCH".into(),
+            "IN-FLIGHT".into(),
+            "LAST-SEEN".into(),
+            "UP".into(),
+            "HANDLER-ID".into(),
+        ]];
+        for i in &s.instances {
+            let up_s = s.redis_time_us.saturating_sub(i.started_us) as f64 / 1e6;
+            rows.push([
+                i.instance.clone(),
+                if i.alive { "live" } else { "dead" }.into(),
+                i.role.clone(),
+                if i.epoch > 0 {
+                    i.epoch.to_string()
+                } else {
+                    "-".into()
+                },
+                i.in_flight.to_string(),
+                format!("{:.1} s ago", i.seen_ms_ago as f64 / 1e3),
+                if i.started_us > 0 {
+                    format!("{up_s:.0} s")
+                } else {
+                    "-".into()
+                },
+                i.handler.clone(),
+            ]);
+        }
+        let widths: Vec<usize> = (0..8)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        for r in &rows {
+            let mut line = String::from("  ");
+            for (c, cell) in r.iter().enumerate() {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+    }
+    let _ = writeln!(out, "queue       {} messages", s.queue_depth);
+    let _ = writeln!(
+        out,
+        "errors      {} in the store, {} being drained by getErrors",
+        s.error_store, s.error_draining
+    );
+    let c = &s.counters;
+    let _ = writeln!(
+        out,
+        "counters    generated {}   processed {}   errors {}   duplicates {}   reclaimed {}",
+        c.generated, c.processed, c.errors, c.duplicates, c.reclaimed
+    );
+    match &s.rates {
+        Some(r) => {
+            let _ = write!(
+                out,
+                "rates       generated {:.1}/s   processed {:.1}/s   errors {:.1}/s   duplicates {:.1}/s   reclaimed {:.1}/s   (over {:.1} s",
+                r.generated_per_s,
+                r.processed_per_s,
+                r.errors_per_s,
+                r.duplicates_per_s,
+                r.reclaimed_per_s,
+                r.window_s
+            );
+            let _ = writeln!(out, ", newest sample {:.1} s old)", r.age_s);
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "rates       not yet (the generator samples the counters once a second)"
+            );
+        }
+    }
+    for w in &s.warnings {
+        let _ = writeln!(out, "warning     {w}");
+    }
+    out
+}
+
+/// How `app status` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShowOptions {
+    /// One compact JSON object a line instead of text.
+    pub json: bool,
+    /// Refresh at this interval until stopped (`--watch`); `None` prints once.
+    pub watch_every: Option<Duration>,
+    /// Clear the screen before each text refresh (only when stdout is a terminal).
+    pub clear_screen: bool,
+}
+
+/// Prints the status once, or every `watch_every` until `stop`. While watching, a failed read
+/// is printed and retried at the next refresh (Redis may be restarting: that is when people
+/// watch); printing once returns the error.
+pub async fn show(
+    con: &mut Conn,
+    keys: &Keys,
+    options: ShowOptions,
+    stop: &CancellationToken,
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    loop {
+        match gather(con, keys).await {
+            Ok(status) => {
+                if options.json {
+                    let line = serde_json::to_string(&status)
+                        .map_err(|e| Error::Output(std::io::Error::other(e)))?;
+                    writeln!(out, "{line}")?;
+                } else {
+                    if options.watch_every.is_some() {
+                        if options.clear_screen {
+                            write!(out, "\x1b[2J\x1b[H")?;
+                        } else {
+                            writeln!(out)?;
+                        }
+                    }
+                    write!(out, "{}", render_text(&status))?;
+                }
+            }
+            Err(e) if options.watch_every.is_some() => {
+                writeln!(out, "status: {e} (retrying)")?;
+            }
+            Err(e) => return Err(e),
+        }
+        out.flush()?;
+        let Some(every) = options.watch_every else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(time_s: u64, generated: u64) -> Sample {
+        Sample {
+            time_us: time_s * 1_000_000,
+            generated,
+            processed: generated / 2,
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn rates_use_the_sample_about_ten_seconds_back() {
+        // Newest first, one a second: 20 s .. 5 s.
+        let samples: Vec<Sample> = (5..=20).rev().map(|t| sample(t, t * 100)).collect();
+        let r = rates(&samples, 21_000_000).unwrap();
+        assert_eq!(r.window_s, 10.0);
+        assert_eq!(r.generated_per_s, 100.0);
+        assert_eq!(r.processed_per_s, 50.0);
+        assert_eq!(r.age_s, 1.0);
+        // Only 3 s of history: use the oldest.
+        let short = rates(&samples[..4], 21_000_000).unwrap();
+        assert_eq!(short.window_s, 3.0);
+        assert!(rates(&samples[..1], 21_000_000).is_none());
+        assert!(rates(&[], 0).is_none());
+        // A counter going backwards (namespace reset) gives 0, not a wrap.
+        let reset = [sample(10, 0), sample(5, 500)];
+        assert_eq!(rates(&reset, 10_000_000).unwrap().generated_per_s, 0.0);
+    }
+
+    #[test]
+    fn entries_go_stale_after_three_heartbeats_or_five_seconds() {
+        let raw = |seen_us: u64, hb: u64| {
+            format!(
+                r#"{{"role":"handler","epoch":0,"in_flight":7,"started_us":1,"handler":"a.0","heartbeat_ms":{hb},"seen_us":{seen_us}}}"#
+            )
+        };
+        let now = 100_000_000;
+        assert!(instance("a", &raw(now - 4_900_000, 1000), now).alive);
+        assert!(!instance("a", &raw(now - 5_100_000, 1000), now).alive);
+        assert!(instance("a", &raw(now - 8_000_000, 3000), now).alive);
+        assert!(!instance("a", &raw(now - 9_100_000, 3000), now).alive);
+        let i = instance("a", &raw(now - 1000, 1000), now);
+        assert_eq!(
+            (i.in_flight, i.handler.as_str(), i.seen_ms_ago),
+            (7, "a.0", 1)
+        );
+        let bad = instance("x", "not json", now);
+        assert_eq!((bad.role.as_str(), bad.alive), ("unreadable", false));
+    }
+
+    #[test]
+    fn text_says_when_there_is_no_data() {
+        let s = Status {
+            namespace: "app".into(),
+            empty: true,
+            ..Status::default()
+        };
+        assert!(render_text(&s).contains("no data yet"));
+    }
+
+    #[test]
+    fn text_shows_every_section() {
+        let now = 50_000_000;
+        let s = Status {
+            namespace: "app".into(),
+            redis_time_us: now,
+            generator: Some(GeneratorStatus {
+                instance: "a".into(),
+                epoch: 3,
+                lease_ms_left: 400,
+            }),
+            instances: vec![instance(
+                "a",
+                r#"{"role":"generator","epoch":3,"in_flight":0,"started_us":1,"handler":"a.0","heartbeat_ms":1000,"seen_us":49900000}"#,
+                now,
+            )],
+            queue_depth: 12,
+            error_store: 5,
+            counters: Totals {
+                generated: 100,
+                ..Totals::default()
+            },
+            ..Status::default()
+        };
+        let text = render_text(&s);
+        for needle in [
+            "generator   a   epoch 3   lease 400 ms left",
+            "1 live, 0 dead",
+            "queue       12 messages",
+            "5 in the store",
+            "generated 100",
+            "rates       not yet",
+        ] {
+            assert!(text.contains(needle), "{needle:?} in\n{text}");
+        }
+    }
+}
