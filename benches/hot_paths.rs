@@ -126,6 +126,7 @@ fn done_items(owner: &Arc<str>, payloads: Vec<Vec<u8>>) -> Vec<Done> {
                 verdict: verdict(message.id),
                 message,
                 payload,
+                delay_ms: 0,
             }
         })
         .collect()

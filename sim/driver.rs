@@ -506,6 +506,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         redis_restarts: of_kind(FaultKind::RestartRedis).count() as u64,
         latency_ms: Percentiles::from_histogram_us(&latencies.end_to_end_us),
         queue_wait_ms: Percentiles::from_histogram_us(&latencies.queue_wait_us),
+        overhead_ms: Percentiles::from_histogram_us(&latencies.overhead_us),
         verdict: if verdict.pass && !timed_out {
             "pass"
         } else {
@@ -656,8 +657,8 @@ fn print_summary(s: &Summary, dir: &Path) {
         );
     }
     println!(
-        "latency_ms p50={:.1} p99={:.1} max={:.1}; queue_wait_ms p50={:.1} p99={:.1}; redis commands/msg={:.2} scripts/msg={:.4}",
-        s.latency_ms.p50, s.latency_ms.p99, s.latency_ms.max, s.queue_wait_ms.p50, s.queue_wait_ms.p99, s.redis_commands_per_msg, s.redis_scripts_per_msg
+        "latency_ms p50={:.1} p99={:.1} max={:.1}; queue_wait_ms p50={:.1} p99={:.1}; overhead_ms p50={:.1} p99={:.1}; redis commands/msg={:.2} scripts/msg={:.4}",
+        s.latency_ms.p50, s.latency_ms.p99, s.latency_ms.max, s.queue_wait_ms.p50, s.queue_wait_ms.p99, s.overhead_ms.p50, s.overhead_ms.p99, s.redis_commands_per_msg, s.redis_scripts_per_msg
     );
     for v in &s.violations {
         println!("violation: {v}");

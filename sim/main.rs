@@ -56,13 +56,13 @@ pub struct Flags {
     #[arg(long, default_value_t = 1000)]
     pub handler_delay_max_ms: u64,
     /// Passed to every app: messages a handler holds at once.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     pub max_in_flight: u64,
     /// Passed to every app: messages per fetch.
     #[arg(long, default_value_t = 1000)]
     pub batch: u64,
     /// Passed to every app: backpressure, the generator waits while this many are queued.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 5_000)]
     pub queue_max: u64,
     /// Passed to every app: ms between generated messages (0 = as fast as handlers take them).
     #[arg(long, default_value_t = 0)]

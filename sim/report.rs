@@ -78,6 +78,8 @@ pub struct Summary {
     pub redis_restarts: u64,
     pub latency_ms: Percentiles,
     pub queue_wait_ms: Percentiles,
+    /// End-to-end latency minus each message's own eventHandler delay: the queue's overhead.
+    pub overhead_ms: Percentiles,
     /// "pass" or "fail".
     pub verdict: String,
     pub violations: Vec<String>,
@@ -145,7 +147,11 @@ fn summary_markdown(s: &Summary) -> String {
         ),
         format!("{:.1}", s.app_peak_rss_mb),
     );
-    let (latency, queue_wait) = (pct(&s.latency_ms), pct(&s.queue_wait_ms));
+    let (latency, queue_wait, overhead) = (
+        pct(&s.latency_ms),
+        pct(&s.queue_wait_ms),
+        pct(&s.overhead_ms),
+    );
     let command_line = format!("`{}`", s.command_line);
     let pause_failovers: Vec<String> = s
         .pause_failover_ms
@@ -154,7 +160,7 @@ fn summary_markdown(s: &Summary) -> String {
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
-    let rows: [(&str, &dyn Display); 35] = [
+    let rows: [(&str, &dyn Display); 36] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -181,6 +187,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("redis_restarts", &s.redis_restarts),
         ("latency_ms", &latency),
         ("queue_wait_ms", &queue_wait),
+        ("overhead_ms", &overhead),
         ("error_rate", &s.error_rate),
         ("handler_delay_max_ms", &s.handler_delay_max_ms),
         ("max_in_flight", &s.max_in_flight),
@@ -328,7 +335,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(36));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(37));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

@@ -119,15 +119,15 @@ impl Config {
             generator: GeneratorConfig {
                 interval_ms: 500,
                 batch_max: 1000,
-                queue_max: 50_000,
+                queue_max: 5_000,
                 lease_ms: 600,
             },
             handler: HandlerConfig {
                 instance_id: instance_id.to_string(),
                 batch: 1000,
-                max_in_flight: 20_000,
+                max_in_flight: 50_000,
                 commit_max: 2000,
-                heartbeat_ms: 1000,
+                heartbeat_ms: 750,
                 redis_down_max_ms: 30_000,
                 model: OutcomeModel::default(),
             },

@@ -41,6 +41,7 @@ pub async fn generate(
         .key(keys.queue())
         .key(keys.epochs())
         .key(keys.stats())
+        .key(keys.wake())
         .arg(&lease.value)
         .arg(lease.epoch)
         .arg(batch_max)

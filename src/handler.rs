@@ -80,6 +80,9 @@ pub struct Done {
     pub message: Message,
     /// The outcome to record.
     pub verdict: Verdict,
+    /// The eventHandler delay it waited, ms (0 until decided): end-to-end latency minus this is
+    /// what the queue itself cost.
+    pub delay_ms: u64,
 }
 
 /// Runs fetch.lua: up to `count` messages into `handler`'s in-flight set, a tenth of them at most
@@ -192,7 +195,12 @@ pub struct HandlerShared {
     pub latencies: Arc<Mutex<Latencies>>,
     /// Isolated messages (reclaimed twice or more) held now: at most one, see reclaim.lua.
     pub isolated: Arc<AtomicU64>,
+    /// Signalled by the wake-up channel listener when the generator has queued messages.
+    pub wake: Arc<tokio::sync::Notify>,
 }
+
+/// Longest pause between polls of an idle handler; the wake-up channel usually ends it sooner.
+const IDLE_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// Runs the three tasks until `stop` fires, then drains: no new fetches, every fetched message is
 /// still handled and committed. Publishes the current handler id on `owner_tx` (the heartbeat
@@ -272,9 +280,12 @@ async fn fetch_loop(
                 failures = 0;
                 permits.add_permits(batch as usize - payloads.len());
                 if payloads.is_empty() {
-                    idle = (idle * 2).clamp(Duration::from_micros(500), Duration::from_millis(5));
+                    // Idle: wait for the wake-up channel (new messages), polling ever more slowly
+                    // as the backstop for a lost notification or reclaimed messages.
+                    idle = (idle * 2).clamp(Duration::from_micros(500), IDLE_POLL_MAX);
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
+                        _ = shared.wake.notified() => idle = Duration::ZERO,
                         _ = tokio::time::sleep(idle) => {}
                     }
                     continue;
@@ -311,6 +322,7 @@ async fn fetch_loop(
                             owner: owner.clone(),
                             message,
                             verdict,
+                            delay_ms: 0,
                         });
                     }
                 }
@@ -362,6 +374,7 @@ async fn timer_loop(
                         if outcome.failed {
                             d.verdict = Verdict::Failed;
                         }
+                        d.delay_ms = outcome.delay_ms;
                         if outcome.delay_ms > 0 {
                             waiting.insert(d, Duration::from_millis(outcome.delay_ms));
                             continue;
@@ -429,6 +442,8 @@ async fn commit_loop(
                 if !matches!(d.verdict, Verdict::Bad(_)) {
                     let latency_us = time_us.saturating_sub(d.message.generated_us);
                     stats::record(&mut lat.end_to_end_us, latency_us);
+                    let overhead_us = latency_us.saturating_sub(d.delay_ms * 1000);
+                    stats::record(&mut lat.overhead_us, overhead_us);
                     crate::metrics::end_to_end_us(latency_us);
                 }
             }

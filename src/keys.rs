@@ -74,6 +74,11 @@ impl Keys {
     pub fn isolate(&self) -> String {
         self.key("isolate")
     }
+    /// Pub/sub channel: generate.lua publishes after each batch so idle handlers fetch at once
+    /// instead of waiting for their next poll (a lost notification only delays, never loses).
+    pub fn wake(&self) -> String {
+        self.key("wake")
+    }
     /// List of `"epoch:first_id:count:time_us"`: which epoch generated which id range, and when.
     pub fn epochs(&self) -> String {
         self.key("epochs")

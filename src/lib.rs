@@ -22,6 +22,7 @@ pub mod scripts;
 pub mod stats;
 pub mod status;
 pub mod verify;
+pub mod wake;
 
 pub use config::Config;
 pub use error::Error;

@@ -96,6 +96,12 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
         config.redis_down_max_ms,
         background.clone(),
     ));
+    let wake = tokio::spawn(crate::wake::listen(
+        config.redis_url.clone(),
+        keys.clone(),
+        shared.wake.clone(),
+        background.clone(),
+    ));
     let mut publisher = spawn(publish_loop(
         con.clone(),
         keys.clone(),
@@ -138,6 +144,7 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
     background.cancel();
     let _ = alive.await;
     let _ = publisher.await;
+    let _ = wake.await;
     let latencies = shared
         .latencies
         .lock()

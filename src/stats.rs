@@ -72,6 +72,8 @@ pub struct Latencies {
     pub end_to_end_us: Histogram<u64>,
     /// Generation → fetched by a handler, µs (Redis clock).
     pub queue_wait_us: Histogram<u64>,
+    /// End-to-end minus the message's own eventHandler delay, µs: what the queue costs.
+    pub overhead_us: Histogram<u64>,
 }
 
 impl Default for Latencies {
@@ -79,6 +81,7 @@ impl Default for Latencies {
         Latencies {
             end_to_end_us: latency_histogram(),
             queue_wait_us: latency_histogram(),
+            overhead_us: latency_histogram(),
         }
     }
 }
@@ -89,16 +92,19 @@ pub fn record(h: &mut Histogram<u64>, value_us: u64) {
 }
 
 impl Latencies {
-    /// Writes both histograms to `{ns}:hist:<instance>` (overwriting: each is cumulative).
+    /// Writes the histograms to `{ns}:hist:<instance>` (overwriting: each is cumulative).
     pub async fn publish(&self, con: &mut Conn, keys: &Keys, instance: &str) -> Result<(), Error> {
         let e2e = serialize(&self.end_to_end_us);
         let wait = serialize(&self.queue_wait_us);
+        let overhead = serialize(&self.overhead_us);
         redis::cmd("HSET")
             .arg(keys.histograms(instance))
             .arg("e2e_us")
             .arg(e2e)
             .arg("wait_us")
             .arg(wait)
+            .arg("overhead_us")
+            .arg(overhead)
             .query_async::<()>(con)
             .await?;
         Ok(())
@@ -123,6 +129,7 @@ impl Latencies {
                 for (name, target) in [
                     ("e2e_us", &mut all.end_to_end_us),
                     ("wait_us", &mut all.queue_wait_us),
+                    ("overhead_us", &mut all.overhead_us),
                 ] {
                     if let Some(h) = fields.get(name).and_then(|b| deserialize(b)) {
                         // Same bounds on both sides, so add cannot fail; ignore defensively.

@@ -19,6 +19,12 @@ fn small_sim_with_leader_kills_passes() {
             "--quiet",
             "--timeout-s",
             "300",
+            // Few messages in flight, so generation is still going when the kills come and each
+            // failover is measured.
+            "--max-in-flight",
+            "5000",
+            "--queue-max",
+            "2000",
         ])
         .arg("--report-dir")
         .arg(&report)

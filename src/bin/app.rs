@@ -109,17 +109,19 @@ struct RunFlags {
     /// eventHandler waits a uniform integer delay in 0..this many ms (the task's 1000).
     #[arg(long, default_value_t = 1000)]
     handler_delay_max_ms: u64,
-    /// Leader lease TTL. A SIGKILLed generator is replaced within about this long.
+    /// Leader lease TTL: a paused or silently dead generator is replaced after about this long.
+    /// (A SIGKILLed one is replaced at once: its Redis connection closes.)
     #[arg(long, default_value_t = 600)]
     lease_ms: u64,
     /// Handler heartbeat TTL. A SIGKILLed handler's messages are reclaimed within about this long.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 750)]
     heartbeat_ms: u64,
     /// Messages per fetch (one script call each).
     #[arg(long, default_value_t = 1000)]
     batch: u64,
-    /// Messages a handler holds at once (fetched, not yet committed).
-    #[arg(long, default_value_t = 20_000)]
+    /// Messages a handler holds at once (fetched, not yet committed). With the task's 0-999 ms
+    /// handler a handler completes about this many per 0.5 s (see reports/PERFORMANCE.md).
+    #[arg(long, default_value_t = 50_000)]
     max_in_flight: usize,
     /// Outcomes per commit (one script call each), at most.
     #[arg(long, default_value_t = 2000)]
@@ -127,8 +129,9 @@ struct RunFlags {
     /// Messages per generate call when --interval-ms is 0.
     #[arg(long, default_value_t = 1000)]
     gen_batch: u64,
-    /// Backpressure: the generator waits while this many messages are queued.
-    #[arg(long, default_value_t = 50_000)]
+    /// Backpressure: the generator waits while this many messages are queued (bounds Redis
+    /// memory and the time a message waits before a handler takes it).
+    #[arg(long, default_value_t = 5_000)]
     queue_max: u64,
     /// Unique id of this copy (default: host-pid-random).
     #[arg(long)]

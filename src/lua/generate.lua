@@ -5,6 +5,7 @@
 -- KEYS[4]: queue ({ns}:queue), list of "<id>:<epoch>:<generated_us>"
 -- KEYS[5]: epoch log ({ns}:epochs), list of "<epoch>:<first_id>:<count>:<time_us>"
 -- KEYS[6]: stats hash ({ns}:stats)
+-- KEYS[7]: wake-up channel ({ns}:wake): PUBLISHed the count after a batch, for idle handlers
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: our epoch (integer)
 -- ARGV[3]: batch_max, integer >= 1: at most this many messages
@@ -72,6 +73,7 @@ if #chunk > 0 then
 end
 redis.call('SET', KEYS[2], next_id + n)
 redis.call('HINCRBY', KEYS[6], 'generated', n)
+redis.call('PUBLISH', KEYS[7], n)
 -- Epoch log: extend the last range when it is ours and contiguous, so the log grows per failover,
 -- not per batch; its first time_us is when the epoch's first message was made.
 local last = redis.call('LINDEX', KEYS[5], -1)
