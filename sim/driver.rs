@@ -123,6 +123,32 @@ fn app_args(flags: &Flags, url: &str, namespace: &str, seed: u64) -> Vec<String>
 }
 
 /// Peak resident set of a process so far (VmHWM), MB; 0 when unreadable.
+/// CPU time a process has used so far (user + system), seconds; 0 when unreadable.
+fn cpu_s(pid: u32) -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// Redis's own CPU time so far (INFO cpu), seconds.
+async fn redis_cpu_s(con: &mut conn::Conn) -> f64 {
+    let Ok(info) = inspect::info(con, "cpu").await else {
+        return 0.0;
+    };
+    ["used_cpu_user", "used_cpu_sys"]
+        .iter()
+        .filter_map(|k| info.get(*k)?.parse::<f64>().ok())
+        .sum()
+}
+
 fn peak_rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -214,6 +240,9 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         .remove("redis_version")
         .unwrap_or_default();
     let (calls_before, scripts_before) = inspect::command_calls(&mut con).await?;
+    let redis_cpu_before_s = redis_cpu_s(&mut con).await;
+    // Last CPU reading of every app process ever started, by pid (killed ones keep their last).
+    let mut app_cpu_s: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
 
     let args = app_args(flags, &url, &namespace, seed);
     let spawn = |name: String| -> anyhow::Result<AppProcess> {
@@ -255,6 +284,10 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         resumes.retain(|(_, due)| *due > now);
         for app in apps.iter_mut() {
             rss_mb_max = rss_mb_max.max(peak_rss_mb(app.pid()));
+            let used = cpu_s(app.pid());
+            if used > 0.0 {
+                app_cpu_s.insert(app.pid(), used);
+            }
             if !app.is_running() {
                 progress.finish();
                 bail!(
@@ -452,6 +485,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let latencies = Latencies::collect(&mut con, &keys).await?;
     let memory = inspect::info(&mut con, "memory").await?;
     let (calls_after, scripts_after) = inspect::command_calls(&mut con).await?;
+    let redis_cpu_used_s = (redis_cpu_s(&mut con).await - redis_cpu_before_s).max(0.0);
     let observed = Observed::from_snapshot(
         &snap,
         flags.messages,
@@ -527,6 +561,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         redis_commands_per_msg: calls_after.saturating_sub(calls_before) as f64 / messages_done,
         redis_scripts_per_msg: scripts_after.saturating_sub(scripts_before) as f64 / messages_done,
         app_peak_rss_mb: rss_mb_max,
+        redis_cpu_s: redis_cpu_used_s,
+        apps_cpu_s: app_cpu_s.values().sum(),
         command_line: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let kill_events: Vec<KillEvent> = executed

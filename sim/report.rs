@@ -94,6 +94,10 @@ pub struct Summary {
     /// Script calls (EVALSHA) per message: how well batching amortises round trips.
     pub redis_scripts_per_msg: f64,
     pub app_peak_rss_mb: f64,
+    /// CPU seconds Redis spent during the run (INFO cpu; restarts reset it).
+    pub redis_cpu_s: f64,
+    /// CPU seconds all app processes spent (sampled every 50 ms; a killed one keeps its last).
+    pub apps_cpu_s: f64,
     pub command_line: String,
 }
 
@@ -147,6 +151,10 @@ fn summary_markdown(s: &Summary) -> String {
         ),
         format!("{:.1}", s.app_peak_rss_mb),
     );
+    let cpu = (
+        format!("{:.2}", s.redis_cpu_s),
+        format!("{:.2}", s.apps_cpu_s),
+    );
     let (latency, queue_wait, overhead) = (
         pct(&s.latency_ms),
         pct(&s.queue_wait_ms),
@@ -160,7 +168,7 @@ fn summary_markdown(s: &Summary) -> String {
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
-    let rows: [(&str, &dyn Display); 36] = [
+    let rows: [(&str, &dyn Display); 38] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -199,6 +207,8 @@ fn summary_markdown(s: &Summary) -> String {
         ),
         ("redis_commands_per_msg", &cmds),
         ("app_peak_rss_mb", &rss),
+        ("redis_cpu_s", &cpu.0),
+        ("apps_cpu_s", &cpu.1),
         ("violations", &s.violations.len()),
     ];
     let mut md = format!("# Simulation report, seed {}\n\n", s.seed);
@@ -335,7 +345,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(37));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(39));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")
