@@ -42,7 +42,7 @@ pub enum Role {
 /// How a handler fetches, runs and commits.
 #[derive(Debug, Clone)]
 pub struct HandlerConfig {
-    /// This process's instance id; handler ids are `<instance>.<incarnation>`.
+    /// This process's instance id; its handler id is `<instance>.0`.
     pub instance_id: String,
     /// Messages per fetch.
     pub batch: u64,
@@ -74,7 +74,7 @@ pub enum Verdict {
 pub struct Done {
     /// The payload exactly as fetched: commit.lua finds it in the in-flight set by value.
     pub payload: Vec<u8>,
-    /// The handler id (incarnation) whose in-flight set holds the payload.
+    /// The handler id whose in-flight set holds the payload.
     pub owner: Arc<str>,
     /// Parsed id and generation time (zeros for a bad payload).
     pub message: Message,
@@ -85,8 +85,20 @@ pub struct Done {
     pub delay_ms: u64,
 }
 
-/// Runs fetch.lua: up to `count` messages into `handler`'s in-flight set, a tenth of them at most
-/// from the retry set, and one isolated message. See [`fetch_limited`].
+/// How much one fetch may take, and of what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FetchLimits {
+    /// Messages in all.
+    pub count: u64,
+    /// At most this many from the retry set (reclaimed once), sampled at random.
+    pub retry_max: u64,
+    /// The suspects this handler holds: more of the same level only, up to its group size.
+    pub hold: SuspectHold,
+    /// Group size of suspects at level L is `suspect_base / 10^(L-1)` (at least 1).
+    pub suspect_base: u64,
+}
+
+/// Runs fetch.lua: up to `count` fresh messages, a tenth of them at most from the retry set.
 pub async fn fetch(
     con: &mut Conn,
     keys: &Keys,
@@ -94,44 +106,44 @@ pub async fn fetch(
     count: u64,
     heartbeat_ms: u64,
 ) -> Result<(u64, Vec<Vec<u8>>), Error> {
-    fetch_limited(
-        con,
-        keys,
-        handler,
+    let limits = FetchLimits {
         count,
-        count.div_ceil(10),
-        true,
-        heartbeat_ms,
-    )
-    .await
+        retry_max: count.div_ceil(10),
+        hold: SuspectHold::default(),
+        suspect_base: count,
+    };
+    fetch_limited(con, keys, handler, limits, heartbeat_ms).await
 }
 
-/// Runs fetch.lua: up to `count` messages into `handler`'s in-flight set — one isolated message
-/// when `isolated_ok` (the handler holds none), up to `retry_max` from the retry set, the rest
-/// fresh from the queue. Returns the Redis time of the fetch (µs) and the payloads.
+/// Runs fetch.lua: suspects first (a group of one level, if the handler may take more), then a
+/// random sample from the retry set, then fresh messages from the queue, `limits.count` in all,
+/// into `handler`'s in-flight set. Returns the Redis time of the fetch (µs) and the payloads.
 pub async fn fetch_limited(
     con: &mut Conn,
     keys: &Keys,
     handler: &str,
-    count: u64,
-    retry_max: u64,
-    isolated_ok: bool,
+    limits: FetchLimits,
     heartbeat_ms: u64,
 ) -> Result<(u64, Vec<Vec<u8>>), Error> {
-    let reply: Vec<redis::Value> = scripts::FETCH
-        .key(keys.queue())
+    let mut call = scripts::FETCH.prepare_invoke();
+    call.key(keys.queue())
         .key(keys.inflight(handler))
         .key(keys.handlers())
         .key(keys.heartbeat(handler))
         .key(keys.errors())
         .key(keys.stats())
-        .key(keys.retry())
-        .key(keys.isolate())
+        .key(keys.retry());
+    for level in SUSPECT_LEVELS {
+        call.key(keys.suspects(level));
+    }
+    let reply: Vec<redis::Value> = call
         .arg(handler)
-        .arg(count)
+        .arg(limits.count)
         .arg(heartbeat_ms)
-        .arg(retry_max)
-        .arg(if isolated_ok { "1" } else { "0" })
+        .arg(limits.retry_max)
+        .arg(limits.hold.level)
+        .arg(limits.hold.count)
+        .arg(limits.suspect_base)
         .invoke_async(con)
         .await?;
     let mut items = reply.into_iter();
@@ -193,10 +205,32 @@ pub struct HandlerShared {
     pub in_flight: Arc<AtomicU64>,
     /// Latencies measured by this process.
     pub latencies: Arc<Mutex<Latencies>>,
-    /// Isolated messages (reclaimed twice or more) held now: at most one, see reclaim.lua.
-    pub isolated: Arc<AtomicU64>,
+    /// Suspects (messages reclaimed twice or more) held now, all of one level (see reclaim.lua).
+    pub suspects: Arc<Mutex<SuspectHold>>,
     /// Signalled by the wake-up channel listener when the generator has queued messages.
     pub wake: Arc<tokio::sync::Notify>,
+}
+
+/// Suspects a handler holds: all of one level at a time, so that if it dies the group that climbs
+/// is exactly the group it held (see reclaim.lua and fetch.lua).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SuspectHold {
+    /// Their reclaim count (2 or more), or 0 when none are held.
+    pub level: u64,
+    /// How many are held.
+    pub count: u64,
+}
+
+/// Reclaim counts that make a message a suspect with its own list; one more is poison
+/// (`liveness::MAX_RECLAIMS`).
+pub const SUSPECT_LEVELS: std::ops::RangeInclusive<u64> = 2..=6;
+
+/// What this handler holds, by id (and unparseable payloads by value), so that after a lost
+/// fetch reply it can tell which members of its in-flight set it has never seen.
+#[derive(Debug, Default)]
+struct Tracked {
+    ids: std::collections::HashSet<u64>,
+    bad: std::collections::HashSet<Vec<u8>>,
 }
 
 /// Longest pause between polls of an idle handler; the wake-up channel usually ends it sooner.
@@ -217,6 +251,7 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(config.max_in_flight));
     let (work_tx, work_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let tracked = Mutex::new(Tracked::default());
     let fetcher = fetch_loop(
         con.clone(),
         &keys,
@@ -225,11 +260,12 @@ pub async fn run(
         owner_tx,
         &permits,
         &shared,
+        &tracked,
         work_tx,
         &stop,
     );
     let timers = timer_loop(config.model, work_rx, done_tx);
-    let committer = commit_loop(con, &keys, &config, &permits, &shared, done_rx);
+    let committer = commit_loop(con, &keys, &config, &permits, &shared, &tracked, done_rx);
     tokio::try_join!(fetcher, timers, committer)?;
     Ok(())
 }
@@ -243,39 +279,69 @@ async fn fetch_loop(
     owner_tx: watch::Sender<Arc<str>>,
     permits: &Arc<Semaphore>,
     shared: &HandlerShared,
+    tracked: &Mutex<Tracked>,
     work_tx: mpsc::UnboundedSender<Vec<Done>>,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
     let batch = config.batch.min(config.max_in_flight as u64).max(1);
-    let mut incarnation = 0u64;
-    let mut owner: Arc<str> = Arc::from(format!("{}.{incarnation}", config.instance_id));
+    let owner: Arc<str> = Arc::from(format!("{}.0", config.instance_id));
     owner_tx.send_replace(owner.clone());
     let mut idle = Duration::ZERO;
     let mut failures = 0u32;
+    let mut resync_needed = false;
     loop {
         // A generator does not fetch; its messages already in flight still finish.
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = role.wait_for(|r| *r == Role::Handler) => { if r.is_err() { return Ok(()); } }
         }
+        if resync_needed {
+            // A fetch reply was lost: fetch.lua may have moved messages into our in-flight set
+            // that we never saw. Adopt them, so they are neither stranded nor reclaimed while
+            // we are alive.
+            match orphans(&mut con, keys, &owner, tracked).await {
+                Ok(found) => {
+                    resync_needed = false;
+                    if !found.is_empty() {
+                        tracing::warn!(
+                            adopted = found.len(),
+                            "adopted messages a lost fetch reply had moved to us"
+                        );
+                        let n = found.len() as u32;
+                        let held = tokio::select! {
+                            _ = stop.cancelled() => return Ok(()),
+                            p = permits.acquire_many(n) => p.expect("the semaphore is never closed"),
+                        };
+                        held.forget();
+                        let items = admit(found, None, &owner, shared, tracked);
+                        if work_tx.send(items).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "in-flight resync failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+            }
+        }
         let held = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             p = permits.acquire_many(batch as u32) => p.expect("the semaphore is never closed"),
         };
         held.forget();
-        let isolated_ok = shared.isolated.load(Ordering::Relaxed) == 0;
-        let retry_max = batch.div_ceil(10);
-        match fetch_limited(
-            &mut con,
-            keys,
-            &owner,
-            batch,
-            retry_max,
-            isolated_ok,
-            config.heartbeat_ms,
-        )
-        .await
-        {
+        let hold = *shared.suspects.lock().expect("suspect lock poisoned");
+        let limits = FetchLimits {
+            count: batch,
+            retry_max: batch.div_ceil(10),
+            hold,
+            suspect_base: config.max_in_flight as u64,
+        };
+        match fetch_limited(&mut con, keys, &owner, limits, config.heartbeat_ms).await {
             Ok((time_us, payloads)) => {
                 failures = 0;
                 permits.add_permits(batch as usize - payloads.len());
@@ -291,41 +357,7 @@ async fn fetch_loop(
                     continue;
                 }
                 idle = Duration::ZERO;
-                shared
-                    .in_flight
-                    .fetch_add(payloads.len() as u64, Ordering::Relaxed);
-                let mut items = Vec::with_capacity(payloads.len());
-                {
-                    let mut lat = shared.latencies.lock().expect("latency lock poisoned");
-                    for payload in payloads {
-                        let parsed = std::str::from_utf8(&payload)
-                            .map_err(|_| "payload is not UTF-8".to_string())
-                            .and_then(Message::parse);
-                        let (message, verdict) = match parsed {
-                            Ok(m) => {
-                                stats::record(
-                                    &mut lat.queue_wait_us,
-                                    time_us.saturating_sub(m.generated_us),
-                                );
-                                if m.reclaims >= 2 {
-                                    shared.isolated.fetch_add(1, Ordering::Relaxed);
-                                }
-                                (m, Verdict::Ok)
-                            }
-                            Err(reason) => {
-                                tracing::warn!(payload = %String::from_utf8_lossy(&payload), %reason, "bad message; moving it to the error store");
-                                (Message::default(), Verdict::Bad(reason))
-                            }
-                        };
-                        items.push(Done {
-                            payload,
-                            owner: owner.clone(),
-                            message,
-                            verdict,
-                            delay_ms: 0,
-                        });
-                    }
-                }
+                let items = admit(payloads, Some(time_us), &owner, shared, tracked);
                 if work_tx.send(items).is_err() {
                     return Ok(()); // the timer task ended: its error, if any, is reported there
                 }
@@ -333,14 +365,7 @@ async fn fetch_loop(
             Err(e) => {
                 permits.add_permits(batch as usize);
                 failures += 1;
-                if e.is_connection() {
-                    // The reply was lost: fetch.lua may have moved messages we never saw into our
-                    // in-flight set. Continue under a new handler id; the old one's heartbeat
-                    // stops, so those messages are reclaimed and handled by someone.
-                    incarnation += 1;
-                    owner = Arc::from(format!("{}.{incarnation}", config.instance_id));
-                    owner_tx.send_replace(owner.clone());
-                }
+                resync_needed |= e.is_connection();
                 tracing::warn!(error = %e, failures, handler = %owner, "fetch failed; retrying");
                 let backoff = Duration::from_millis(20 * u64::from(failures.min(50)));
                 tokio::select! {
@@ -349,6 +374,102 @@ async fn fetch_loop(
                 }
             }
         }
+    }
+}
+
+/// Turns fetched payloads into work items: parses them (a bad one is committed as such), records
+/// the queue wait (when the fetch time is known), and notes what this handler now holds.
+fn admit(
+    payloads: Vec<Vec<u8>>,
+    fetched_us: Option<u64>,
+    owner: &Arc<str>,
+    shared: &HandlerShared,
+    tracked: &Mutex<Tracked>,
+) -> Vec<Done> {
+    shared
+        .in_flight
+        .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+    let mut items = Vec::with_capacity(payloads.len());
+    let mut lat = shared.latencies.lock().expect("latency lock poisoned");
+    let mut held = tracked.lock().expect("tracking lock poisoned");
+    let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
+    for payload in payloads {
+        let parsed = std::str::from_utf8(&payload)
+            .map_err(|_| "payload is not UTF-8".to_string())
+            .and_then(Message::parse);
+        let (message, verdict) = match parsed {
+            Ok(m) => {
+                if let Some(t) = fetched_us {
+                    stats::record(&mut lat.queue_wait_us, t.saturating_sub(m.generated_us));
+                }
+                if m.reclaims >= 2 {
+                    suspects.level = m.reclaims;
+                    suspects.count += 1;
+                }
+                held.ids.insert(m.id);
+                (m, Verdict::Ok)
+            }
+            Err(reason) => {
+                tracing::warn!(payload = %String::from_utf8_lossy(&payload), %reason, "bad message; moving it to the error store");
+                held.bad.insert(payload.clone());
+                (Message::default(), Verdict::Bad(reason))
+            }
+        };
+        items.push(Done {
+            payload,
+            owner: owner.clone(),
+            message,
+            verdict,
+            delay_ms: 0,
+        });
+    }
+    items
+}
+
+/// Members of `owner`'s in-flight set this handler does not know it holds.
+///
+/// A message committed between the `SMEMBERS` and the check may be taken for an orphan and run
+/// again; its second commit is then refused (the `SREM` finds nothing), so nothing is recorded
+/// twice.
+async fn orphans(
+    con: &mut Conn,
+    keys: &Keys,
+    owner: &str,
+    tracked: &Mutex<Tracked>,
+) -> Result<Vec<Vec<u8>>, Error> {
+    let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+        .arg(keys.inflight(owner))
+        .query_async(con)
+        .await?;
+    let held = tracked.lock().expect("tracking lock poisoned");
+    Ok(members
+        .into_iter()
+        .filter(|p| match std::str::from_utf8(p).ok().map(Message::parse) {
+            Some(Ok(m)) => !held.ids.contains(&m.id),
+            _ => !held.bad.contains(p),
+        })
+        .collect())
+}
+
+/// Forgets committed messages: no longer held, no longer tracked.
+fn release(batch: &[Done], shared: &HandlerShared, tracked: &Mutex<Tracked>) {
+    let mut held = tracked.lock().expect("tracking lock poisoned");
+    let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
+    for d in batch {
+        match d.verdict {
+            Verdict::Bad(_) => {
+                held.bad.remove(&d.payload);
+            }
+            _ => {
+                held.ids.remove(&d.message.id);
+            }
+        }
+        if d.message.reclaims >= 2 {
+            suspects.count = suspects.count.saturating_sub(1);
+        }
+    }
+    if suspects.count == 0 {
+        suspects.level = 0;
     }
 }
 
@@ -401,6 +522,7 @@ async fn commit_loop(
     config: &HandlerConfig,
     permits: &Arc<Semaphore>,
     shared: &HandlerShared,
+    tracked: &Mutex<Tracked>,
     mut done_rx: mpsc::UnboundedReceiver<Done>,
 ) -> Result<(), Error> {
     let mut batch: Vec<Done> = Vec::with_capacity(config.commit_max);
@@ -453,10 +575,7 @@ async fn commit_loop(
         shared
             .in_flight
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-        let isolated = batch.iter().filter(|d| d.message.reclaims >= 2).count() as u64;
-        if isolated > 0 {
-            shared.isolated.fetch_sub(isolated, Ordering::Relaxed);
-        }
+        release(&batch, shared, tracked);
         permits.add_permits(batch.len());
         batch.clear();
     }

@@ -15,7 +15,7 @@ pub struct Snapshot {
     pub epoch_log: Vec<String>,
     /// The counters.
     pub counters: Counters,
-    /// Messages still waiting: fresh in the queue, reclaimed in the retry set and isolation list.
+    /// Messages still waiting: fresh in the queue, reclaimed in the retry set and suspect lists.
     pub queue_len: u64,
     /// Messages in any handler's in-flight set.
     pub in_flight: u64,
@@ -37,16 +37,16 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         .query_async(con)
         .await?;
     let counters = Counters::read(con, keys).await?;
-    let (fresh, retry, isolated): (u64, u64, u64) = redis::pipe()
-        .cmd("LLEN")
+    let mut pipe = redis::pipe();
+    pipe.cmd("LLEN")
         .arg(keys.queue())
         .cmd("SCARD")
-        .arg(keys.retry())
-        .cmd("LLEN")
-        .arg(keys.isolate())
-        .query_async(con)
-        .await?;
-    let queue_len = fresh + retry + isolated;
+        .arg(keys.retry());
+    for level in crate::handler::SUSPECT_LEVELS {
+        pipe.cmd("LLEN").arg(keys.suspects(level));
+    }
+    let waiting: Vec<u64> = pipe.query_async(con).await?;
+    let queue_len = waiting.iter().sum();
     let error_store_len: u64 = redis::cmd("LLEN")
         .arg(keys.errors())
         .query_async(con)

@@ -70,9 +70,10 @@ impl Keys {
     pub fn retry(&self) -> String {
         self.key("retry")
     }
-    /// List of payloads reclaimed twice or more; a handler holds at most one at a time.
-    pub fn isolate(&self) -> String {
-        self.key("isolate")
+    /// List of payloads reclaimed `level` times (2 or more): suspects, handled in groups that
+    /// shrink tenfold per level so a message that keeps killing its handler is singled out.
+    pub fn suspects(&self, level: u64) -> String {
+        self.key(&format!("suspects:{level}"))
     }
     /// Pub/sub channel: generate.lua publishes after each batch so idle handlers fetch at once
     /// instead of waiting for their next poll (a lost notification only delays, never loses).

@@ -143,13 +143,16 @@ pub async fn sample(con: &mut Conn, keys: &Keys, lease_value: &str) -> Result<bo
 
 /// Runs reclaim.lua once. Returns (dead handlers, messages re-queued).
 pub async fn reclaim(con: &mut Conn, keys: &Keys) -> Result<(u64, u64), Error> {
-    let (dead, moved, poisoned): (u64, u64, u64) = scripts::RECLAIM
-        .key(keys.handlers())
+    let mut call = scripts::RECLAIM.prepare_invoke();
+    call.key(keys.handlers())
         .key(keys.retry())
-        .key(keys.isolate())
         .key(keys.done())
         .key(keys.errors())
-        .key(keys.stats())
+        .key(keys.stats());
+    for level in crate::handler::SUSPECT_LEVELS {
+        call.key(keys.suspects(level));
+    }
+    let (dead, moved, poisoned): (u64, u64, u64) = call
         .arg(keys.prefix())
         .arg(MAX_RECLAIMS)
         .invoke_async(con)
@@ -161,9 +164,10 @@ pub async fn reclaim(con: &mut Conn, keys: &Keys) -> Result<(u64, u64), Error> {
 }
 
 /// A message reclaimed this many times is poison: it goes to the error store instead of killing
-/// handlers forever. From its second reclaim on a message is handled in isolation (reclaim.lua),
-/// so reaching 4 means it was the one isolated message of two handlers that both died.
-pub const MAX_RECLAIMS: u64 = 4;
+/// handlers forever. From its second reclaim on, a message is handled in a group of suspects of
+/// its level only, groups shrinking tenfold per level down to one (reclaim.lua), so reaching 7
+/// means it was alone in its group when its handler died.
+pub const MAX_RECLAIMS: u64 = 7;
 
 /// Heartbeats the current handler id and reclaims dead handlers' messages every
 /// `heartbeat_ms / 5`, until `stop`; keeps the registry entry and, as generator, the counters

@@ -7,22 +7,31 @@
 -- KEYS[5]: error store ({ns}:errors), list
 -- KEYS[6]: stats hash ({ns}:stats)
 -- KEYS[7]: retry set ({ns}:retry): messages reclaimed once
--- KEYS[8]: isolation list ({ns}:isolate): messages reclaimed twice or more
+-- KEYS[8..12]: suspect lists ({ns}:suspects:2 .. {ns}:suspects:6): messages reclaimed 2..6 times
 -- ARGV[1]: handler id
 -- ARGV[2]: count, integer >= 1: messages to take in all
 -- ARGV[3]: heartbeat_ms, integer > 0 (a fetch is proof of life: it refreshes the heartbeat)
 -- ARGV[4]: retry_max, integer >= 0: at most this many from the retry set (SPOP: a random sample,
 --          so messages that died together are not fetched together again)
--- ARGV[5]: "1" when the handler holds no isolated message: it may take one (at most one at a
---          time, so if it crashes again the culprit is singled out; see reclaim.lua)
+-- ARGV[5]: held_level: the level (2..6) of the suspects the handler holds, 0 if none
+-- ARGV[6]: held_count: how many suspects it holds
+-- ARGV[7]: suspect_base, integer >= 1: the group size at level L is max(1, base / 10^(L-1))
 -- Returns: {time_us, payload, payload, ...} (no payloads when there is nothing to do)
--- Atomic because a message must never be outside all of: the queue, the retry set, the isolation
--- list, an in-flight set. A queue key of the wrong type (garbage) is renamed aside to
+-- Suspects come first: a handler holding none takes a group from the highest non-empty level; one
+-- holding some takes more of that level only, up to the group size. So every handler holds
+-- suspects of one level only, and a group that dies together climbs together (see reclaim.lua).
+-- Atomic because a message must never be outside all of: the queue, the retry set, the suspect
+-- lists, an in-flight set. A queue key of the wrong type (garbage) is renamed aside to
 -- {ns}:queue:quarantine:<time_us> and an error entry says so: the data is kept, the system goes on.
 local count = tonumber(ARGV[2])
 local hb_ms = tonumber(ARGV[3])
 local retry_max = tonumber(ARGV[4])
-if not count or count < 1 or not hb_ms or hb_ms <= 0 or not retry_max or retry_max < 0 then
+local held_level = tonumber(ARGV[5])
+local held_count = tonumber(ARGV[6])
+local base = tonumber(ARGV[7])
+if not count or count < 1 or not hb_ms or hb_ms <= 0 or not retry_max or retry_max < 0
+  or not held_level or not held_count or not base or base < 1
+  or (held_level ~= 0 and (held_level < 2 or held_level > 6)) then
   return redis.error_reply('ERR fetch: bad arguments')
 end
 local t = redis.call('TIME')
@@ -39,9 +48,25 @@ if kind ~= 'list' and kind ~= 'none' then
   return {now_us}
 end
 local msgs = {}
-if ARGV[5] == '1' then
-  local one = redis.call('LPOP', KEYS[8])
-  if one then msgs[1] = one end
+local function group(level)
+  return math.max(1, math.floor(base / 10 ^ (level - 1)))
+end
+local function take(level, n)
+  if n <= 0 then return end
+  local got = redis.call('LPOP', KEYS[8 + level - 2], n)
+  if got then
+    for _, p in ipairs(got) do msgs[#msgs + 1] = p end
+  end
+end
+if held_level == 0 then
+  for level = 6, 2, -1 do
+    if redis.call('LLEN', KEYS[8 + level - 2]) > 0 then
+      take(level, math.min(count, group(level)))
+      break
+    end
+  end
+else
+  take(held_level, math.min(count, group(held_level) - held_count))
 end
 local want = math.min(retry_max, count - #msgs)
 if want > 0 then

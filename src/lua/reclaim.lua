@@ -2,32 +2,36 @@
 -- (one that kills every handler holding it) after a bounded number of deliveries.
 -- KEYS[1]: handler registry ({ns}:handlers), set of handler ids
 -- KEYS[2]: retry set ({ns}:retry): messages reclaimed once
--- KEYS[3]: isolation list ({ns}:isolate): messages reclaimed twice or more
--- KEYS[4]: outcome bitmap ({ns}:done)
--- KEYS[5]: error store ({ns}:errors), list
--- KEYS[6]: stats hash ({ns}:stats)
+-- KEYS[3]: outcome bitmap ({ns}:done)
+-- KEYS[4]: error store ({ns}:errors), list
+-- KEYS[5]: stats hash ({ns}:stats)
+-- KEYS[6..10]: suspect lists ({ns}:suspects:2 .. {ns}:suspects:6)
 -- ARGV[1]: key prefix "{ns}:" — per-handler keys are derived here as
 --          <prefix>hb:<handler> and <prefix>inflight:<handler>. They are not declared in KEYS
 --          because the set of handlers is only known inside the script; all share the {ns} hash
 --          tag, so they live in the same cluster slot as KEYS[1].
--- ARGV[2]: max_reclaims, integer >= 3: a message reclaimed this many times is poison
+-- ARGV[2]: max_reclaims, integer 3..7: a message reclaimed this many times is poison
 -- Returns: {handlers_reclaimed, messages_given_back, messages_poisoned}
 --
 -- A handler is dead when its heartbeat key has expired (SIGKILL runs no cleanup; the TTL is the
 -- detector). Each of its messages gets its reclaim count (the payload's 4th field) raised by one
--- and goes, by that count:
---   1            → the retry set; fetch.lua takes random samples of it, so messages that died
---                  together are spread over many fetches instead of dying together again;
---   2 and more   → the isolation list; a handler holds at most one isolated message at a time,
---                  so when a handler holding one dies again, that message is the prime suspect
---                  and its co-residents (fresh or once-reclaimed) only move to counts 1 and 2;
---   max_reclaims → the error store with the reason, outcome bit set (counted as poisoned).
--- Atomic: a message is in exactly one of the dead handler's set, the retry set, the isolation
--- list, or the error store at every instant, and a late commit by the (paused, not dead) handler
--- is refused by commit.lua because SREM finds nothing.
+-- and goes, by that count L:
+--   1              → the retry set; fetch.lua takes random samples of it, so the messages that
+--                    died together are spread over many handlers instead of dying together again;
+--   2 .. 6         → the suspect list of level L, in order; fetch.lua hands them out in groups of
+--                    base / 10^(L-1) (at least 1), a handler holding suspects of one level only.
+--                    A handler that dies holding a group sends exactly that group up one level,
+--                    where it is split into groups ten times smaller: a message that kills every
+--                    handler holding it is alone in its group by level 6 (base 50,000), while
+--                    the messages that shared its groups stop climbing as soon as they are in
+--                    a group without it;
+--   max_reclaims   → the error store with the reason, outcome bit set (counted as poisoned).
+-- Atomic: a message is in exactly one of the dead handler's set, the retry set, a suspect list,
+-- or the error store at every instant, and a late commit by the (paused, not dead) handler is
+-- refused by commit.lua because SREM finds nothing.
 local prefix = ARGV[1]
 local max_reclaims = tonumber(ARGV[2])
-if not prefix or prefix == '' or not max_reclaims or max_reclaims < 3 then
+if not prefix or prefix == '' or not max_reclaims or max_reclaims < 3 or max_reclaims > 7 then
   return redis.error_reply('ERR reclaim: bad arguments')
 end
 local t = redis.call('TIME')
@@ -37,7 +41,7 @@ local dead, moved, poisoned, duplicates = 0, 0, 0, 0
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', prefix .. 'hb:' .. h) == 0 then
     local set = prefix .. 'inflight:' .. h
-    local retry, isolate = {}, {}
+    local retry, suspects = {}, {}
     for _, p in ipairs(redis.call('SMEMBERS', set)) do
       local id, epoch, gen, n = string.match(p, '^(%d+):(%d+):(%d+):?(%d*)$')
       if not id then
@@ -46,32 +50,36 @@ for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         local reclaims = (tonumber(n) or 0) + 1
         local again = id .. ':' .. epoch .. ':' .. gen .. ':' .. reclaims
         if reclaims >= max_reclaims then
-          if redis.call('SETBIT', KEYS[4], id, 1) == 1 then
+          if redis.call('SETBIT', KEYS[3], id, 1) == 1 then
             duplicates = duplicates + 1
           else
-            redis.call('RPUSH', KEYS[5], again .. '\tpoison: its handler died ' .. reclaims .. ' times while holding it\t' .. now)
+            redis.call('RPUSH', KEYS[4], again .. '\tpoison: its handler died ' .. reclaims .. ' times while holding it\t' .. now)
             poisoned = poisoned + 1
           end
         elseif reclaims == 1 then
           retry[#retry + 1] = again
         else
-          isolate[#isolate + 1] = again
+          suspects[reclaims] = suspects[reclaims] or {}
+          table.insert(suspects[reclaims], again)
+          moved = moved + 1
         end
       end
     end
     for i = 1, #retry, 1000 do
       redis.call('SADD', KEYS[2], unpack(retry, i, math.min(i + 999, #retry)))
     end
-    for i = 1, #isolate, 1000 do
-      redis.call('RPUSH', KEYS[3], unpack(isolate, i, math.min(i + 999, #isolate)))
+    for level, list in pairs(suspects) do
+      for i = 1, #list, 1000 do
+        redis.call('RPUSH', KEYS[6 + level - 2], unpack(list, i, math.min(i + 999, #list)))
+      end
     end
     redis.call('DEL', set)
     redis.call('SREM', KEYS[1], h)
     dead = dead + 1
-    moved = moved + #retry + #isolate
+    moved = moved + #retry
   end
 end
-if moved > 0 then redis.call('HINCRBY', KEYS[6], 'reclaimed', moved) end
-if poisoned > 0 then redis.call('HINCRBY', KEYS[6], 'poisoned', poisoned) end
-if duplicates > 0 then redis.call('HINCRBY', KEYS[6], 'duplicates', duplicates) end
+if moved > 0 then redis.call('HINCRBY', KEYS[5], 'reclaimed', moved) end
+if poisoned > 0 then redis.call('HINCRBY', KEYS[5], 'poisoned', poisoned) end
+if duplicates > 0 then redis.call('HINCRBY', KEYS[5], 'duplicates', duplicates) end
 return {dead, moved, poisoned}
