@@ -219,11 +219,14 @@ pub fn throughput_svg(path: &Path, timeline: &Timeline, kills: &[KillEvent]) -> 
     let f = Frame { x_max, y_max };
     let titles = ["Throughput", "time since start (s)", "messages/s"];
     let mut svg = axes(titles, &f, &x_ticks, &y_ticks);
-    for k in &kills {
+    for (i, k) in kills.iter().enumerate() {
         let (x0, x1) = (f.x(k.t_s), f.x(k.t_s + gap_s(k)));
         svg += &rect(x0, TOP, x1 - x0, BOTTOM - TOP, BAND);
         svg += &line(x0, TOP, x0, BOTTOM, &format!(r#"class="kill" {KILL}"#));
-        svg += &text(x0 + 4.0, TOP - 6.0, KILL_LABEL, k.kind.trim());
+        // Labels of faults close together would overlap: stagger them over four rows inside
+        // the plot area.
+        let row = (i % 4) as f64;
+        svg += &text(x0 + 3.0, TOP + 12.0 + 12.0 * row, KILL_LABEL, k.kind.trim());
     }
     let points: Vec<_> = steps
         .iter()

@@ -78,7 +78,7 @@ pub struct InstanceStatus {
     pub epoch: u64,
     /// Messages it had fetched and not yet committed.
     pub in_flight: u64,
-    /// Its current handler id (`<instance>.<incarnation>`).
+    /// Its handler id (`<instance>.0`): the suffix of its in-flight set and heartbeat keys.
     pub handler: String,
     /// Redis time of its last registry write, µs.
     pub seen_us: u64,
