@@ -534,44 +534,32 @@ async fn commit_loop(
                 Err(_) => break,
             }
         }
-        // Group by owner (almost always one group; several only after a fetch reply was lost).
-        batch.sort_by(|a, b| a.owner.cmp(&b.owner));
-        let mut start = 0;
-        while start < batch.len() {
-            let end = start
-                + batch[start..]
-                    .iter()
-                    .take_while(|d| d.owner == batch[start].owner)
-                    .count();
-            let group = &batch[start..end];
-            let (time_us, refused) = commit_with_retry(&mut con, keys, config, group).await?;
-            if !refused.is_empty() {
-                tracing::warn!(refused = refused.len(), handler = %group[0].owner, "outcomes refused: those messages were reclaimed while we held them and are handled elsewhere");
-            }
-            let mut lat = shared.latencies.lock().expect("latency lock poisoned");
-            let mut refused = refused.into_iter().peekable();
-            let (mut processed, mut errors) = (0, 0);
-            for (i, d) in group.iter().enumerate() {
-                if refused.peek() == Some(&i) {
-                    refused.next();
-                    continue;
-                }
-                if d.verdict == Verdict::Ok {
-                    processed += 1;
-                } else {
-                    errors += 1;
-                }
-                if !matches!(d.verdict, Verdict::Bad(_)) {
-                    let latency_us = time_us.saturating_sub(d.message.generated_us);
-                    stats::record(&mut lat.end_to_end_us, latency_us);
-                    let overhead_us = latency_us.saturating_sub(d.delay_ms * 1000);
-                    stats::record(&mut lat.overhead_us, overhead_us);
-                    crate::metrics::end_to_end_us(latency_us);
-                }
-            }
-            crate::metrics::committed(processed, errors);
-            start = end;
+        // One owner per process (`<instance>.0`), so the whole batch is one commit.
+        let (time_us, refused) = commit_with_retry(&mut con, keys, config, &batch).await?;
+        if !refused.is_empty() {
+            tracing::warn!(refused = refused.len(), "outcomes refused: those messages were reclaimed while we held them and are handled elsewhere");
         }
+        let mut lat = shared.latencies.lock().expect("latency lock poisoned");
+        let mut refused = refused.into_iter().peekable();
+        let (mut processed, mut errors) = (0, 0);
+        for (i, d) in batch.iter().enumerate() {
+            if refused.peek() == Some(&i) {
+                refused.next();
+                continue;
+            }
+            match d.verdict {
+                Verdict::Ok => processed += 1,
+                Verdict::Failed => errors += 1,
+                Verdict::Bad(_) => continue,
+            }
+            let latency_us = time_us.saturating_sub(d.message.generated_us);
+            stats::record(&mut lat.end_to_end_us, latency_us);
+            let overhead_us = latency_us.saturating_sub(d.delay_ms * 1000);
+            stats::record(&mut lat.overhead_us, overhead_us);
+            crate::metrics::end_to_end_us(latency_us);
+        }
+        drop(lat);
+        crate::metrics::committed(processed, errors);
         shared
             .in_flight
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);
@@ -582,8 +570,8 @@ async fn commit_loop(
     Ok(())
 }
 
-/// Commits, retrying while Redis is unreachable or loading (a lost reply is safe to retry: a commit that did
-/// land makes the retry's SREM find nothing, so nothing is recorded twice). Any other failure is a
+/// Commits, retrying while Redis is unreachable or loading (a lost reply is safe to retry: a
+/// commit that did land makes the retry's SREM find nothing, so nothing is recorded twice). Any other failure is a
 /// bug or corrupt data, and fatal: the process exits, its heartbeat expires, and its messages are
 /// reclaimed by the others.
 async fn commit_with_retry(

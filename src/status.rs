@@ -42,6 +42,9 @@ pub struct Status {
     pub instances: Vec<InstanceStatus>,
     /// Messages waiting in the queue.
     pub queue_depth: u64,
+    /// Messages given back from dead handlers and waiting to be handled again (retry set and
+    /// suspect lists).
+    pub reclaimed_waiting: u64,
     /// Entries in the error store (what the next `getErrors` takes).
     pub error_store: u64,
     /// Entries in the drain list: taken by a `getErrors` that is running or was killed.
@@ -181,7 +184,12 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         .arg(keys.lease())
         .cmd("LLEN")
         .arg(keys.queue())
-        .cmd("LLEN")
+        .cmd("SCARD")
+        .arg(keys.retry());
+    for level in crate::handler::SUSPECT_LEVELS {
+        pipe.cmd("LLEN").arg(keys.suspects(level));
+    }
+    pipe.cmd("LLEN")
         .arg(keys.errors())
         .cmd("LLEN")
         .arg(keys.errors_drain())
@@ -228,6 +236,10 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
             .unwrap_or(0)
     };
     let queue_depth = len(keys.queue());
+    let mut reclaimed_waiting = len(keys.retry());
+    for level in crate::handler::SUSPECT_LEVELS {
+        reclaimed_waiting += len(keys.suspects(level));
+    }
     let error_store = len(keys.errors());
     let error_draining = len(keys.errors_drain());
     let stats: HashMap<String, String> = next(&keys.stats())
@@ -292,6 +304,7 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         generator,
         instances,
         queue_depth,
+        reclaimed_waiting,
         error_store,
         error_draining,
         counters,
@@ -477,7 +490,15 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(out, "{}", line.trim_end());
         }
     }
-    let _ = writeln!(out, "queue       {} messages", s.queue_depth);
+    if s.reclaimed_waiting > 0 {
+        let _ = writeln!(
+            out,
+            "queue       {} messages (+{} reclaimed from dead handlers, waiting to run again)",
+            s.queue_depth, s.reclaimed_waiting
+        );
+    } else {
+        let _ = writeln!(out, "queue       {} messages", s.queue_depth);
+    }
     let _ = writeln!(
         out,
         "errors      {} in the store, {} being drained by getErrors",
@@ -651,6 +672,7 @@ mod tests {
                 now,
             )],
             queue_depth: 12,
+            reclaimed_waiting: 0,
             error_store: 5,
             counters: Totals {
                 generated: 100,

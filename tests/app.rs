@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{outcomes, wait_for, Fixture};
+use common::{wait_for, Fixture};
 use leaderq::stats::Counters;
 use leaderq::{generator, inspect, lease};
 use std::io::{BufRead, BufReader};
@@ -29,11 +29,7 @@ async fn copies_handle_every_message_once_under_one_generator() {
     }
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
-    let done = wait_for(Duration::from_secs(90), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 20000).then_some(()) }
-    })
-    .await;
+    let done = fx.wait_outcomes(20000, Duration::from_secs(90)).await;
     assert!(
         done.is_some(),
         "20000 outcomes not recorded in time; logs:\n{}",
@@ -122,11 +118,7 @@ async fn generator_sigkill_fails_over_and_ids_continue_without_gap_or_repeat() {
         first_us.saturating_sub(killed_at) / 1000,
         killed_instant.elapsed().as_millis()
     );
-    let done = wait_for(Duration::from_secs(90), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 40000).then_some(()) }
-    })
-    .await;
+    let done = fx.wait_outcomes(40000, Duration::from_secs(90)).await;
     assert!(done.is_some(), "run did not complete after failover");
     fx.stop_all();
     let (verdict, observed) = fx.verdict(40000, 11, 0.15, 20, u64::from(held > 0)).await;
@@ -160,11 +152,7 @@ async fn handler_sigkill_mid_flight_loses_nothing() {
     }
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
-    let busy = wait_for(Duration::from_secs(30), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 2000).then_some(()) }
-    })
-    .await;
+    let busy = fx.wait_outcomes(2000, Duration::from_secs(30)).await;
     assert!(busy.is_some(), "handling did not start");
     let (_, generator) = fx.generator(&mut con).await.expect("a generator");
     let victim = (0..3).find(|&i| i != generator).unwrap();
@@ -177,11 +165,7 @@ async fn handler_sigkill_mid_flight_loses_nothing() {
     .unwrap();
     assert!(held > 0, "the victim holds messages in flight");
     fx.apps[victim].kill();
-    let done = wait_for(Duration::from_secs(90), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 20000).then_some(()) }
-    })
-    .await;
+    let done = fx.wait_outcomes(20000, Duration::from_secs(90)).await;
     assert!(
         done.is_some(),
         "run did not complete after a handler's SIGKILL"
@@ -598,11 +582,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     }
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
-    let busy = wait_for(Duration::from_secs(30), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 1000).then_some(()) }
-    })
-    .await;
+    let busy = fx.wait_outcomes(1000, Duration::from_secs(30)).await;
     assert!(busy.is_some());
     assert_eq!(fx.stop_all(), vec![Some(0), Some(0)]);
     let snap = inspect::snapshot(&mut con, &keys).await.unwrap();

@@ -277,11 +277,7 @@ async fn handler_sigterm_exits_0_and_nothing_is_reclaimed_or_rerun() {
     }
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
-    let busy = wait_for(Duration::from_secs(30), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 1000).then_some(()) }
-    })
-    .await;
+    let busy = fx.wait_outcomes(1000, Duration::from_secs(30)).await;
     assert!(busy.is_some(), "handling started");
     let (_, gen) = fx.generator(&mut con).await.expect("a generator");
     let victim = (0..3).find(|&i| i != gen).unwrap();
@@ -306,11 +302,7 @@ async fn handler_sigterm_exits_0_and_nothing_is_reclaimed_or_rerun() {
         Some(0),
         "the handler exits 0"
     );
-    let done = wait_for(Duration::from_secs(90), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 20000).then_some(()) }
-    })
-    .await;
+    let done = fx.wait_outcomes(20000, Duration::from_secs(90)).await;
     assert!(done.is_some(), "the others finish the run");
     // Longer than the heartbeat TTL: a reclaim, had anything been left, would have happened.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -369,12 +361,7 @@ async fn metrics_endpoint_serves_counters_gauges_and_histograms() {
         );
     }
     let mut con = fx.con().await;
-    let keys = fx.keys.clone();
-    let done = wait_for(Duration::from_secs(60), || {
-        let (mut con, keys) = (con.clone(), keys.clone());
-        async move { (outcomes(&mut con, &keys).await >= 3000).then_some(()) }
-    })
-    .await;
+    let done = fx.wait_outcomes(3000, Duration::from_secs(60)).await;
     assert!(done.is_some(), "run finished; log:\n{}", fx.log("a"));
     let (epoch, gen) = fx.generator(&mut con).await.expect("a generator");
     let handler = 1 - gen;

@@ -63,6 +63,17 @@ impl Fixture {
         std::fs::read_to_string(self.logs.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// Waits (polling every 20 ms, at most `bound`) until `n` outcomes are recorded.
+    pub async fn wait_outcomes(&self, n: u64, bound: Duration) -> Option<()> {
+        let con = self.con().await;
+        let keys = self.keys.clone();
+        wait_for(bound, || {
+            let (mut con, keys) = (con.clone(), keys.clone());
+            async move { (outcomes(&mut con, &keys).await >= n).then_some(()) }
+        })
+        .await
+    }
+
     /// Index of the app whose instance id holds the lease, with the epoch.
     pub async fn generator(&self, con: &mut conn::Conn) -> Option<(u64, usize)> {
         let value = leaderq::lease::holder(con, &self.keys).await.ok()??;
