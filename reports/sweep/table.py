@@ -1,3 +1,5 @@
+# Prints the Markdown tables of reports/PERFORMANCE.md from the sweep summaries in this folder.
+# Usage (from the repo root): python3 reports/sweep/table.py mif10000 mif20000 ...
 import json,sys,os
 rows=sys.argv[1:]
 print("| run | flags | msgs/s | elapsed s | e2e p50 / p99 ms | queue wait p50 / p99 ms | overhead p50 / p99 ms | failover ms | Redis CPU s | apps CPU s | Redis cmds/msg | scripts/msg | app RSS MB | Redis peak MB | verdict |")
