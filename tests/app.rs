@@ -24,9 +24,7 @@ async fn copies_handle_every_message_once_under_one_generator() {
         "--heartbeat-ms",
         "3000",
     ];
-    for name in ["a", "b", "c"] {
-        fx.spawn(name, &flags);
-    }
+    fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
     let done = fx.wait_outcomes(20000, Duration::from_secs(90)).await;
@@ -69,9 +67,7 @@ async fn generator_sigkill_fails_over_and_ids_continue_without_gap_or_repeat() {
         "--heartbeat-ms",
         "3000",
     ];
-    for name in ["a", "b", "c"] {
-        fx.spawn(name, &flags);
-    }
+    fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
     let started = wait_for(Duration::from_secs(30), || {
@@ -147,9 +143,7 @@ async fn handler_sigkill_mid_flight_loses_nothing() {
         "--max-in-flight",
         "3000",
     ];
-    for name in ["a", "b", "c"] {
-        fx.spawn(name, &flags);
-    }
+    fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
     let busy = fx.wait_outcomes(2000, Duration::from_secs(30)).await;
@@ -577,9 +571,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         "--max-in-flight",
         "2000",
     ];
-    for name in ["a", "b"] {
-        fx.spawn(name, &flags);
-    }
+    fx.spawn_all(&["a", "b"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
     let busy = fx.wait_outcomes(1000, Duration::from_secs(30)).await;

@@ -6,30 +6,23 @@ mod common;
 
 use common::{wait_for, Fixture};
 use leaderq::stats::Counters;
-use std::process::Command;
 use std::time::Duration;
 
 /// Runs `sim` with `args` on 20,000 messages and returns summary.json, asserting a pass.
 fn sim(name: &str, args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join(name);
-    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
-        .args([
-            "--messages",
-            "20000",
-            "--seed",
-            "99",
-            "--quiet",
-            "--timeout-s",
-            "240",
-        ])
-        .args(args)
-        .arg("--report-dir")
-        .arg(&report)
-        .arg("--app-bin")
-        .arg(env!("CARGO_BIN_EXE_app"))
-        .output()
-        .expect("run sim");
+    let mut all = vec![
+        "--messages",
+        "20000",
+        "--seed",
+        "99",
+        "--quiet",
+        "--timeout-s",
+        "240",
+    ];
+    all.extend_from_slice(args);
+    let out = common::run_sim(&report, &all);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let logs: String = std::fs::read_dir(report.join("logs"))
@@ -162,9 +155,7 @@ async fn a_poison_message_goes_to_the_error_store_after_bounded_deliveries() {
         "--fault-crash-on-id",
         "77",
     ];
-    for name in ["a", "b", "c"] {
-        fx.spawn(name, &flags);
-    }
+    fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
     // Restart whichever copy the poison message kills, like a supervisor would (bounded).

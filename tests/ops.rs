@@ -39,9 +39,7 @@ async fn status_shows_generator_instances_counters_and_rates() {
         "--handler-delay-max-ms",
         "50",
     ];
-    for name in ["a", "b", "c"] {
-        fx.spawn(name, &flags);
-    }
+    fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
     // All handled, and at least three history samples (two seconds of rates).
@@ -272,9 +270,7 @@ async fn handler_sigterm_exits_0_and_nothing_is_reclaimed_or_rerun() {
         "--heartbeat-ms",
         "500",
     ];
-    for name in ["a", "b", "c"] {
-        fx.spawn(name, &flags);
-    }
+    fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
     let busy = fx.wait_outcomes(1000, Duration::from_secs(30)).await;

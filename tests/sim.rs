@@ -1,14 +1,17 @@
 //! The `sim` binary end to end: a CI-sized run with generator SIGKILLs must pass its own verdict
 //! and write the report it promises.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
 fn small_sim_with_leader_kills_passes() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report");
-    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
-        .args([
+    let out = common::run_sim(
+        &report,
+        &[
             "--messages",
             "50000",
             "--kill-leader",
@@ -25,13 +28,8 @@ fn small_sim_with_leader_kills_passes() {
             "5000",
             "--queue-max",
             "2000",
-        ])
-        .arg("--report-dir")
-        .arg(&report)
-        .arg("--app-bin")
-        .arg(env!("CARGO_BIN_EXE_app"))
-        .output()
-        .expect("run sim");
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(

@@ -74,6 +74,13 @@ impl Fixture {
         .await
     }
 
+    /// Starts one app copy per name, all with the same flags.
+    pub fn spawn_all(&mut self, names: &[&str], extra: &[&str]) {
+        for name in names {
+            self.spawn(name, extra);
+        }
+    }
+
     /// Index of the app whose instance id holds the lease, with the epoch.
     pub async fn generator(&self, con: &mut conn::Conn) -> Option<(u64, usize)> {
         let value = leaderq::lease::holder(con, &self.keys).await.ok()??;
@@ -144,6 +151,18 @@ impl Fixture {
         .expect("epoch log parses");
         (verify::check(&observed), observed)
     }
+}
+
+/// Runs the real `sim` (with the real `app`) writing its report to `report`; returns its output.
+pub fn run_sim(report: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(args)
+        .arg("--report-dir")
+        .arg(report)
+        .arg("--app-bin")
+        .arg(app_bin())
+        .output()
+        .expect("run sim")
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, at most `bound`.
