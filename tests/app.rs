@@ -150,6 +150,12 @@ async fn handler_sigkill_mid_flight_loses_nothing() {
     assert!(busy.is_some(), "handling did not start");
     let (_, generator) = fx.generator(&mut con).await.expect("a generator");
     let victim = (0..3).find(|&i| i != generator).unwrap();
+    // Freeze the victim before counting what it holds: a running handler
+    // keeps committing, so a count taken while it runs can exceed what is
+    // left to reclaim at the moment of the kill. The pause lets commands
+    // already on the wire reach Redis; it is far below the 500 ms heartbeat.
+    fx.apps[victim].signal(libc::SIGSTOP).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let held = inspect::in_flight_matching(
         &mut con,
         &keys,
