@@ -116,6 +116,7 @@ fn app_args(flags: &Flags, url: &str, namespace: &str, seed: u64) -> Vec<String>
         ("--max-in-flight", flags.max_in_flight.to_string()),
         ("--batch", flags.batch.to_string()),
         ("--lease-ms", flags.lease_ms.to_string()),
+        ("--heartbeat-ms", flags.heartbeat_ms.to_string()),
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v])
@@ -553,6 +554,10 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         handler_delay_max_ms: flags.handler_delay_max_ms,
         max_in_flight: flags.max_in_flight,
         batch: flags.batch,
+        queue_max: flags.queue_max,
+        interval_ms: flags.interval_ms,
+        lease_ms: flags.lease_ms,
+        heartbeat_ms: flags.heartbeat_ms,
         redis_version,
         redis_used_memory_peak_bytes: memory
             .get("used_memory_peak")

@@ -70,6 +70,11 @@ pub struct Flags {
     /// Passed to every app: leader lease TTL.
     #[arg(long, default_value_t = 600)]
     pub lease_ms: u64,
+    /// Passed to every app: handler heartbeat TTL. A killed handler's messages are reclaimed
+    /// after about this long; a live handler stalled (not scheduled) for longer than this is
+    /// presumed dead too, and its messages re-run elsewhere.
+    #[arg(long, default_value_t = 750)]
+    pub heartbeat_ms: u64,
     /// Fail (exit 3) when the run has not completed after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,

@@ -88,6 +88,10 @@ pub struct Summary {
     pub handler_delay_max_ms: u64,
     pub max_in_flight: u64,
     pub batch: u64,
+    pub queue_max: u64,
+    pub interval_ms: u64,
+    pub lease_ms: u64,
+    pub heartbeat_ms: u64,
     pub redis_version: String,
     pub redis_used_memory_peak_bytes: u64,
     pub redis_commands_per_msg: f64,
@@ -168,7 +172,7 @@ fn summary_markdown(s: &Summary) -> String {
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
-    let rows: [(&str, &dyn Display); 38] = [
+    let rows: [(&str, &dyn Display); 42] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -200,6 +204,10 @@ fn summary_markdown(s: &Summary) -> String {
         ("handler_delay_max_ms", &s.handler_delay_max_ms),
         ("max_in_flight", &s.max_in_flight),
         ("batch", &s.batch),
+        ("queue_max", &s.queue_max),
+        ("interval_ms", &s.interval_ms),
+        ("lease_ms", &s.lease_ms),
+        ("heartbeat_ms", &s.heartbeat_ms),
         ("redis_version", &s.redis_version),
         (
             "redis_used_memory_peak_bytes",
@@ -345,7 +353,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(39));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(43));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")
