@@ -23,6 +23,9 @@ async fn copies_handle_every_message_once_under_one_generator() {
         "50",
         "--heartbeat-ms",
         "3000",
+        // One generator is asserted: a lease that outlives any CPU starvation on a loaded machine.
+        "--lease-ms",
+        "5000",
     ];
     fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
@@ -576,6 +579,11 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         "300",
         "--max-in-flight",
         "2000",
+        // No reclaim is asserted: a heartbeat that outlives any CPU starvation on a loaded
+        // machine, so only a stop that left messages behind could cause one (and in_flight
+        // would show those).
+        "--heartbeat-ms",
+        "5000",
     ];
     fx.spawn_all(&["a", "b"], &flags);
     let mut con = fx.con().await;

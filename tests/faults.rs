@@ -8,6 +8,18 @@ use common::{wait_for, Fixture};
 use leaderq::stats::Counters;
 use std::time::Duration;
 
+/// Heartbeat for runs with no handler kill, where the verdict demands exactly one handler run
+/// per message: long enough that a live handler starved of CPU while the tests run side by side
+/// on two cores is not presumed dead (which would re-run its messages and fail the verdict).
+const CALM_HEARTBEAT: [&str; 2] = ["--heartbeat-ms", "3000"];
+
+/// `sim` with [`CALM_HEARTBEAT`] added.
+fn calm_sim(name: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&CALM_HEARTBEAT);
+    sim(name, &all)
+}
+
 /// Runs `sim` with `args` on 20,000 messages and returns summary.json, asserting a pass.
 fn sim(name: &str, args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
@@ -55,7 +67,7 @@ fn sim(name: &str, args: &[&str]) -> serde_json::Value {
 fn paused_generator_is_fenced_and_steps_down() {
     // Small batches and queue so generation is still going when the pause hits.
     // Few messages in flight, so generation is still going when the pause hits.
-    let s = sim(
+    let s = calm_sim(
         "pause",
         &[
             "--pause-leader",
@@ -92,7 +104,7 @@ fn killed_handlers_lose_nothing() {
 
 #[test]
 fn dropped_connections_lose_nothing() {
-    let s = sim(
+    let s = calm_sim(
         "drops",
         &["--drop-connections", "2", "--handler-delay-max-ms", "300"],
     );
@@ -101,7 +113,7 @@ fn dropped_connections_lose_nothing() {
 
 #[test]
 fn redis_crash_and_restart_from_aof_loses_nothing() {
-    let s = sim(
+    let s = calm_sim(
         "restart",
         &["--restart-redis", "1", "--handler-delay-max-ms", "300"],
     );

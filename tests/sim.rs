@@ -28,6 +28,10 @@ fn small_sim_with_leader_kills_passes() {
             "5000",
             "--queue-max",
             "2000",
+            // Only generators are killed, so every handler run must count once: a long heartbeat
+            // keeps a handler starved of CPU on a loaded machine from being presumed dead.
+            "--heartbeat-ms",
+            "3000",
         ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -48,6 +52,10 @@ fn small_sim_with_leader_kills_passes() {
     assert_eq!(summary["verdict"], "pass");
     assert_eq!(summary["messages"], 50000);
     assert_eq!(summary["leader_kills"], 2);
+    assert_eq!(
+        summary["heartbeat_ms"], 3000,
+        "the run's settings are recorded"
+    );
     assert_eq!(summary["missing"], 0);
     assert_eq!(summary["duplicates"], 0);
     assert_eq!(
