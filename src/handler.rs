@@ -22,7 +22,7 @@ use crate::stats::{self, Latencies};
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
@@ -478,7 +478,8 @@ async fn timer_loop(
     mut work_rx: mpsc::UnboundedReceiver<Vec<Done>>,
     done_tx: mpsc::UnboundedSender<Done>,
 ) -> Result<(), Error> {
-    let mut waiting: DelayQueue<Done> = DelayQueue::new();
+    // Each waiting message with the moment its eventHandler started, for the handler-time metric.
+    let mut waiting: DelayQueue<(Done, Instant)> = DelayQueue::new();
     let mut open = true;
     while open || !waiting.is_empty() {
         tokio::select! {
@@ -490,16 +491,17 @@ async fn timer_loop(
                             tracing::error!(id = d.message.id, "fault injection: crashing on this message");
                             std::process::abort();
                         }
+                        let started = Instant::now();
                         let outcome = model.decide(d.message.id);
-                        crate::metrics::handler_ms(outcome.delay_ms);
                         if outcome.failed {
                             d.verdict = Verdict::Failed;
                         }
                         d.delay_ms = outcome.delay_ms;
                         if outcome.delay_ms > 0 {
-                            waiting.insert(d, Duration::from_millis(outcome.delay_ms));
+                            waiting.insert((d, started), Duration::from_millis(outcome.delay_ms));
                             continue;
                         }
+                        crate::metrics::handler_time(started.elapsed());
                     }
                     if done_tx.send(d).is_err() {
                         return Ok(());
@@ -507,7 +509,9 @@ async fn timer_loop(
                 }
             }
             Some(expired) = poll_fn(|cx| waiting.poll_expired(cx)), if !waiting.is_empty() => {
-                if done_tx.send(expired.into_inner()).is_err() {
+                let (d, started) = expired.into_inner();
+                crate::metrics::handler_time(started.elapsed());
+                if done_tx.send(d).is_err() {
                     return Ok(());
                 }
             }

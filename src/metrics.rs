@@ -189,10 +189,10 @@ pub fn role(role: Role) {
     }
 }
 
-/// One message's eventHandler run time.
-pub fn handler_ms(delay_ms: u64) {
+/// One message's eventHandler run time, as measured (the drawn delay plus timer lateness).
+pub fn handler_time(elapsed: std::time::Duration) {
     if let Some(h) = HANDLES.get() {
-        h.handler_seconds.record(delay_ms as f64 / 1e3);
+        h.handler_seconds.record(elapsed.as_secs_f64());
     }
 }
 
