@@ -223,6 +223,10 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                 "yes",
                 "--appendfsync",
                 "always",
+                // A torn last transaction is repaired before the restart (see
+                // RedisServer::crash_and_restart), never half-replayed.
+                "--aof-load-truncated",
+                "no",
             ])
             .context("starting redis-server with an AOF")?,
         ),
@@ -272,6 +276,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let mut timed_out = false;
     let mut last_counters = leaderq::stats::Counters::default();
     let mut redis_errors = 0u32;
+    let mut aof_repairs = 0u64;
     loop {
         tokio::time::sleep(TICK).await;
         let now = Instant::now();
@@ -447,14 +452,16 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                         .as_mut()
                         .context("--restart-redis needs the sim's own Redis")?;
                     let began = Instant::now();
-                    tokio::task::block_in_place(|| server.crash_and_restart())
+                    let repaired = tokio::task::block_in_place(|| server.crash_and_restart())
                         .context("restarting redis-server")?;
                     disruptions += 1;
+                    aof_repairs += u64::from(repaired);
                     let f = &mut faults[i];
                     (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
                     progress.note(&format!(
-                        "redis restart: SIGKILLed and back from its AOF in {:?} at {done} outcomes",
-                        began.elapsed()
+                        "redis restart: SIGKILLed and back from its AOF in {:?} at {done} outcomes{}",
+                        began.elapsed(),
+                        if repaired { " (torn last transaction cut by redis-check-aof --fix)" } else { "" }
                     ));
                 }
             }
@@ -539,6 +546,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         reclaim_ms,
         connection_drops: of_kind(FaultKind::DropConnections).count() as u64,
         redis_restarts: of_kind(FaultKind::RestartRedis).count() as u64,
+        aof_repairs,
         latency_ms: Percentiles::from_histogram_us(&latencies.end_to_end_us),
         queue_wait_ms: Percentiles::from_histogram_us(&latencies.queue_wait_us),
         overhead_ms: Percentiles::from_histogram_us(&latencies.overhead_us),
@@ -587,6 +595,11 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         &kill_events,
     )?;
     print_summary(&summary, &report_dir);
+    if !verdict.pass || timed_out {
+        if let Some(server) = &server {
+            keep_redis_data(server.dir(), &report_dir.join("redis-data"));
+        }
+    }
     drop(server);
     Ok(if timed_out {
         eprintln!(
@@ -601,6 +614,20 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     } else {
         End::Violation
     })
+}
+
+/// Copies the sim's own Redis directory (its log and AOF, the complete command history of a
+/// persisted run) next to a failed run's report, so the failure can be traced command by command.
+fn keep_redis_data(from: &Path, to: &Path) {
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(from)
+        .arg(to)
+        .status();
+    match copied {
+        Ok(s) if s.success() => eprintln!("sim: Redis's data dir kept in {}", to.display()),
+        other => eprintln!("sim: could not keep Redis's data dir: {other:?}"),
+    }
 }
 
 /// How long a paused generator stays stopped: past its lease, so a successor takes over.
@@ -687,13 +714,14 @@ fn print_summary(s: &Summary, dir: &Path) {
     if s.pauses + s.worker_kills + s.connection_drops + s.redis_restarts > 0 {
         let round = |v: &[f64]| v.iter().map(|f| f.round()).collect::<Vec<_>>();
         println!(
-            "pauses={} pause_failover_ms={:?} worker_kills={} reclaim_ms={:?} connection_drops={} redis_restarts={} reruns={}",
+            "pauses={} pause_failover_ms={:?} worker_kills={} reclaim_ms={:?} connection_drops={} redis_restarts={} aof_repairs={} reruns={}",
             s.pauses,
             round(&s.pause_failover_ms),
             s.worker_kills,
             round(&s.reclaim_ms),
             s.connection_drops,
             s.redis_restarts,
+            s.aof_repairs,
             s.reruns
         );
     }

@@ -76,6 +76,8 @@ pub struct Summary {
     pub connection_drops: u64,
     /// Redis SIGKILLed and restarted from its AOF (`appendfsync always`).
     pub redis_restarts: u64,
+    /// Restarts whose AOF ended in a torn transaction, cut by `redis-check-aof --fix` first.
+    pub aof_repairs: u64,
     pub latency_ms: Percentiles,
     pub queue_wait_ms: Percentiles,
     /// End-to-end latency minus each message's own eventHandler delay: the queue's overhead.
@@ -172,7 +174,7 @@ fn summary_markdown(s: &Summary) -> String {
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
-    let rows: [(&str, &dyn Display); 42] = [
+    let rows: [(&str, &dyn Display); 43] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -197,6 +199,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("reclaim_ms", &reclaims),
         ("connection_drops", &s.connection_drops),
         ("redis_restarts", &s.redis_restarts),
+        ("aof_repairs", &s.aof_repairs),
         ("latency_ms", &latency),
         ("queue_wait_ms", &queue_wait),
         ("overhead_ms", &overhead),
@@ -353,7 +356,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(43));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(44));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

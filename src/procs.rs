@@ -100,24 +100,83 @@ impl RedisServer {
     }
 
     /// SIGKILLs the server and starts it again on the same port and directory (so an AOF, if
-    /// configured, is replayed): a crash and recovery of Redis itself.
-    pub fn crash_and_restart(&mut self) -> std::io::Result<()> {
+    /// configured, is replayed): a crash and recovery of Redis itself. Returns whether the AOF had
+    /// to be repaired first.
+    ///
+    /// A SIGKILL can land in the middle of the AOF write of a script's effects (a `MULTI` block).
+    /// Started with `aof-load-truncated no`, Redis then refuses to load the file, and this does
+    /// what the operator should: `redis-check-aof --fix`, which cuts the file before the
+    /// incomplete `MULTI`, then starts Redis again. (With `aof-load-truncated yes`, Redis 7.0
+    /// cuts only the torn command and leaves the `MULTI` open, so the next restart replays the
+    /// torn script's first writes inside the following transaction: valkey-io/valkey#4342.)
+    pub fn crash_and_restart(&mut self) -> std::io::Result<bool> {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         let mut last = None;
+        let mut repaired = false;
         // The port is free again once the process is reaped; retry briefly in case of TIME_WAIT.
         for _ in 0..50 {
             match Self::spawn_on(self.dir.path(), self.port, &extra) {
                 Ok(child) => {
                     self.child = child;
-                    return Ok(());
+                    return Ok(repaired);
+                }
+                Err(e) if !repaired && self.aof_needs_repair() => {
+                    self.repair_aof()?;
+                    repaired = true;
+                    last = Some(e);
+                    continue;
                 }
                 Err(e) => last = Some(e),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         Err(last.unwrap_or_else(|| std::io::Error::other("redis-server did not restart")))
+    }
+
+    /// True when the server's last start ended in refusing a truncated AOF.
+    fn aof_needs_repair(&self) -> bool {
+        let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+        let refused = log.rfind("Unexpected end of file reading the append only file");
+        let ready = log.rfind("Ready to accept connections");
+        match (refused, ready) {
+            (Some(r), Some(s)) => r > s,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+
+    /// Runs `redis-check-aof --fix` on the server's AOF (multi-part manifest or single file).
+    fn repair_aof(&self) -> std::io::Result<()> {
+        let manifest = self
+            .dir
+            .path()
+            .join("appendonlydir/appendonly.aof.manifest");
+        let target = if manifest.exists() {
+            manifest
+        } else {
+            self.dir.path().join("appendonly.aof")
+        };
+        let mut child = Command::new("redis-check-aof")
+            .arg("--fix")
+            .arg(&target)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        // It asks before it truncates.
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(b"y\n");
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            return Err(std::io::Error::other(format!(
+                "redis-check-aof --fix {} failed: {status}",
+                target.display()
+            )));
+        }
+        Ok(())
     }
 
     /// `redis://127.0.0.1:<port>`.
