@@ -125,7 +125,7 @@ fn done_items(owner: &Arc<str>, payloads: Vec<Vec<u8>>) -> Vec<Done> {
                 owner: owner.clone(),
                 verdict: verdict(message.id),
                 message,
-                payload,
+                payload: payload.into(),
                 delay_ms: 0,
             }
         })
@@ -202,10 +202,11 @@ fn bench_fetch(c: &mut Criterion) {
                             inflight = 0;
                         }
                         let start = Instant::now();
-                        let (_, payloads) =
+                        let payloads =
                             handler::fetch(&mut con, &keys, handler_id, count, HEARTBEAT_MS)
                                 .await
-                                .expect("fetch");
+                                .expect("fetch")
+                                .payloads;
                         timed += start.elapsed();
                         assert_eq!(payloads.len() as u64, count);
                         black_box(payloads);
@@ -250,10 +251,10 @@ fn bench_commit(c: &mut Criterion) {
                             del(&mut con, &keys.errors()).await;
                             errors = 0;
                         }
-                        let (_, payloads) =
-                            handler::fetch(&mut con, &keys, &owner, batch, HEARTBEAT_MS)
-                                .await
-                                .expect("fetch");
+                        let payloads = handler::fetch(&mut con, &keys, &owner, batch, HEARTBEAT_MS)
+                            .await
+                            .expect("fetch")
+                            .payloads;
                         assert_eq!(payloads.len() as u64, batch);
                         queued -= batch;
                         let items = done_items(&owner, payloads);
@@ -303,9 +304,10 @@ async fn pipeline_handler(mut con: Conn, keys: Keys, n: u64) {
     let owner: Arc<str> = Arc::from("bench-pipeline");
     let mut committed = 0;
     while committed < n {
-        let (_, payloads) = handler::fetch(&mut con, &keys, &owner, PIPELINE_BATCH, HEARTBEAT_MS)
+        let payloads = handler::fetch(&mut con, &keys, &owner, PIPELINE_BATCH, HEARTBEAT_MS)
             .await
-            .expect("fetch");
+            .expect("fetch")
+            .payloads;
         if payloads.is_empty() {
             tokio::task::yield_now().await;
             continue;

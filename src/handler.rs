@@ -11,6 +11,12 @@
 //!   accumulates, so batches grow with load.
 //!
 //! The channels are unbounded in type but bounded in fact: every message in them holds a permit.
+//!
+//! The fetcher also keeps this handler's in-flight set in Redis and what it holds in memory in
+//! step (docs/PROTOCOL.md, invariant 5): after a fetch whose outcome it could not see, after its
+//! heartbeat lapsed, and at least every [`RECONCILE_EVERY`] in any role, it compares the two and
+//! adopts any message the set holds that it does not, so no message is stranded in a live
+//! process.
 
 use crate::conn::Conn;
 use crate::error::Error;
@@ -19,11 +25,13 @@ use crate::message::Message;
 use crate::outcome::OutcomeModel;
 use crate::scripts;
 use crate::stats::{self, Latencies};
+use std::collections::HashSet;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
@@ -73,7 +81,7 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct Done {
     /// The payload exactly as fetched: commit.lua finds it in the in-flight set by value.
-    pub payload: Vec<u8>,
+    pub payload: Arc<[u8]>,
     /// The handler id whose in-flight set holds the payload.
     pub owner: Arc<str>,
     /// Parsed id and generation time (zeros for a bad payload).
@@ -98,6 +106,18 @@ pub struct FetchLimits {
     pub suspect_base: u64,
 }
 
+/// What one fetch.lua call returned.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    /// Redis time of the fetch, µs.
+    pub time_us: u64,
+    /// The handler's heartbeat had expired before this fetch refreshed it: its in-flight set may
+    /// have been reclaimed, so what it holds must be reconciled with the set.
+    pub heartbeat_lapsed: bool,
+    /// The payloads now in the handler's in-flight set, in the order taken.
+    pub payloads: Vec<Vec<u8>>,
+}
+
 /// Runs fetch.lua: up to `count` fresh messages, a tenth of them at most from the retry set.
 pub async fn fetch(
     con: &mut Conn,
@@ -105,7 +125,7 @@ pub async fn fetch(
     handler: &str,
     count: u64,
     heartbeat_ms: u64,
-) -> Result<(u64, Vec<Vec<u8>>), Error> {
+) -> Result<Fetched, Error> {
     let limits = FetchLimits {
         count,
         retry_max: count.div_ceil(10),
@@ -117,14 +137,14 @@ pub async fn fetch(
 
 /// Runs fetch.lua: suspects first (a group of one level, if the handler may take more), then a
 /// random sample from the retry set, then fresh messages from the queue, `limits.count` in all,
-/// into `handler`'s in-flight set. Returns the Redis time of the fetch (µs) and the payloads.
+/// into `handler`'s in-flight set.
 pub async fn fetch_limited(
     con: &mut Conn,
     keys: &Keys,
     handler: &str,
     limits: FetchLimits,
     heartbeat_ms: u64,
-) -> Result<(u64, Vec<Vec<u8>>), Error> {
+) -> Result<Fetched, Error> {
     let mut call = scripts::FETCH.prepare_invoke();
     call.key(keys.queue())
         .key(keys.inflight(handler))
@@ -147,8 +167,8 @@ pub async fn fetch_limited(
         .invoke_async(con)
         .await?;
     let mut items = reply.into_iter();
-    let time_us = match items.next() {
-        Some(redis::Value::Int(t)) => t as u64,
+    let (time_us, lapsed) = match (items.next(), items.next()) {
+        (Some(redis::Value::Int(t)), Some(redis::Value::Int(l))) => (t as u64, l),
         other => {
             return Err(Error::Corrupt(format!(
                 "fetch.lua returned {other:?} before the payloads"
@@ -161,7 +181,11 @@ pub async fn fetch_limited(
             other => format!("{other:?}").into_bytes(),
         })
         .collect();
-    Ok((time_us, payloads))
+    Ok(Fetched {
+        time_us,
+        heartbeat_lapsed: lapsed == 1,
+        payloads,
+    })
 }
 
 /// Runs commit.lua for `items`, which must all have the same owner.
@@ -209,6 +233,9 @@ pub struct HandlerShared {
     pub suspects: Arc<Mutex<SuspectHold>>,
     /// Signalled by the wake-up channel listener when the generator has queued messages.
     pub wake: Arc<tokio::sync::Notify>,
+    /// Set when this handler's heartbeat was found expired (by the heartbeat task or a fetch):
+    /// reclaim.lua may have taken its in-flight set, so the fetcher reconciles in full.
+    pub heartbeat_lapsed: Arc<AtomicBool>,
 }
 
 /// Suspects a handler holds: all of one level at a time, so that if it dies the group that climbs
@@ -225,16 +252,26 @@ pub struct SuspectHold {
 /// (`liveness::MAX_RECLAIMS`).
 pub const SUSPECT_LEVELS: std::ops::RangeInclusive<u64> = 2..=6;
 
-/// What this handler holds, by id (and unparseable payloads by value), so that after a lost
-/// fetch reply it can tell which members of its in-flight set it has never seen.
+/// What this handler believes its in-flight set holds: every payload it fetched (and saw the
+/// reply of) or adopted, minus those it committed (and saw the reply of), minus those a
+/// reconciliation found reclaimed. Exact payload bytes, so that a reconciliation can tell any
+/// member of the set it never saw, even one that repeats another's id.
 #[derive(Debug, Default)]
-struct Tracked {
-    ids: std::collections::HashSet<u64>,
-    bad: std::collections::HashSet<Vec<u8>>,
+struct Holdings {
+    payloads: HashSet<Arc<[u8]>>,
 }
+
+/// How often the fetcher checks, in every role, that its in-flight set holds exactly what it
+/// holds in memory (one `SCARD`, and a `SMEMBERS` only when they differ): the backstop that
+/// bounds how long any message can sit unseen in a live handler's set (docs/PROTOCOL.md,
+/// invariant 5).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 /// Longest pause between polls of an idle handler; the wake-up channel usually ends it sooner.
 const IDLE_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Pause before retrying a reconciliation that failed (Redis away).
+const RECONCILE_RETRY: Duration = Duration::from_millis(100);
 
 /// Runs the three tasks until `stop` fires, then drains: no new fetches, every fetched message is
 /// still handled and committed. Publishes the current handler id on `owner_tx` (the heartbeat
@@ -251,152 +288,295 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(config.max_in_flight));
     let (work_tx, work_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let tracked = Mutex::new(Tracked::default());
-    let fetcher = fetch_loop(
-        con.clone(),
+    let holdings = Mutex::new(Holdings::default());
+    // Held by the committer from sending a commit until it has applied the reply, and by a
+    // reconciliation while it compares: so a reconciliation never sees a commit half-applied.
+    let commit_gate = tokio::sync::Mutex::new(());
+    let owner: Arc<str> = Arc::from(format!("{}.0", config.instance_id));
+    owner_tx.send_replace(owner.clone());
+    let fetcher = Fetcher {
+        con: con.clone(),
+        keys: &keys,
+        config: &config,
+        owner,
+        permits: &permits,
+        shared: &shared,
+        holdings: &holdings,
+        commit_gate: &commit_gate,
+        work_tx,
+        stop: &stop,
+    };
+    let timers = timer_loop(config.model, work_rx, done_tx);
+    let committer = commit_loop(
+        con,
         &keys,
         &config,
-        role,
-        owner_tx,
         &permits,
         &shared,
-        &tracked,
-        work_tx,
-        &stop,
+        &holdings,
+        &commit_gate,
+        done_rx,
     );
-    let timers = timer_loop(config.model, work_rx, done_tx);
-    let committer = commit_loop(con, &keys, &config, &permits, &shared, &tracked, done_rx);
-    tokio::try_join!(fetcher, timers, committer)?;
+    tokio::try_join!(fetcher.run(role), timers, committer)?;
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fetch_loop(
-    mut con: Conn,
-    keys: &Keys,
-    config: &HandlerConfig,
-    mut role: watch::Receiver<Role>,
-    owner_tx: watch::Sender<Arc<str>>,
-    permits: &Arc<Semaphore>,
-    shared: &HandlerShared,
-    tracked: &Mutex<Tracked>,
+/// The fetch side of one handler: takes batches while this process is a handler, and keeps its
+/// in-flight set reconciled with what it holds in every role.
+struct Fetcher<'a> {
+    con: Conn,
+    keys: &'a Keys,
+    config: &'a HandlerConfig,
+    /// This process's handler id (`<instance>.0`): whose in-flight set it fills.
+    owner: Arc<str>,
+    /// One permit per message held, `max_in_flight` in all.
+    permits: &'a Arc<Semaphore>,
+    shared: &'a HandlerShared,
+    holdings: &'a Mutex<Holdings>,
+    commit_gate: &'a tokio::sync::Mutex<()>,
+    /// To the timer task: batches of messages to run.
     work_tx: mpsc::UnboundedSender<Vec<Done>>,
-    stop: &CancellationToken,
-) -> Result<(), Error> {
-    let batch = config.batch.min(config.max_in_flight as u64).max(1);
-    let owner: Arc<str> = Arc::from(format!("{}.0", config.instance_id));
-    owner_tx.send_replace(owner.clone());
-    let mut idle = Duration::ZERO;
-    let mut failures = 0u32;
-    let mut resync_needed = false;
-    loop {
-        // A generator does not fetch; its messages already in flight still finish.
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            r = role.wait_for(|r| *r == Role::Handler) => { if r.is_err() { return Ok(()); } }
+    stop: &'a CancellationToken,
+}
+
+/// Why [`Fetcher::run`] stops: told to, or the timer task is gone (its error is reported there).
+struct Stopped;
+
+impl Fetcher<'_> {
+    async fn run(mut self, mut role: watch::Receiver<Role>) -> Result<(), Error> {
+        match self.fetch_until_stopped(&mut role).await {
+            Ok(Stopped) | Err(Stopped) => Ok(()),
         }
-        if resync_needed {
-            // A fetch reply was lost: fetch.lua may have moved messages into our in-flight set
-            // that we never saw. Adopt them, so they are neither stranded nor reclaimed while
-            // we are alive.
-            match orphans(&mut con, keys, &owner, tracked).await {
-                Ok(found) => {
-                    resync_needed = false;
-                    if !found.is_empty() {
-                        tracing::warn!(
-                            adopted = found.len(),
-                            "adopted messages a lost fetch reply had moved to us"
-                        );
-                        let n = found.len() as u32;
-                        let held = tokio::select! {
-                            _ = stop.cancelled() => return Ok(()),
-                            p = permits.acquire_many(n) => p.expect("the semaphore is never closed"),
-                        };
-                        held.forget();
-                        let items = admit(found, None, &owner, shared, tracked);
-                        if work_tx.send(items).is_err() {
-                            return Ok(());
-                        }
+    }
+
+    async fn fetch_until_stopped(
+        &mut self,
+        role: &mut watch::Receiver<Role>,
+    ) -> Result<Stopped, Stopped> {
+        let batch = self
+            .config
+            .batch
+            .min(self.config.max_in_flight as u64)
+            .max(1);
+        let mut idle = Duration::ZERO;
+        let mut failures = 0u32;
+        // A fetch whose reply was lost may have moved messages into our set: reconcile in full.
+        let mut outcome_unknown = false;
+        let mut unknown_since: Option<Instant> = None;
+        let mut next_check = Instant::now() + RECONCILE_EVERY;
+        loop {
+            if self.stop.is_cancelled() {
+                return Ok(Stopped);
+            }
+            let lapsed = self.shared.heartbeat_lapsed.load(Ordering::Acquire);
+            if outcome_unknown || lapsed || Instant::now() >= next_check {
+                match self.reconcile(outcome_unknown, unknown_since).await {
+                    Ok(()) => {
+                        outcome_unknown = false;
+                        unknown_since = None;
+                        next_check = Instant::now() + RECONCILE_EVERY;
                     }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "in-flight reconciliation failed; retrying");
+                        outcome_unknown = true;
+                        unknown_since.get_or_insert_with(Instant::now);
+                        self.pause(RECONCILE_RETRY).await?;
+                        continue;
+                    }
+                }
+            }
+            // A generator does not fetch; its messages already in flight still finish, and its
+            // set is still reconciled on schedule.
+            if *role.borrow_and_update() != Role::Handler {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return Ok(Stopped),
+                    r = role.changed() => if r.is_err() { return Ok(Stopped) },
+                    _ = tokio::time::sleep_until(next_check) => {}
+                }
+                continue;
+            }
+            let held = tokio::select! {
+                _ = self.stop.cancelled() => return Ok(Stopped),
+                p = self.permits.acquire_many(batch as u32) => p.expect("the semaphore is never closed"),
+            };
+            held.forget();
+            let hold = *self.shared.suspects.lock().expect("suspect lock poisoned");
+            let limits = FetchLimits {
+                count: batch,
+                retry_max: batch.div_ceil(10),
+                hold,
+                suspect_base: self.config.max_in_flight as u64,
+            };
+            let fetched = fetch_limited(
+                &mut self.con,
+                self.keys,
+                &self.owner,
+                limits,
+                self.config.heartbeat_ms,
+            )
+            .await;
+            match fetched {
+                Ok(f) => {
+                    failures = 0;
+                    if f.heartbeat_lapsed {
+                        self.shared.heartbeat_lapsed.store(true, Ordering::Release);
+                    }
+                    self.permits.add_permits(batch as usize - f.payloads.len());
+                    if f.payloads.is_empty() {
+                        // Idle: wait for the wake-up channel (new messages), polling ever more
+                        // slowly as the backstop for a lost notification or reclaimed messages.
+                        idle = (idle * 2).clamp(Duration::from_micros(500), IDLE_POLL_MAX);
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return Ok(Stopped),
+                            _ = self.shared.wake.notified() => idle = Duration::ZERO,
+                            _ = tokio::time::sleep(idle) => {}
+                        }
+                        continue;
+                    }
+                    idle = Duration::ZERO;
+                    self.hand_over(f.payloads, Some(f.time_us))?;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "in-flight resync failed; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    }
-                    continue;
-                }
-            }
-        }
-        let held = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            p = permits.acquire_many(batch as u32) => p.expect("the semaphore is never closed"),
-        };
-        held.forget();
-        let hold = *shared.suspects.lock().expect("suspect lock poisoned");
-        let limits = FetchLimits {
-            count: batch,
-            retry_max: batch.div_ceil(10),
-            hold,
-            suspect_base: config.max_in_flight as u64,
-        };
-        match fetch_limited(&mut con, keys, &owner, limits, config.heartbeat_ms).await {
-            Ok((time_us, payloads)) => {
-                failures = 0;
-                permits.add_permits(batch as usize - payloads.len());
-                if payloads.is_empty() {
-                    // Idle: wait for the wake-up channel (new messages), polling ever more slowly
-                    // as the backstop for a lost notification or reclaimed messages.
-                    idle = (idle * 2).clamp(Duration::from_micros(500), IDLE_POLL_MAX);
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        _ = shared.wake.notified() => idle = Duration::ZERO,
-                        _ = tokio::time::sleep(idle) => {}
-                    }
-                    continue;
-                }
-                idle = Duration::ZERO;
-                let items = admit(payloads, Some(time_us), &owner, shared, tracked);
-                if work_tx.send(items).is_err() {
-                    return Ok(()); // the timer task ended: its error, if any, is reported there
-                }
-            }
-            Err(e) => {
-                permits.add_permits(batch as usize);
-                failures += 1;
-                resync_needed |= e.is_connection();
-                tracing::warn!(error = %e, failures, handler = %owner, "fetch failed; retrying");
-                let backoff = Duration::from_millis(20 * u64::from(failures.min(50)));
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+                    self.permits.add_permits(batch as usize);
+                    failures += 1;
+                    // Whatever the error, the script may have run: never assume it did not.
+                    outcome_unknown = true;
+                    unknown_since.get_or_insert_with(Instant::now);
+                    tracing::warn!(error = %e, failures, handler = %self.owner, "fetch failed; retrying");
+                    self.pause(Duration::from_millis(20 * u64::from(failures.min(50))))
+                        .await?;
                 }
             }
         }
     }
+
+    /// Sleeps, or stops early when told to.
+    async fn pause(&self, how_long: Duration) -> Result<(), Stopped> {
+        tokio::select! {
+            _ = self.stop.cancelled() => Err(Stopped),
+            _ = tokio::time::sleep(how_long) => Ok(()),
+        }
+    }
+
+    /// Admits payloads (now ours in Redis) and passes them to the timer task.
+    fn hand_over(&self, payloads: Vec<Vec<u8>>, fetched_us: Option<u64>) -> Result<(), Stopped> {
+        let items = admit(
+            payloads,
+            fetched_us,
+            &self.owner,
+            self.shared,
+            self.holdings,
+        );
+        self.work_tx.send(items).map_err(|_| Stopped)
+    }
+
+    /// Makes what this handler holds equal to its in-flight set in Redis: adopts every member it
+    /// does not hold (a fetch whose reply was lost put it there) and forgets every message the
+    /// set no longer has (reclaimed while the heartbeat had lapsed; its commit will be refused).
+    ///
+    /// Cheap when nothing is wrong: one `SCARD`, compared with the count held, while no commit
+    /// is in flight (the commit gate) and no fetch is (the fetcher is the caller). The full
+    /// `SMEMBERS` comparison runs when they differ, when `full` (a fetch's outcome is unknown),
+    /// or after a heartbeat lapse (then the set may have lost members and gained others in equal
+    /// numbers, which counts cannot see).
+    async fn reconcile(&mut self, full: bool, since: Option<Instant>) -> Result<(), Error> {
+        let set = self.keys.inflight(&self.owner);
+        let orphans = {
+            let _gate = self.commit_gate.lock().await;
+            let lapsed = self.shared.heartbeat_lapsed.swap(false, Ordering::AcqRel);
+            let result = self.compare(&set, full || lapsed).await;
+            if result.is_err() && lapsed {
+                self.shared.heartbeat_lapsed.store(true, Ordering::Release);
+            }
+            result?
+        };
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            adopted = orphans.len(),
+            since_failed_fetch_ms = since.map(|t| t.elapsed().as_millis() as u64),
+            "adopted messages our in-flight set held that we did not (a fetch reply was lost)"
+        );
+        crate::metrics::adopted(orphans.len() as u64);
+        let n = u32::try_from(orphans.len()).unwrap_or(u32::MAX);
+        let held = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(()),
+            p = self.permits.acquire_many(n) => p.expect("the semaphore is never closed"),
+        };
+        held.forget();
+        // The timer task ends only on an error it reports itself.
+        let _ = self.hand_over(orphans, None);
+        Ok(())
+    }
+
+    /// Under the commit gate: the members of `set` not held, after forgetting the held ones
+    /// `set` no longer has. `Ok(empty)` at once when `!full` and the counts agree.
+    async fn compare(&mut self, set: &str, full: bool) -> Result<Vec<Vec<u8>>, Error> {
+        if !full {
+            let in_redis: usize = redis::cmd("SCARD")
+                .arg(set)
+                .query_async(&mut self.con)
+                .await?;
+            let held = self
+                .holdings
+                .lock()
+                .expect("holdings lock poisoned")
+                .payloads
+                .len();
+            if in_redis == held {
+                return Ok(Vec::new());
+            }
+            tracing::warn!(
+                in_redis,
+                held,
+                "in-flight set and holdings differ; comparing them in full"
+            );
+        }
+        let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+            .arg(set)
+            .query_async(&mut self.con)
+            .await?;
+        let mut holdings = self.holdings.lock().expect("holdings lock poisoned");
+        let in_redis: HashSet<&[u8]> = members.iter().map(Vec::as_slice).collect();
+        let before = holdings.payloads.len();
+        holdings.payloads.retain(|p| in_redis.contains(&p[..]));
+        let gone = before - holdings.payloads.len();
+        if gone > 0 {
+            tracing::warn!(
+                gone,
+                "messages we hold were reclaimed while our heartbeat had lapsed; another handler records them"
+            );
+        }
+        let orphans = members
+            .into_iter()
+            .filter(|p| !holdings.payloads.contains(&p[..]))
+            .collect();
+        Ok(orphans)
+    }
 }
 
-/// Turns fetched payloads into work items: parses them (a bad one is committed as such), records
-/// the queue wait (when the fetch time is known), and notes what this handler now holds.
+/// Turns payloads into work items: parses them (a bad one is committed as such), records the
+/// queue wait (when the fetch time is known), and adds them to the holdings.
 fn admit(
     payloads: Vec<Vec<u8>>,
     fetched_us: Option<u64>,
     owner: &Arc<str>,
     shared: &HandlerShared,
-    tracked: &Mutex<Tracked>,
+    holdings: &Mutex<Holdings>,
 ) -> Vec<Done> {
     shared
         .in_flight
         .fetch_add(payloads.len() as u64, Ordering::Relaxed);
     let mut items = Vec::with_capacity(payloads.len());
     let mut lat = shared.latencies.lock().expect("latency lock poisoned");
-    let mut held = tracked.lock().expect("tracking lock poisoned");
+    let mut held = holdings.lock().expect("holdings lock poisoned");
     let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
     for payload in payloads {
         let parsed = std::str::from_utf8(&payload)
             .map_err(|_| "payload is not UTF-8".to_string())
             .and_then(Message::parse);
+        let payload: Arc<[u8]> = payload.into();
         let (message, verdict) = match parsed {
             Ok(m) => {
                 if let Some(t) = fetched_us {
@@ -406,15 +586,14 @@ fn admit(
                     suspects.level = m.reclaims;
                     suspects.count += 1;
                 }
-                held.ids.insert(m.id);
                 (m, Verdict::Ok)
             }
             Err(reason) => {
                 tracing::warn!(payload = %String::from_utf8_lossy(&payload), %reason, "bad message; moving it to the error store");
-                held.bad.insert(payload.clone());
                 (Message::default(), Verdict::Bad(reason))
             }
         };
+        held.payloads.insert(payload.clone());
         items.push(Done {
             payload,
             owner: owner.clone(),
@@ -426,44 +605,12 @@ fn admit(
     items
 }
 
-/// Members of `owner`'s in-flight set this handler does not know it holds.
-///
-/// A message committed between the `SMEMBERS` and the check may be taken for an orphan and run
-/// again; its second commit is then refused (the `SREM` finds nothing), so nothing is recorded
-/// twice.
-async fn orphans(
-    con: &mut Conn,
-    keys: &Keys,
-    owner: &str,
-    tracked: &Mutex<Tracked>,
-) -> Result<Vec<Vec<u8>>, Error> {
-    let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
-        .arg(keys.inflight(owner))
-        .query_async(con)
-        .await?;
-    let held = tracked.lock().expect("tracking lock poisoned");
-    Ok(members
-        .into_iter()
-        .filter(|p| match std::str::from_utf8(p).ok().map(Message::parse) {
-            Some(Ok(m)) => !held.ids.contains(&m.id),
-            _ => !held.bad.contains(p),
-        })
-        .collect())
-}
-
-/// Forgets committed messages: no longer held, no longer tracked.
-fn release(batch: &[Done], shared: &HandlerShared, tracked: &Mutex<Tracked>) {
-    let mut held = tracked.lock().expect("tracking lock poisoned");
+/// Forgets committed messages: no longer held.
+fn release(batch: &[Done], shared: &HandlerShared, holdings: &Mutex<Holdings>) {
+    let mut held = holdings.lock().expect("holdings lock poisoned");
     let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
     for d in batch {
-        match d.verdict {
-            Verdict::Bad(_) => {
-                held.bad.remove(&d.payload);
-            }
-            _ => {
-                held.ids.remove(&d.message.id);
-            }
-        }
+        held.payloads.remove(&d.payload);
         if d.message.reclaims >= 2 {
             suspects.count = suspects.count.saturating_sub(1);
         }
@@ -520,13 +667,15 @@ async fn timer_loop(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn commit_loop(
     mut con: Conn,
     keys: &Keys,
     config: &HandlerConfig,
     permits: &Arc<Semaphore>,
     shared: &HandlerShared,
-    tracked: &Mutex<Tracked>,
+    holdings: &Mutex<Holdings>,
+    commit_gate: &tokio::sync::Mutex<()>,
     mut done_rx: mpsc::UnboundedReceiver<Done>,
 ) -> Result<(), Error> {
     let mut batch: Vec<Done> = Vec::with_capacity(config.commit_max);
@@ -539,6 +688,7 @@ async fn commit_loop(
             }
         }
         // One owner per process (`<instance>.0`), so the whole batch is one commit.
+        let gate = commit_gate.lock().await;
         let (time_us, refused) = commit_with_retry(&mut con, keys, config, &batch).await?;
         if !refused.is_empty() {
             tracing::warn!(refused = refused.len(), "outcomes refused: those messages were reclaimed while we held them and are handled elsewhere");
@@ -567,7 +717,8 @@ async fn commit_loop(
         shared
             .in_flight
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-        release(&batch, shared, tracked);
+        release(&batch, shared, holdings);
+        drop(gate);
         permits.add_permits(batch.len());
         batch.clear();
     }

@@ -15,28 +15,30 @@ use crate::error::Error;
 use crate::handler::Role;
 use crate::keys::Keys;
 use crate::scripts;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Refreshes `handler`'s heartbeat.
+/// Refreshes `handler`'s heartbeat. Returns `false` when the key had expired (or never
+/// existed): reclaim.lua may then have taken the handler's in-flight set.
 pub async fn heartbeat(
     con: &mut Conn,
     keys: &Keys,
     handler: &str,
     heartbeat_ms: u64,
-) -> Result<(), Error> {
-    redis::cmd("SET")
+) -> Result<bool, Error> {
+    let before: Option<Vec<u8>> = redis::cmd("SET")
         .arg(keys.heartbeat(handler))
         .arg(1)
         .arg("PX")
         .arg(heartbeat_ms)
-        .query_async::<()>(con)
+        .arg("GET")
+        .query_async(con)
         .await?;
-    Ok(())
+    Ok(before.is_some())
 }
 
 /// Deletes `handler`'s heartbeat (clean stop, nothing in flight): its registry entry is then
@@ -169,6 +171,15 @@ pub async fn reclaim(con: &mut Conn, keys: &Keys) -> Result<(u64, u64), Error> {
 /// means it was alone in its group when its handler died.
 pub const MAX_RECLAIMS: u64 = 7;
 
+/// Whose heartbeat this process keeps, and where it reports a lapse.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    /// The current handler id.
+    pub owner: watch::Receiver<Arc<str>>,
+    /// Set when a refresh finds the heartbeat expired (the fetcher then reconciles in full).
+    pub lapsed: Arc<AtomicBool>,
+}
+
 /// Heartbeats the current handler id and reclaims dead handlers' messages every
 /// `heartbeat_ms / 5`, until `stop`; keeps the registry entry and, as generator, the counters
 /// history fresh once a second. Fails with [`Error::Unreachable`] when Redis has not answered
@@ -176,7 +187,7 @@ pub const MAX_RECLAIMS: u64 = 7;
 pub async fn run(
     mut con: Conn,
     keys: Keys,
-    owner: watch::Receiver<Arc<str>>,
+    beat: Beat,
     presence: Presence,
     heartbeat_ms: u64,
     redis_down_max_ms: u64,
@@ -195,10 +206,14 @@ pub async fn run(
             _ = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let handler = owner.borrow().clone();
-        let beat = heartbeat(&mut con, &keys, &handler, heartbeat_ms).await;
-        let swept = match beat {
-            Ok(()) => reclaim(&mut con, &keys).await,
+        let handler = beat.owner.borrow().clone();
+        let swept = match heartbeat(&mut con, &keys, &handler, heartbeat_ms).await {
+            Ok(alive) => {
+                if !alive {
+                    beat.lapsed.store(true, Ordering::Release);
+                }
+                reclaim(&mut con, &keys).await
+            }
             Err(e) => Err(e),
         };
         let role = *presence.role.borrow();

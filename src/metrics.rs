@@ -28,6 +28,9 @@ pub const PROCESSED: &str = "leaderq_processed_total";
 pub const ERRORS: &str = "leaderq_errors_total";
 /// Messages this process gave back to the queue from dead handlers.
 pub const RECLAIMED: &str = "leaderq_reclaimed_total";
+/// Messages this process found in its own in-flight set without holding them (a fetch reply was
+/// lost) and adopted, so they run instead of waiting in Redis.
+pub const ADOPTED: &str = "leaderq_adopted_total";
 /// Messages fetched by this process and not yet committed.
 pub const IN_FLIGHT: &str = "leaderq_in_flight";
 /// 1 while this process is the generator, 0 while it handles.
@@ -50,6 +53,7 @@ struct Handles {
     processed: Counter,
     errors: Counter,
     reclaimed: Counter,
+    adopted: Counter,
     in_flight: Gauge,
     role: Gauge,
     epoch: Gauge,
@@ -81,6 +85,7 @@ pub fn install(addr: &str) -> Result<SocketAddr, Error> {
         processed: counter!(PROCESSED),
         errors: counter!(ERRORS),
         reclaimed: counter!(RECLAIMED),
+        adopted: counter!(ADOPTED),
         in_flight: gauge!(IN_FLIGHT),
         role: gauge!(ROLE),
         epoch: gauge!(EPOCH),
@@ -92,6 +97,7 @@ pub fn install(addr: &str) -> Result<SocketAddr, Error> {
     handles.processed.increment(0);
     handles.errors.increment(0);
     handles.reclaimed.increment(0);
+    handles.adopted.increment(0);
     handles.in_flight.set(0.0);
     handles.role.set(0.0);
     handles.epoch.set(0.0);
@@ -122,6 +128,11 @@ fn describe() {
         RECLAIMED,
         Unit::Count,
         "Messages this process re-queued from dead handlers."
+    );
+    describe_counter!(
+        ADOPTED,
+        Unit::Count,
+        "Messages found in this process's own in-flight set after a lost fetch reply, and adopted."
     );
     describe_gauge!(
         IN_FLIGHT,
@@ -167,6 +178,13 @@ pub fn committed(processed: u64, errors: u64) {
 pub fn reclaimed(count: u64) {
     if let Some(h) = HANDLES.get() {
         h.reclaimed.increment(count);
+    }
+}
+
+/// `count` messages adopted by one reconciliation.
+pub fn adopted(count: u64) {
+    if let Some(h) = HANDLES.get() {
+        h.adopted.increment(count);
     }
 }
 

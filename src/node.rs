@@ -87,10 +87,14 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
         in_flight: shared.in_flight.clone(),
         started_us,
     };
+    let beat = liveness::Beat {
+        owner: owner_rx.clone(),
+        lapsed: shared.heartbeat_lapsed.clone(),
+    };
     let mut alive = spawn(liveness::run(
         con.clone(),
         keys.clone(),
-        owner_rx.clone(),
+        beat,
         presence,
         config.handler.heartbeat_ms,
         config.redis_down_max_ms,

@@ -16,7 +16,10 @@
 -- ARGV[5]: held_level: the level (2..6) of the suspects the handler holds, 0 if none
 -- ARGV[6]: held_count: how many suspects it holds
 -- ARGV[7]: suspect_base, integer >= 1: the group size at level L is max(1, base / 10^(L-1))
--- Returns: {time_us, payload, payload, ...} (no payloads when there is nothing to do)
+-- Returns: {time_us, lapsed, payload, payload, ...} (no payloads when there is nothing to do);
+--   lapsed is 1 when the heartbeat key was absent before this call refreshed it: the handler's
+--   heartbeat had expired, so reclaim.lua may have taken its in-flight set, and the handler must
+--   reconcile what it holds with its set (docs/PROTOCOL.md, invariant 5).
 -- Suspects come first: a handler holding none takes a group from the highest non-empty level; one
 -- holding some takes more of that level only, up to the group size. So every handler holds
 -- suspects of one level only, and a group that dies together climbs together (see reclaim.lua).
@@ -38,14 +41,17 @@ local t = redis.call('TIME')
 -- As a string: Lua 5.1 would print a 16-digit number in exponent form.
 local now = t[1] .. string.format('%06d', tonumber(t[2]))
 local now_us = tonumber(now)
-redis.call('SET', KEYS[4], now, 'PX', hb_ms)
+local lapsed = 0
+if not redis.call('SET', KEYS[4], now, 'PX', hb_ms, 'GET') then
+  lapsed = 1
+end
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'list' and kind ~= 'none' then
   local aside = KEYS[1] .. ':quarantine:' .. now
   redis.call('RENAME', KEYS[1], aside)
   redis.call('RPUSH', KEYS[5], aside .. '\tqueue key had type ' .. kind .. ', moved to ' .. aside .. '\t' .. now)
   redis.call('HINCRBY', KEYS[6], 'bad', 1)
-  return {now_us}
+  return {now_us, lapsed}
 end
 local msgs = {}
 local function group(level)
@@ -84,11 +90,12 @@ if want > 0 then
   end
 end
 if #msgs == 0 then
-  return {now_us}
+  return {now_us, lapsed}
 end
 for i = 1, #msgs, 1000 do
   redis.call('SADD', KEYS[2], unpack(msgs, i, math.min(i + 999, #msgs)))
 end
 redis.call('SADD', KEYS[3], ARGV[1])
+table.insert(msgs, 1, lapsed)
 table.insert(msgs, 1, now_us)
 return msgs

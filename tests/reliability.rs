@@ -1,0 +1,194 @@
+//! Reliability against real `redis-server` and `app` processes: no message is stranded in a live
+//! copy's in-flight set, and every failing `sim` seed ever found stays fixed (pinned with its
+//! exact flags).
+
+mod common;
+
+use common::{wait_for, Fixture};
+use leaderq::stats::Counters;
+use std::time::{Duration, Instant};
+
+/// What a fetch whose reply was lost leaves behind: payloads in a handler's in-flight set (and the
+/// handler registered) that the handler never saw. Written here directly, as fetch.lua would.
+async fn strand(
+    con: &mut leaderq::conn::Conn,
+    fx: &Fixture,
+    handler: &str,
+    ids: std::ops::Range<u64>,
+) {
+    let payloads: Vec<String> = ids.map(|id| format!("{id}:1:100")).collect();
+    redis::cmd("SADD")
+        .arg(fx.keys.inflight(handler))
+        .arg(payloads)
+        .query_async::<()>(con)
+        .await
+        .unwrap();
+    redis::cmd("SADD")
+        .arg(fx.keys.handlers())
+        .arg(handler)
+        .query_async::<()>(con)
+        .await
+        .unwrap();
+}
+
+/// Issue 9's stranded batch, made deterministic: messages sit in the in-flight sets of two live
+/// copies, the generator and a handler, without either knowing. Their heartbeats stay fresh, so
+/// no reclaim will ever take them: only the copies' own reconciliation can. Both sets must be
+/// run and emptied, each message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_stranded_in_a_live_copys_set_are_run() {
+    let mut fx = Fixture::new();
+    let flags = [
+        "--max-messages",
+        "0",
+        "--handler-delay-max-ms",
+        "10",
+        "--seed",
+        "1",
+        // No lapse, no reclaim: the heartbeat outlives any CPU starvation of the test machine.
+        "--heartbeat-ms",
+        "5000",
+        "--lease-ms",
+        "5000",
+    ];
+    fx.spawn_all(&["a", "b"], &flags);
+    let mut con = fx.con().await;
+    let (_, generator) = wait_for(Duration::from_secs(20), || {
+        let mut con = con.clone();
+        let fx = &fx;
+        async move { fx.generator(&mut con).await }
+    })
+    .await
+    .expect("one copy takes the lease");
+    let handler = 1 - generator;
+    let g = format!("{}.0", fx.apps[generator].instance_id);
+    let h = format!("{}.0", fx.apps[handler].instance_id);
+    let started = Instant::now();
+    strand(&mut con, &fx, &g, 0..100).await;
+    strand(&mut con, &fx, &h, 100..200).await;
+    let done = fx.wait_outcomes(200, Duration::from_secs(30)).await;
+    eprintln!("stranded messages ran within {:?}", started.elapsed());
+    assert!(
+        done.is_some(),
+        "stranded messages were never run; logs:\n{}\n{}",
+        fx.log("a"),
+        fx.log("b")
+    );
+    let emptied = wait_for(Duration::from_secs(10), || {
+        let (mut con, keys) = (con.clone(), fx.keys.clone());
+        let (g, h) = (g.clone(), h.clone());
+        async move {
+            let n: u64 = redis::pipe()
+                .cmd("SCARD")
+                .arg(keys.inflight(&g))
+                .cmd("SCARD")
+                .arg(keys.inflight(&h))
+                .query_async::<(u64, u64)>(&mut con)
+                .await
+                .map(|(a, b)| a + b)
+                .ok()?;
+            (n == 0).then_some(())
+        }
+    })
+    .await;
+    assert!(emptied.is_some(), "both in-flight sets emptied");
+    let c = Counters::read(&mut con, &fx.keys).await.unwrap();
+    assert_eq!(c.processed + c.errors, 200, "{c:?}");
+    assert_eq!(c.runs, 200, "each stranded message ran once: {c:?}");
+    assert_eq!((c.duplicates, c.refused, c.reclaimed), (0, 0, 0), "{c:?}");
+    let done_bits: u64 = redis::cmd("BITCOUNT")
+        .arg(fx.keys.done())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(done_bits, 200);
+    for name in ["a", "b"] {
+        assert!(
+            fx.log(name).contains("adopted"),
+            "{name} says what it adopted:\n{}",
+            fx.log(name)
+        );
+    }
+    assert_eq!(fx.stop_all(), vec![Some(0), Some(0)]);
+}
+
+/// The small configuration of issue 9 (where the rare windows are hit often), 200,000 messages.
+const SMALL: [&str; 10] = [
+    "--messages",
+    "200000",
+    "--queue-max",
+    "1000",
+    "--max-in-flight",
+    "2000",
+    "--batch",
+    "100",
+    "--handler-delay-max-ms",
+    "200",
+];
+
+/// Runs `sim` with [`SMALL`] plus `args` and asserts a pass with nothing missing or repeated.
+fn pinned(name: &str, args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join(name);
+    let mut all = SMALL.to_vec();
+    all.extend_from_slice(&["--quiet", "--timeout-s", "120"]);
+    all.extend_from_slice(args);
+    let out = common::run_sim(&report, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{name} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["verdict"], "pass", "{summary}");
+    assert_eq!(
+        (&summary["missing"], &summary["duplicates"]),
+        (&0.into(), &0.into())
+    );
+    summary
+}
+
+/// Issue 9: a whole fetch batch (100 ids) never got an outcome after a Redis restart: its reply
+/// was lost and the copy became the generator before it reconciled.
+#[test]
+fn pinned_issue9_restart_redis_seed_7() {
+    pinned("restart7", &["--restart-redis", "2", "--seed", "7"]);
+}
+
+/// Issue 9: the same, seed 1.
+#[test]
+fn pinned_issue9_restart_redis_seed_1() {
+    pinned("restart1", &["--restart-redis", "2", "--seed", "1"]);
+}
+
+/// Issue 9: the same `missing=100` shape with dropped connections.
+#[test]
+fn pinned_issue9_drop_connections_seed_4() {
+    pinned("drops4", &["--drop-connections", "3", "--seed", "4"]);
+}
+
+/// Found 2026-11-28: `missing=100`; the copy whose fetch reply was lost became the generator
+/// 6 ms later and never reconciled.
+#[test]
+fn pinned_drop_connections_seed_18() {
+    pinned("drops18", &["--drop-connections", "3", "--seed", "18"]);
+}
+
+/// Found 2026-11-28: `duplicates=2` after two Redis restarts. Redis cut the first restart's torn
+/// AOF transaction without its `MULTI`, and the second restart replayed the torn script's first
+/// writes (valkey-io/valkey#4342). Fixed by repairing a torn AOF before restarting
+/// (`aof-load-truncated no` + `redis-check-aof --fix`).
+#[test]
+fn pinned_restart_redis_seed_6() {
+    pinned("restart6", &["--restart-redis", "2", "--seed", "6"]);
+}
+
+/// Found 2026-11-28: `duplicates=3`, the same torn-AOF replay as seed 6.
+#[test]
+fn pinned_restart_redis_seed_68() {
+    pinned("restart68", &["--restart-redis", "2", "--seed", "68"]);
+}
