@@ -24,6 +24,8 @@ pub enum End {
     Violation,
     /// The run did not complete within `--timeout-s`.
     Timeout,
+    /// The verdict passed, but some planned faults were never executed.
+    FaultsMissed,
 }
 
 /// How often the driver looks at Redis (progress, fault plan, crash detection, reclaims).
@@ -545,6 +547,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         pause_failover_ms,
         reclaim_ms,
         connection_drops: of_kind(FaultKind::DropConnections).count() as u64,
+        faults_planned: faults.len() as u64,
+        faults_executed: executed.len() as u64,
         redis_restarts: of_kind(FaultKind::RestartRedis).count() as u64,
         aof_repairs,
         latency_ms: Percentiles::from_histogram_us(&latencies.end_to_end_us),
@@ -576,7 +580,10 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         app_peak_rss_mb: rss_mb_max,
         redis_cpu_s: redis_cpu_used_s,
         apps_cpu_s: app_cpu_s.values().sum(),
-        command_line: std::env::args().collect::<Vec<_>>().join(" "),
+        command_line: std::env::args()
+            .map(|a| conn::redact(&a))
+            .collect::<Vec<_>>()
+            .join(" "),
     };
     let kill_events: Vec<KillEvent> = executed
         .iter()
@@ -601,6 +608,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         }
     }
     drop(server);
+    let unexecuted = faults.len() - executed.len();
     Ok(if timed_out {
         eprintln!(
             "sim: LIVENESS FAILURE: {} of {} outcomes after {} s",
@@ -609,10 +617,16 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
             flags.timeout_s
         );
         End::Timeout
-    } else if verdict.pass {
-        End::Pass
-    } else {
+    } else if !verdict.pass {
         End::Violation
+    } else if unexecuted > 0 {
+        eprintln!(
+            "sim: FAULT PLAN NOT EXECUTED: {unexecuted} of {} planned faults never found their moment; the verdict passed but proves less than asked",
+            faults.len()
+        );
+        End::FaultsMissed
+    } else {
+        End::Pass
     })
 }
 

@@ -3,23 +3,34 @@
 //! exactly one recorded outcome and writes a report (summary, histograms, plots).
 //!
 //! Exit codes: 0 pass, 1 correctness violation, 2 bad flags, 3 liveness timeout, 4 crash or setup
-//! failure.
+//! failure, 5 the verdict passed but not every planned fault was executed.
 
 mod driver;
 mod plot;
 mod report;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Prove the group handles N messages exactly once while its generator is SIGKILLed.
 ///
 /// The seed is printed first; the same seed replays the same kill plan and the same per-message
-/// outcomes (delays and errors are a pure function of seed and id).
+/// outcomes (delays and errors are a pure function of seed and id). A failed run ends with a
+/// `replay:` line.
+///
+/// Exit codes: 0 pass, 1 correctness violation, 2 bad flags, 3 liveness timeout (the run did not
+/// complete), 4 crash or setup failure, 5 the verdict passed but a planned fault was never
+/// executed.
 #[derive(Debug, Parser)]
 #[command(name = "sim", version)]
 pub struct Flags {
+    /// Preset settings; any flag given explicitly wins over the profile. `small` is the soak
+    /// configuration, where the rare fault windows are hit often: 200,000 messages, --batch 100,
+    /// --max-in-flight 2000, --queue-max 1000, --handler-delay-max-ms 200.
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    pub profile: Profile,
     /// Messages to generate and handle (ids 0..N).
     #[arg(long, default_value_t = 1_000_000)]
     pub messages: u64,
@@ -92,8 +103,45 @@ pub struct Flags {
     pub quiet: bool,
 }
 
+/// A preset of `sim` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Profile {
+    /// The flags' own defaults: the headline configuration (1M messages, batch 1000, 50k in flight).
+    Default,
+    /// Small batches and few messages in flight, so fault windows are hit often (for soaks).
+    Small,
+}
+
+impl Flags {
+    /// Parses the command line and applies the profile to every flag left at its default.
+    fn parse_with_profile() -> Flags {
+        let matches = Flags::command().get_matches();
+        let mut flags = Flags::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        flags.apply_profile(&matches);
+        flags
+    }
+
+    fn apply_profile(&mut self, matches: &ArgMatches) {
+        if self.profile != Profile::Small {
+            return;
+        }
+        let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        for (id, field, value) in [
+            ("messages", &mut self.messages, 200_000),
+            ("batch", &mut self.batch, 100),
+            ("max_in_flight", &mut self.max_in_flight, 2_000),
+            ("queue_max", &mut self.queue_max, 1_000),
+            ("handler_delay_max_ms", &mut self.handler_delay_max_ms, 200),
+        ] {
+            if defaulted(id) {
+                *field = value;
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let flags = Flags::parse_with_profile();
     if !(0.0..=1.0).contains(&flags.error_rate) {
         eprintln!(
             "sim: --error-rate {} must be between 0 and 1",
@@ -125,13 +173,78 @@ fn main() -> ExitCode {
             return ExitCode::from(4);
         }
     };
-    match runtime.block_on(driver::run(&flags, seed)) {
-        Ok(driver::End::Pass) => ExitCode::SUCCESS,
-        Ok(driver::End::Violation) => ExitCode::from(1),
-        Ok(driver::End::Timeout) => ExitCode::from(3),
+    let code = match runtime.block_on(driver::run(&flags, seed)) {
+        Ok(driver::End::Pass) => return ExitCode::SUCCESS,
+        Ok(driver::End::Violation) => 1,
+        Ok(driver::End::Timeout) => 3,
+        Ok(driver::End::FaultsMissed) => 5,
         Err(e) => {
             eprintln!("sim: {e:#}");
-            ExitCode::from(4)
+            4
         }
+    };
+    println!("replay: {}", replay_command(std::env::args(), seed));
+    ExitCode::from(code)
+}
+
+/// The command line that replays this run: the same flags, the seed made explicit, without
+/// `--report-dir` (a replay writes a report of its own), passwords in URLs redacted.
+fn replay_command(args: impl Iterator<Item = String>, seed: u64) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut args = args.peekable();
+    let mut has_seed = false;
+    while let Some(arg) = args.next() {
+        if arg == "--report-dir" {
+            args.next();
+            continue;
+        }
+        if arg.starts_with("--report-dir=") {
+            continue;
+        }
+        has_seed |= arg == "--seed" || arg.starts_with("--seed=");
+        out.push(leaderq::conn::redact(&arg));
+    }
+    if !has_seed {
+        out.push(format!("--seed {seed}"));
+    }
+    out.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> impl Iterator<Item = String> + '_ {
+        line.split(' ').map(str::to_string)
+    }
+
+    #[test]
+    fn replay_makes_the_seed_explicit_and_drops_the_report_dir() {
+        assert_eq!(
+            replay_command(args("sim --profile small --report-dir /tmp/x --kill-leader"), 7),
+            "sim --profile small --kill-leader --seed 7"
+        );
+        assert_eq!(
+            replay_command(args("sim --seed 9 --report-dir=/tmp/x"), 9),
+            "sim --seed 9"
+        );
+        assert_eq!(
+            replay_command(args("sim --redis-url redis://u:secret@h:1"), 3),
+            "sim --redis-url redis://***@h:1 --seed 3"
+        );
+    }
+
+    #[test]
+    fn the_small_profile_fills_only_what_was_not_given() {
+        let matches = Flags::command()
+            .try_get_matches_from(["sim", "--profile", "small", "--batch", "7"])
+            .unwrap();
+        let mut flags = Flags::from_arg_matches(&matches).unwrap();
+        flags.apply_profile(&matches);
+        assert_eq!(
+            (flags.messages, flags.batch, flags.max_in_flight, flags.queue_max),
+            (200_000, 7, 2_000, 1_000)
+        );
+        assert_eq!(flags.handler_delay_max_ms, 200);
     }
 }

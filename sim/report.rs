@@ -74,6 +74,9 @@ pub struct Summary {
     pub reclaim_ms: Vec<f64>,
     /// `CLIENT KILL TYPE normal` rounds: every copy's connection dropped at once.
     pub connection_drops: u64,
+    /// Faults in the seeded plan, and how many were executed before the run completed.
+    pub faults_planned: u64,
+    pub faults_executed: u64,
     /// Redis SIGKILLed and restarted from its AOF (`appendfsync always`).
     pub redis_restarts: u64,
     /// Restarts whose AOF ended in a torn transaction, cut by `redis-check-aof --fix` first.
@@ -174,7 +177,7 @@ fn summary_markdown(s: &Summary) -> String {
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
-    let rows: [(&str, &dyn Display); 43] = [
+    let rows: [(&str, &dyn Display); 45] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -198,6 +201,8 @@ fn summary_markdown(s: &Summary) -> String {
         ("pause_failover_ms", &pause_failovers),
         ("reclaim_ms", &reclaims),
         ("connection_drops", &s.connection_drops),
+        ("faults_planned", &s.faults_planned),
+        ("faults_executed", &s.faults_executed),
         ("redis_restarts", &s.redis_restarts),
         ("aof_repairs", &s.aof_repairs),
         ("latency_ms", &latency),
@@ -356,7 +361,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(44));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(46));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")
