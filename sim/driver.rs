@@ -115,6 +115,7 @@ fn app_args(flags: &Flags, url: &str, namespace: &str, seed: u64) -> Vec<String>
             "--handler-delay-max-ms",
             flags.handler_delay_max_ms.to_string(),
         ),
+        ("--handler-timeout-ms", flags.handler_timeout_ms.to_string()),
         ("--max-in-flight", flags.max_in_flight.to_string()),
         ("--batch", flags.batch.to_string()),
         ("--lease-ms", flags.lease_ms.to_string()),
@@ -496,7 +497,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let memory = inspect::info(&mut con, "memory").await?;
     let (calls_after, scripts_after) = inspect::command_calls(&mut con).await?;
     let redis_cpu_used_s = (redis_cpu_s(&mut con).await - redis_cpu_before_s).max(0.0);
-    let observed = Observed::from_snapshot(
+    let mut observed = Observed::from_snapshot(
         &snap,
         flags.messages,
         seed,
@@ -506,6 +507,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         disruptions,
     )
     .map_err(anyhow::Error::msg)?;
+    observed.handler_timeout_ms = flags.handler_timeout_ms;
     // Failover: from the Redis time of the fault to the first message of the next epoch.
     let failover = |f: &Fault| -> Option<f64> {
         observed
@@ -564,6 +566,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         started_utc,
         error_rate: flags.error_rate,
         handler_delay_max_ms: flags.handler_delay_max_ms,
+        handler_timeout_ms: flags.handler_timeout_ms,
+        timeouts: c.timeouts,
         max_in_flight: flags.max_in_flight,
         batch: flags.batch,
         queue_max: flags.queue_max,

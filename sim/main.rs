@@ -66,6 +66,10 @@ pub struct Flags {
     /// eventHandler delay is uniform in 0..this many ms (the task's 1000).
     #[arg(long, default_value_t = 1000)]
     pub handler_delay_max_ms: u64,
+    /// Passed to every app: an eventHandler that has not called back after this long fails with
+    /// "handler timeout". The verdict predicts those failures from the seeded delays.
+    #[arg(long, default_value_t = 30_000)]
+    pub handler_timeout_ms: u64,
     /// Passed to every app: messages a handler holds at once.
     #[arg(long, default_value_t = 50_000)]
     pub max_in_flight: u64,
@@ -221,7 +225,10 @@ mod tests {
     #[test]
     fn replay_makes_the_seed_explicit_and_drops_the_report_dir() {
         assert_eq!(
-            replay_command(args("sim --profile small --report-dir /tmp/x --kill-leader"), 7),
+            replay_command(
+                args("sim --profile small --report-dir /tmp/x --kill-leader"),
+                7
+            ),
             "sim --profile small --kill-leader --seed 7"
         );
         assert_eq!(
@@ -242,7 +249,12 @@ mod tests {
         let mut flags = Flags::from_arg_matches(&matches).unwrap();
         flags.apply_profile(&matches);
         assert_eq!(
-            (flags.messages, flags.batch, flags.max_in_flight, flags.queue_max),
+            (
+                flags.messages,
+                flags.batch,
+                flags.max_in_flight,
+                flags.queue_max
+            ),
             (200_000, 7, 2_000, 1_000)
         );
         assert_eq!(flags.handler_delay_max_ms, 200);

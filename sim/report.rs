@@ -91,6 +91,9 @@ pub struct Summary {
     pub started_utc: String,
     pub error_rate: f64,
     pub handler_delay_max_ms: u64,
+    pub handler_timeout_ms: u64,
+    /// Error outcomes that were handler timeouts.
+    pub timeouts: u64,
     pub max_in_flight: u64,
     pub batch: u64,
     pub queue_max: u64,
@@ -177,7 +180,7 @@ fn summary_markdown(s: &Summary) -> String {
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
-    let rows: [(&str, &dyn Display); 45] = [
+    let rows: [(&str, &dyn Display); 47] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -210,6 +213,8 @@ fn summary_markdown(s: &Summary) -> String {
         ("overhead_ms", &overhead),
         ("error_rate", &s.error_rate),
         ("handler_delay_max_ms", &s.handler_delay_max_ms),
+        ("handler_timeout_ms", &s.handler_timeout_ms),
+        ("timeouts", &s.timeouts),
         ("max_in_flight", &s.max_in_flight),
         ("batch", &s.batch),
         ("queue_max", &s.queue_max),
@@ -361,7 +366,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(46));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(48));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

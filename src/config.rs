@@ -93,6 +93,12 @@ impl Config {
                 h.commit_max
             ));
         }
+        if h.handler_timeout_ms < 10 || h.handler_timeout_ms > 86_400_000 {
+            return bad(format!(
+                "--handler-timeout-ms {} must be between 10 and 86400000 (one day)",
+                h.handler_timeout_ms
+            ));
+        }
         if h.heartbeat_ms < 50 {
             return bad(format!(
                 "--heartbeat-ms {} must be at least 50",
@@ -129,6 +135,7 @@ impl Config {
                 commit_max: 2000,
                 heartbeat_ms: 750,
                 redis_down_max_ms: 30_000,
+                handler_timeout_ms: 30_000,
                 model: OutcomeModel::default(),
             },
             max_messages: None,

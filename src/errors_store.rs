@@ -22,7 +22,7 @@ use std::io::Write;
 pub struct ErrorEntry {
     /// The message payload as it was in the queue (raw bytes for garbage).
     pub payload: Vec<u8>,
-    /// Why it is here: "handler error", or what was wrong with it.
+    /// Why it is here: "handler error", "handler timeout", or what was wrong with it.
     pub reason: String,
     /// Redis time when it was recorded, µs.
     pub time_us: u64,
@@ -51,6 +51,12 @@ impl ErrorEntry {
                 time_us: 0,
             },
         }
+    }
+
+    /// True for a message whose eventHandler failed or timed out (as opposed to garbage, a
+    /// quarantined key or a poison message).
+    pub fn is_failed_message(&self) -> bool {
+        matches!(self.reason.as_str(), "handler error" | "handler timeout")
     }
 
     /// The line `getErrors` prints: the message id for a failed message (the task's message is
@@ -210,7 +216,7 @@ async fn drain_list(
         }
         for entry in raw.iter().map(|r| ErrorEntry::parse(r)) {
             writeln!(out, "{}", entry.render(config.format))?;
-            if entry.reason != "handler error" {
+            if !entry.is_failed_message() {
                 total.bad += 1;
             }
         }

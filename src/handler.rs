@@ -62,6 +62,10 @@ pub struct HandlerConfig {
     pub heartbeat_ms: u64,
     /// Give up (fatal error) when Redis keeps failing a commit for this long.
     pub redis_down_max_ms: u64,
+    /// An `eventHandler` that has not called back after this long is given up on: the message
+    /// gets the outcome "error, handler timeout" (recorded exactly once like any other) and its
+    /// slot is freed, so a stuck handler cannot hold messages forever.
+    pub handler_timeout_ms: u64,
     /// The `eventHandler` port.
     pub model: OutcomeModel,
 }
@@ -73,6 +77,8 @@ pub enum Verdict {
     Ok,
     /// `eventHandler` called back with an error.
     Failed,
+    /// `eventHandler` did not call back within `handler_timeout_ms`.
+    TimedOut,
     /// The payload could not be parsed; the reason goes to the error store.
     Bad(String),
 }
@@ -209,6 +215,7 @@ pub async fn commit(
         match &d.verdict {
             Verdict::Ok => call.arg("o").arg(&d.payload[..]).arg(d.message.id),
             Verdict::Failed => call.arg("e").arg(&d.payload[..]).arg(d.message.id),
+            Verdict::TimedOut => call.arg("t").arg(&d.payload[..]).arg(d.message.id),
             Verdict::Bad(reason) => call.arg("b").arg(&d.payload[..]).arg(reason.as_str()),
         };
     }
@@ -306,7 +313,8 @@ pub async fn run(
         work_tx,
         stop: &stop,
     };
-    let timers = timer_loop(config.model, work_rx, done_tx);
+    let timeout = Duration::from_millis(config.handler_timeout_ms);
+    let timers = timer_loop(config.model, timeout, work_rx, done_tx);
     let committer = commit_loop(
         con,
         &keys,
@@ -620,8 +628,12 @@ fn release(batch: &[Done], shared: &HandlerShared, holdings: &Mutex<Holdings>) {
     }
 }
 
+/// Runs `eventHandler` for each message: parks it in one timer wheel for its delay, then passes it
+/// on with its verdict. A delay of `timeout` or more is cut at `timeout` with the verdict
+/// [`Verdict::TimedOut`].
 async fn timer_loop(
     model: OutcomeModel,
+    timeout: Duration,
     mut work_rx: mpsc::UnboundedReceiver<Vec<Done>>,
     done_tx: mpsc::UnboundedSender<Done>,
 ) -> Result<(), Error> {
@@ -640,12 +652,16 @@ async fn timer_loop(
                         }
                         let started = Instant::now();
                         let outcome = model.decide(d.message.id);
-                        if outcome.failed {
+                        let mut delay = Duration::from_millis(outcome.delay_ms);
+                        if delay >= timeout {
+                            d.verdict = Verdict::TimedOut;
+                            delay = timeout;
+                        } else if outcome.failed {
                             d.verdict = Verdict::Failed;
                         }
-                        d.delay_ms = outcome.delay_ms;
-                        if outcome.delay_ms > 0 {
-                            waiting.insert((d, started), Duration::from_millis(outcome.delay_ms));
+                        d.delay_ms = delay.as_millis() as u64;
+                        if !delay.is_zero() {
+                            waiting.insert((d, started), delay);
                             continue;
                         }
                         crate::metrics::handler_time(started.elapsed());
@@ -703,7 +719,7 @@ async fn commit_loop(
             }
             match d.verdict {
                 Verdict::Ok => processed += 1,
-                Verdict::Failed => errors += 1,
+                Verdict::Failed | Verdict::TimedOut => errors += 1,
                 Verdict::Bad(_) => continue,
             }
             let latency_us = time_us.saturating_sub(d.message.generated_us);

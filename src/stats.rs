@@ -33,6 +33,8 @@ pub struct Counters {
     pub bad: u64,
     /// Poison messages moved to the error store after `MAX_RECLAIMS` handler deaths.
     pub poisoned: u64,
+    /// Error outcomes that were handler timeouts (also counted in `errors`).
+    pub timeouts: u64,
 }
 
 impl Counters {
@@ -53,6 +55,7 @@ impl Counters {
             refused: get("refused"),
             bad: get("bad"),
             poisoned: get("poisoned"),
+            timeouts: get("timeouts"),
         })
     }
 }

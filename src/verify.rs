@@ -50,6 +50,9 @@ pub struct Observed {
     pub seed: u64,
     pub error_rate: f64,
     pub delay_max_ms: u64,
+    /// The apps' `--handler-timeout-ms`: a message whose drawn delay reaches it fails with a
+    /// timeout. 0 = no timeout.
+    pub handler_timeout_ms: u64,
     /// Redis bitmap of successes: id `i` is bit `i`, MSB-first within each byte (SETBIT order).
     pub ok_bitmap: Vec<u8>,
     /// Lines printed by `app getErrors`: one decimal id per failed message.
@@ -79,6 +82,7 @@ impl Observed {
             seed,
             error_rate,
             delay_max_ms,
+            handler_timeout_ms: 0,
             ok_bitmap: snap.ok_bitmap.clone(),
             error_lines,
             epoch_log: snap
@@ -148,12 +152,19 @@ fn slot(seen: &mut [u8], id: u64) -> Option<&mut u8> {
     usize::try_from(id).ok().and_then(|i| seen.get_mut(i))
 }
 
+/// Whether message `id` of the run described by `o` must end in the error store: its seeded
+/// handler fails, or its seeded delay reaches the handler timeout.
+pub fn predicted_failure(o: &Observed, id: u64) -> bool {
+    let outcome = seeded(o.seed, id, o.error_rate, o.delay_max_ms);
+    outcome.failed || (o.handler_timeout_ms > 0 && outcome.delay_ms >= o.handler_timeout_ms)
+}
+
 /// Applies every rule of an exactly-once run to `o`; see the module tests for one case per rule.
 pub fn check(o: &Observed) -> Verdict {
     let n = o.messages;
     let mut v = Violations::default();
     let mut r = Verdict::default();
-    let predicted_fail = |id: u64| seeded(o.seed, id, o.error_rate, o.delay_max_ms).failed;
+    let predicted_fail = |id: u64| predicted_failure(o, id);
 
     // Occurrences per id (5 MB for 5 M messages); empty when N is over the limit.
     let mut seen: Vec<u8> = Vec::new();
@@ -308,7 +319,7 @@ mod tests {
     }
 
     fn predicted(o: &Observed, id: u64) -> bool {
-        seeded(o.seed, id, o.error_rate, o.delay_max_ms).failed
+        predicted_failure(o, id)
     }
 
     fn set_ok(o: &mut Observed, id: u64, ok: bool) {
@@ -388,6 +399,23 @@ mod tests {
             let got = [v.missing, v.duplicates, v.unexpected, v.out_of_range];
             assert_eq!(got, counts, "{needle}");
         }
+    }
+
+    #[test]
+    fn a_handler_timeout_predicts_failures_by_delay() {
+        let mut o = clean();
+        o.delay_max_ms = 1000;
+        let slow = (0..N)
+            .find(|&id| {
+                let s = seeded(o.seed, id, o.error_rate, o.delay_max_ms);
+                !s.failed && s.delay_ms >= 500
+            })
+            .expect("some message succeeds slowly");
+        assert!(!predicted_failure(&o, slow), "no timeout: it succeeds");
+        o.handler_timeout_ms = 500;
+        assert!(predicted_failure(&o, slow), "its delay reaches the timeout");
+        o.handler_timeout_ms = 1000;
+        assert!(!predicted_failure(&o, slow), "delays stay below 1000");
     }
 
     #[test]

@@ -112,19 +112,9 @@ async fn messages_stranded_in_a_live_copys_set_are_run() {
     assert_eq!(fx.stop_all(), vec![Some(0), Some(0)]);
 }
 
-/// The small configuration of issue 9 (where the rare windows are hit often), 200,000 messages.
-const SMALL: [&str; 10] = [
-    "--messages",
-    "200000",
-    "--queue-max",
-    "1000",
-    "--max-in-flight",
-    "2000",
-    "--batch",
-    "100",
-    "--handler-delay-max-ms",
-    "200",
-];
+/// The small configuration of issue 9, where the rare windows are hit often: 200,000 messages,
+/// batch 100, 2,000 in flight, queue 1,000, handler 0-199 ms (`sim --profile small`).
+const SMALL: [&str; 2] = ["--profile", "small"];
 
 /// Runs `sim` with [`SMALL`] plus `args` and asserts a pass with nothing missing or repeated.
 fn pinned(name: &str, args: &[&str]) -> serde_json::Value {
@@ -191,4 +181,73 @@ fn pinned_restart_redis_seed_6() {
 #[test]
 fn pinned_restart_redis_seed_68() {
     pinned("restart68", &["--restart-redis", "2", "--seed", "68"]);
+}
+
+/// Issue 9: a handler that is alive but stuck does not hold messages forever. Every
+/// eventHandler here takes up to an hour (for this test, never) with a 300 ms timeout: each
+/// message must get the outcome "error, handler timeout" exactly once, and the copies must stop
+/// cleanly (their slots were freed, nothing is left in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_never_returns_times_out_once_per_message() {
+    let mut fx = Fixture::new();
+    let flags = [
+        "--interval-ms",
+        "0",
+        "--max-messages",
+        "300",
+        "--seed",
+        "4",
+        "--error-rate",
+        "0",
+        "--handler-delay-max-ms",
+        "3600000",
+        "--handler-timeout-ms",
+        "300",
+        "--max-in-flight",
+        "100",
+        "--batch",
+        "20",
+        "--heartbeat-ms",
+        "5000",
+    ];
+    fx.spawn_all(&["a", "b"], &flags);
+    let done = fx.wait_outcomes(300, Duration::from_secs(60)).await;
+    assert!(done.is_some(), "timed-out messages got their outcome");
+    assert_eq!(fx.stop_all(), vec![Some(0), Some(0)], "both stop cleanly");
+    let mut con = fx.con().await;
+    let c = Counters::read(&mut con, &fx.keys).await.unwrap();
+    assert_eq!((c.errors, c.timeouts, c.processed), (300, 300, 0), "{c:?}");
+    assert_eq!((c.runs, c.duplicates, c.refused), (300, 0, 0), "{c:?}");
+    let out = fx.run_command("getErrors", &["--json"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 300);
+    let mut ids: Vec<u64> = lines.iter().map(|l| l["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..300).collect::<Vec<_>>(), "each id once");
+    assert!(lines.iter().all(|l| l["reason"] == "handler timeout"));
+}
+
+/// The timeout inside a full run: handlers take 0-199 ms and time out at 150 ms, so about a
+/// quarter of the messages fail by timeout; the verdict predicts exactly which.
+#[test]
+fn handler_timeouts_are_predicted_by_the_verdict() {
+    let s = pinned(
+        "timeouts",
+        &[
+            "--handler-timeout-ms",
+            "150",
+            "--messages",
+            "50000",
+            "--seed",
+            "3",
+        ],
+    );
+    let timeouts = s["timeouts"].as_u64().unwrap();
+    assert!(
+        (10_000..15_000).contains(&timeouts),
+        "about a quarter timed out: {timeouts}"
+    );
 }

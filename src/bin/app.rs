@@ -109,6 +109,11 @@ struct RunFlags {
     /// eventHandler waits a uniform integer delay in 0..this many ms (the task's 1000).
     #[arg(long, default_value_t = 1000)]
     handler_delay_max_ms: u64,
+    /// Give up on an eventHandler that has not called back after this long: the message is
+    /// recorded as failed with the reason "handler timeout" (exactly once, like any outcome) and
+    /// its slot is freed, so a stuck handler never holds messages forever.
+    #[arg(long, default_value_t = 30_000)]
+    handler_timeout_ms: u64,
     /// Leader lease TTL: a paused or silently dead generator is replaced after about this long.
     /// (A SIGKILLed one is replaced at once: its Redis connection closes.)
     #[arg(long, default_value_t = 600)]
@@ -140,7 +145,8 @@ struct RunFlags {
     #[arg(long, default_value_t = 30_000)]
     redis_down_max_ms: u64,
     /// On SIGTERM/SIGINT, wait at most this long for in-flight messages to commit
-    /// (default: --handler-delay-max-ms + 5000). A second signal exits at once.
+    /// (default: the smaller of --handler-delay-max-ms and --handler-timeout-ms, plus 5000).
+    /// A second signal exits at once.
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
     /// Fault injection for tests: handling this message id aborts the process, every time (a
@@ -236,6 +242,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
             commit_max: f.commit_max,
             heartbeat_ms: f.heartbeat_ms,
             redis_down_max_ms: f.redis_down_max_ms,
+            handler_timeout_ms: f.handler_timeout_ms,
             model: OutcomeModel {
                 seed: f.seed,
                 error_rate: f.error_rate,
@@ -246,7 +253,9 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
         max_messages: f.max_messages,
         connect_timeout_ms: common.connect_timeout_ms,
         redis_down_max_ms: f.redis_down_max_ms,
-        drain_timeout_ms: f.drain_timeout_ms.unwrap_or(f.handler_delay_max_ms + 5000),
+        drain_timeout_ms: f
+            .drain_timeout_ms
+            .unwrap_or(f.handler_delay_max_ms.min(f.handler_timeout_ms) + 5000),
     }
     .validate()?;
     let stop = CancellationToken::new();

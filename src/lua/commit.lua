@@ -7,6 +7,7 @@
 -- ARGV: triples (kind, payload, extra):
 --   kind "o": handled ok,      extra = id
 --   kind "e": handler error,   extra = id
+--   kind "t": handler timeout (eventHandler did not call back in time), extra = id
 --   kind "b": unparseable message (never handled), extra = reason
 -- Returns: {time_us, refused_index, ...}: the Redis time of the commit, then the 1-based triple
 --   numbers NOT recorded because this handler no longer owns the payload (it was reclaimed and
@@ -19,7 +20,7 @@ if #ARGV % 3 ~= 0 then
 end
 for i = 1, #ARGV, 3 do
   local kind = ARGV[i]
-  if kind == 'o' or kind == 'e' then
+  if kind == 'o' or kind == 'e' or kind == 't' then
     local id = tonumber(ARGV[i + 2])
     if not id or id < 0 or id >= 4294967296 or id ~= math.floor(id) then
       return redis.error_reply('ERR commit: bad id ' .. ARGV[i + 2])
@@ -33,7 +34,7 @@ local t = redis.call('TIME')
 local now = t[1] .. string.format('%06d', tonumber(t[2]))
 local now_us = tonumber(now)
 local result = {now_us}
-local processed, errors, bad, duplicates, runs = 0, 0, 0, 0, 0
+local processed, errors, bad, duplicates, runs, timeouts = 0, 0, 0, 0, 0, 0
 for i = 1, #ARGV, 3 do
   local kind, payload, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if kind ~= 'b' then
@@ -49,6 +50,10 @@ for i = 1, #ARGV, 3 do
   elseif kind == 'o' then
     redis.call('SETBIT', KEYS[3], extra, 1)
     processed = processed + 1
+  elseif kind == 't' then
+    redis.call('RPUSH', KEYS[4], payload .. '\thandler timeout\t' .. now)
+    errors = errors + 1
+    timeouts = timeouts + 1
   else
     redis.call('RPUSH', KEYS[4], payload .. '\thandler error\t' .. now)
     errors = errors + 1
@@ -57,6 +62,7 @@ end
 if processed > 0 then redis.call('HINCRBY', KEYS[5], 'processed', processed) end
 if errors > 0 then redis.call('HINCRBY', KEYS[5], 'errors', errors) end
 if bad > 0 then redis.call('HINCRBY', KEYS[5], 'bad', bad) end
+if timeouts > 0 then redis.call('HINCRBY', KEYS[5], 'timeouts', timeouts) end
 if duplicates > 0 then redis.call('HINCRBY', KEYS[5], 'duplicates', duplicates) end
 if runs > 0 then redis.call('HINCRBY', KEYS[5], 'runs', runs) end
 if #result > 1 then redis.call('HINCRBY', KEYS[5], 'refused', #result - 1) end
