@@ -21,6 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use leaderq::conn::{self, Conn};
 use leaderq::generator::{self, Generated};
 use leaderq::handler::{self, Done, Verdict};
+use leaderq::incarnation::Incarnation;
 use leaderq::lease::{self, Lease};
 use leaderq::message::Message;
 use leaderq::outcome;
@@ -52,6 +53,7 @@ struct Bench {
     con: Conn,
     keys: Keys,
     lease: Lease,
+    inc: Incarnation,
     /// Declared last so it is dropped (killed) after the connection.
     _redis: RedisServer,
 }
@@ -61,23 +63,30 @@ impl Bench {
         let redis = RedisServer::start().expect("start redis-server");
         let rt = Runtime::new().expect("tokio runtime");
         let keys = Keys::new("bench").expect("namespace");
-        let (con, lease) = rt.block_on(async {
+        let (con, lease, inc) = rt.block_on(async {
             let mut con = conn::connect(&redis.url(), 5000).await.expect("connect");
-            let lease = acquire(&mut con, &keys).await;
-            (con, lease)
+            let inc = join(&mut con, &keys).await;
+            let lease = acquire(&mut con, &keys, &inc).await;
+            (con, lease, inc)
         });
         Bench {
             rt,
             con,
             keys,
             lease,
+            inc,
             _redis: redis,
         }
     }
 }
 
-async fn acquire(con: &mut Conn, keys: &Keys) -> Lease {
-    lease::try_acquire(con, keys, "bench", LEASE_MS)
+/// Joins the bench namespace's incarnation (again after a `FLUSHALL`).
+async fn join(con: &mut Conn, keys: &Keys) -> Incarnation {
+    Incarnation::join(con, keys, false).await.expect("join")
+}
+
+async fn acquire(con: &mut Conn, keys: &Keys, inc: &Incarnation) -> Lease {
+    lease::try_acquire(con, keys, "bench", LEASE_MS, inc)
         .await
         .expect("acquire")
         .expect("the lease is free")
@@ -92,12 +101,19 @@ async fn del(con: &mut Conn, key: &str) {
 }
 
 /// Appends `n` messages to the queue (untimed setup for fetch and commit).
-async fn refill(con: &mut Conn, keys: &Keys, lease: &Lease, n: u64) {
+async fn refill(con: &mut Conn, keys: &Keys, lease: &Lease, inc: &Incarnation, n: u64) {
     let mut left = n;
     while left > 0 {
-        match generator::generate(con, keys, lease, left.min(REFILL_BATCH), QUEUE_UNBOUNDED)
-            .await
-            .expect("generate")
+        match generator::generate(
+            con,
+            keys,
+            lease,
+            left.min(REFILL_BATCH),
+            QUEUE_UNBOUNDED,
+            inc,
+        )
+        .await
+        .expect("generate")
         {
             Generated::Batch { count, .. } => left -= count,
             other => panic!("refill: generate returned {other:?}"),
@@ -145,7 +161,12 @@ fn bench_generate(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch));
         group.bench_function(format!("{batch}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
-                let (mut con, keys, lease) = (b.con.clone(), b.keys.clone(), b.lease.clone());
+                let (mut con, keys, lease, inc) = (
+                    b.con.clone(),
+                    b.keys.clone(),
+                    b.lease.clone(),
+                    b.inc.clone(),
+                );
                 async move {
                     let mut queued = 0;
                     let mut timed = Duration::ZERO;
@@ -155,10 +176,16 @@ fn bench_generate(c: &mut Criterion) {
                             queued = 0;
                         }
                         let start = Instant::now();
-                        let r =
-                            generator::generate(&mut con, &keys, &lease, batch, QUEUE_UNBOUNDED)
-                                .await
-                                .expect("generate");
+                        let r = generator::generate(
+                            &mut con,
+                            &keys,
+                            &lease,
+                            batch,
+                            QUEUE_UNBOUNDED,
+                            &inc,
+                        )
+                        .await
+                        .expect("generate");
                         timed += start.elapsed();
                         assert!(matches!(r, Generated::Batch { count, .. } if count == batch));
                         queued += batch;
@@ -186,7 +213,12 @@ fn bench_fetch(c: &mut Criterion) {
         group.throughput(Throughput::Elements(count));
         group.bench_function(format!("{count}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
-                let (mut con, keys, lease) = (b.con.clone(), b.keys.clone(), b.lease.clone());
+                let (mut con, keys, lease, inc) = (
+                    b.con.clone(),
+                    b.keys.clone(),
+                    b.lease.clone(),
+                    b.inc.clone(),
+                );
                 async move {
                     del(&mut con, &keys.queue()).await;
                     del(&mut con, &keys.inflight(handler_id)).await;
@@ -194,7 +226,7 @@ fn bench_fetch(c: &mut Criterion) {
                     let mut timed = Duration::ZERO;
                     for _ in 0..iters {
                         if queued < count {
-                            refill(&mut con, &keys, &lease, KEEP_MAX).await;
+                            refill(&mut con, &keys, &lease, &inc, KEEP_MAX).await;
                             queued += KEEP_MAX;
                         }
                         if inflight + count > KEEP_MAX {
@@ -203,7 +235,7 @@ fn bench_fetch(c: &mut Criterion) {
                         }
                         let start = Instant::now();
                         let payloads =
-                            handler::fetch(&mut con, &keys, handler_id, count, HEARTBEAT_MS)
+                            handler::fetch(&mut con, &keys, handler_id, count, HEARTBEAT_MS, &inc)
                                 .await
                                 .expect("fetch")
                                 .payloads;
@@ -235,7 +267,12 @@ fn bench_commit(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch));
         group.bench_function(format!("{batch}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
-                let (mut con, keys, lease) = (b.con.clone(), b.keys.clone(), b.lease.clone());
+                let (mut con, keys, lease, inc) = (
+                    b.con.clone(),
+                    b.keys.clone(),
+                    b.lease.clone(),
+                    b.inc.clone(),
+                );
                 let owner = owner.clone();
                 async move {
                     del(&mut con, &keys.queue()).await;
@@ -244,17 +281,18 @@ fn bench_commit(c: &mut Criterion) {
                     let mut timed = Duration::ZERO;
                     for _ in 0..iters {
                         if queued < batch {
-                            refill(&mut con, &keys, &lease, KEEP_MAX).await;
+                            refill(&mut con, &keys, &lease, &inc, KEEP_MAX).await;
                             queued += KEEP_MAX;
                         }
                         if errors + batch > KEEP_MAX {
                             del(&mut con, &keys.errors()).await;
                             errors = 0;
                         }
-                        let payloads = handler::fetch(&mut con, &keys, &owner, batch, HEARTBEAT_MS)
-                            .await
-                            .expect("fetch")
-                            .payloads;
+                        let payloads =
+                            handler::fetch(&mut con, &keys, &owner, batch, HEARTBEAT_MS, &inc)
+                                .await
+                                .expect("fetch")
+                                .payloads;
                         assert_eq!(payloads.len() as u64, batch);
                         queued -= batch;
                         let items = done_items(&owner, payloads);
@@ -263,7 +301,7 @@ fn bench_commit(c: &mut Criterion) {
                             .filter(|d| d.verdict == Verdict::Failed)
                             .count() as u64;
                         let start = Instant::now();
-                        let (_, refused) = handler::commit(&mut con, &keys, &items)
+                        let (_, refused) = handler::commit(&mut con, &keys, &items, &inc)
                             .await
                             .expect("commit");
                         timed += start.elapsed();
@@ -285,11 +323,18 @@ const PIPELINE_BATCH: u64 = 1_000;
 const PIPELINE_QUEUE_MAX: u64 = 50_000;
 
 /// Generates until `{ns}:max` is reached, as `generator::lead` does at interval 0.
-async fn pipeline_generator(mut con: Conn, keys: Keys, lease: Lease) {
+async fn pipeline_generator(mut con: Conn, keys: Keys, lease: Lease, inc: Incarnation) {
     loop {
-        match generator::generate(&mut con, &keys, &lease, PIPELINE_BATCH, PIPELINE_QUEUE_MAX)
-            .await
-            .expect("generate")
+        match generator::generate(
+            &mut con,
+            &keys,
+            &lease,
+            PIPELINE_BATCH,
+            PIPELINE_QUEUE_MAX,
+            &inc,
+        )
+        .await
+        .expect("generate")
         {
             Generated::Batch { .. } => {}
             Generated::QueueFull => tokio::time::sleep(Duration::from_millis(1)).await,
@@ -300,11 +345,11 @@ async fn pipeline_generator(mut con: Conn, keys: Keys, lease: Lease) {
 }
 
 /// Fetches and immediately commits until `n` outcomes are recorded.
-async fn pipeline_handler(mut con: Conn, keys: Keys, n: u64) {
+async fn pipeline_handler(mut con: Conn, keys: Keys, inc: Incarnation, n: u64) {
     let owner: Arc<str> = Arc::from("bench-pipeline");
     let mut committed = 0;
     while committed < n {
-        let payloads = handler::fetch(&mut con, &keys, &owner, PIPELINE_BATCH, HEARTBEAT_MS)
+        let payloads = handler::fetch(&mut con, &keys, &owner, PIPELINE_BATCH, HEARTBEAT_MS, &inc)
             .await
             .expect("fetch")
             .payloads;
@@ -313,7 +358,7 @@ async fn pipeline_handler(mut con: Conn, keys: Keys, n: u64) {
             continue;
         }
         let items = done_items(&owner, payloads);
-        let (_, refused) = handler::commit(&mut con, &keys, &items)
+        let (_, refused) = handler::commit(&mut con, &keys, &items, &inc)
             .await
             .expect("commit");
         assert!(refused.is_empty(), "commit refused {refused:?}");
@@ -358,13 +403,19 @@ fn bench_pipeline(c: &mut Criterion) {
                         .query_async(&mut gen_con)
                         .await
                         .expect("SET max");
-                    let lease = acquire(&mut gen_con, &keys).await;
+                    let inc = join(&mut gen_con, &keys).await;
+                    let lease = acquire(&mut gen_con, &keys, &inc).await;
                     let start = Instant::now();
-                    let generator =
-                        tokio::spawn(pipeline_generator(gen_con.clone(), keys.clone(), lease));
+                    let generator = tokio::spawn(pipeline_generator(
+                        gen_con.clone(),
+                        keys.clone(),
+                        lease,
+                        inc.clone(),
+                    ));
                     let handler = tokio::spawn(pipeline_handler(
                         handler_con.clone(),
                         keys.clone(),
+                        inc,
                         PIPELINE_N,
                     ));
                     generator.await.expect("generator task");

@@ -28,6 +28,12 @@ pub struct Config {
     pub redis_down_max_ms: u64,
     /// On SIGTERM, how long in-flight messages may take to finish and commit.
     pub drain_timeout_ms: u64,
+    /// Join a namespace halted because Redis lost data, clearing the halt: the operator accepts
+    /// that ids may repeat and outcomes may be missing (README, "When Redis forgets").
+    pub accept_data_loss: bool,
+    /// Run on a Redis whose maxmemory-policy may evict keys (refused otherwise: eviction loses
+    /// messages silently).
+    pub allow_eviction: bool,
 }
 
 impl Config {
@@ -142,6 +148,8 @@ impl Config {
             connect_timeout_ms: 5000,
             redis_down_max_ms: 30_000,
             drain_timeout_ms: 10_000,
+            accept_data_loss: false,
+            allow_eviction: false,
         }
         .validate()
     }

@@ -6,7 +6,12 @@
 pub enum Error {
     /// A Redis command or script failed (connection, protocol, or a script's `error_reply`).
     #[error(transparent)]
-    Redis(#[from] redis::RedisError),
+    Redis(redis::RedisError),
+    /// Redis lost data this copy relied on (wiped, restarted empty, restored from an older copy),
+    /// or another copy saw that and halted the namespace: nothing more may be generated or
+    /// recorded until an operator decides (README, "When Redis forgets").
+    #[error("redis lost data: {0}")]
+    RedisForgot(String),
     /// Redis could not be reached within the configured bound.
     #[error("redis at {url} unreachable after {attempts} attempts over {waited_ms} ms: {last}")]
     Unreachable {
@@ -36,6 +41,17 @@ pub enum Error {
     /// Writing to stdout failed (e.g. a closed pipe) before the entries were deleted.
     #[error("writing the errors out failed: {0}")]
     Output(#[from] std::io::Error),
+}
+
+impl From<redis::RedisError> for Error {
+    /// A guarded script's `FORGOTTEN` refusal becomes [`Error::RedisForgot`]; anything else stays
+    /// a Redis error.
+    fn from(e: redis::RedisError) -> Error {
+        if e.code() == Some("FORGOTTEN") {
+            return Error::RedisForgot(e.detail().unwrap_or("(no detail)").to_string());
+        }
+        Error::Redis(e)
+    }
 }
 
 impl Error {

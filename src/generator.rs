@@ -2,6 +2,7 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
+use crate::incarnation::Incarnation;
 use crate::keys::Keys;
 use crate::lease::{self, Lease};
 use crate::scripts;
@@ -26,13 +27,15 @@ pub enum Generated {
     Fenced,
 }
 
-/// Runs generate.lua once: at most `batch_max` messages, only under `lease`.
+/// Runs generate.lua once: at most `batch_max` messages, only under `lease`, and only while
+/// Redis still holds `incarnation` and a next id no lower than any this copy has seen.
 pub async fn generate(
     con: &mut Conn,
     keys: &Keys,
     lease: &Lease,
     batch_max: u64,
     queue_max: u64,
+    incarnation: &Incarnation,
 ) -> Result<Generated, Error> {
     let (status, first_id, count, time_us): (i64, u64, u64, u64) = scripts::GENERATE
         .key(keys.lease())
@@ -42,16 +45,22 @@ pub async fn generate(
         .key(keys.epochs())
         .key(keys.stats())
         .key(keys.wake())
+        .key(keys.incarnation())
         .arg(&lease.value)
         .arg(lease.epoch)
         .arg(batch_max)
         .arg(queue_max)
+        .arg(incarnation.token())
+        .arg(incarnation.max_next_id())
         .invoke_async(con)
         .await
         .map_err(|e| match e.code() {
             Some("ERR") if e.to_string().contains("generate:") => Error::Corrupt(e.to_string()),
-            _ => Error::Redis(e),
+            _ => Error::from(e),
         })?;
+    if status > 0 {
+        incarnation.saw_next_id(first_id + count);
+    }
     Ok(match status {
         1 => Generated::Batch {
             first_id,
@@ -95,6 +104,7 @@ pub async fn lead(
     keys: &Keys,
     lease: &Lease,
     config: &GeneratorConfig,
+    incarnation: &Incarnation,
     stop: &CancellationToken,
 ) -> Result<LeadEnd, Error> {
     let renew_every = Duration::from_millis((config.lease_ms / 3).max(1));
@@ -120,12 +130,13 @@ pub async fn lead(
                 return Ok(LeadEnd::Stopped);
             }
             _ = sleep_until(next_renew) => {
-                match lease::renew(con, keys, lease, config.lease_ms).await {
+                match lease::renew(con, keys, lease, config.lease_ms, incarnation).await {
                     Ok(true) => renewed_at = Instant::now(),
                     Ok(false) => {
                         tracing::warn!(epoch = lease.epoch, "lease lost; stepping down");
                         return Ok(LeadEnd::Lost);
                     }
+                    Err(e @ Error::RedisForgot(_)) => return Err(e),
                     Err(e) if renewed_at.elapsed() >= lease_ttl => {
                         tracing::warn!(epoch = lease.epoch, error = %e, "lease not renewed within its TTL; stepping down");
                         return Ok(LeadEnd::Lost);
@@ -136,7 +147,7 @@ pub async fn lead(
             }
             _ = sleep_until(next_generate) => {
                 let now = Instant::now();
-                next_generate = match generate(con, keys, lease, batch, config.queue_max).await {
+                next_generate = match generate(con, keys, lease, batch, config.queue_max, incarnation).await {
                     Ok(Generated::Batch { count, .. }) => {
                         failures = 0;
                         crate::metrics::generated(count);
@@ -149,6 +160,7 @@ pub async fn lead(
                         tracing::warn!(epoch = lease.epoch, "generation fenced: another epoch holds the lease; stepping down");
                         return Ok(LeadEnd::Lost);
                     }
+                    Err(e @ Error::RedisForgot(_)) => return Err(e),
                     Err(Error::Corrupt(msg)) => {
                         // Never reset the counter: ids would repeat. Keep the lease (so no one
                         // else trips over the same data in a loop) and say so, loudly and rarely.

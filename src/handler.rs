@@ -20,6 +20,7 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
+use crate::incarnation::Incarnation;
 use crate::keys::Keys;
 use crate::message::Message;
 use crate::outcome::OutcomeModel;
@@ -131,6 +132,7 @@ pub async fn fetch(
     handler: &str,
     count: u64,
     heartbeat_ms: u64,
+    incarnation: &Incarnation,
 ) -> Result<Fetched, Error> {
     let limits = FetchLimits {
         count,
@@ -138,7 +140,7 @@ pub async fn fetch(
         hold: SuspectHold::default(),
         suspect_base: count,
     };
-    fetch_limited(con, keys, handler, limits, heartbeat_ms).await
+    fetch_limited(con, keys, handler, limits, heartbeat_ms, incarnation).await
 }
 
 /// Runs fetch.lua: suspects first (a group of one level, if the handler may take more), then a
@@ -150,6 +152,7 @@ pub async fn fetch_limited(
     handler: &str,
     limits: FetchLimits,
     heartbeat_ms: u64,
+    incarnation: &Incarnation,
 ) -> Result<Fetched, Error> {
     let mut call = scripts::FETCH.prepare_invoke();
     call.key(keys.queue())
@@ -162,6 +165,7 @@ pub async fn fetch_limited(
     for level in SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
+    call.key(keys.incarnation());
     let reply: Vec<redis::Value> = call
         .arg(handler)
         .arg(limits.count)
@@ -170,6 +174,7 @@ pub async fn fetch_limited(
         .arg(limits.hold.level)
         .arg(limits.hold.count)
         .arg(limits.suspect_base)
+        .arg(incarnation.token())
         .invoke_async(con)
         .await?;
     let mut items = reply.into_iter();
@@ -200,6 +205,7 @@ pub async fn commit(
     con: &mut Conn,
     keys: &Keys,
     items: &[Done],
+    incarnation: &Incarnation,
 ) -> Result<(u64, Vec<usize>), Error> {
     let Some(first) = items.first() else {
         return Ok((0, Vec::new()));
@@ -209,7 +215,9 @@ pub async fn commit(
         .key(keys.done())
         .key(keys.ok())
         .key(keys.errors())
-        .key(keys.stats());
+        .key(keys.stats())
+        .key(keys.incarnation())
+        .arg(incarnation.token());
     for d in items {
         debug_assert!(Arc::ptr_eq(&d.owner, &first.owner) || d.owner == first.owner);
         match &d.verdict {
@@ -283,9 +291,11 @@ const RECONCILE_RETRY: Duration = Duration::from_millis(100);
 /// Runs the three tasks until `stop` fires, then drains: no new fetches, every fetched message is
 /// still handled and committed. Publishes the current handler id on `owner_tx` (the heartbeat
 /// task keeps that one alive).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     con: Conn,
     keys: Keys,
+    incarnation: Incarnation,
     config: HandlerConfig,
     role: watch::Receiver<Role>,
     owner_tx: watch::Sender<Arc<str>>,
@@ -304,6 +314,7 @@ pub async fn run(
     let fetcher = Fetcher {
         con: con.clone(),
         keys: &keys,
+        incarnation: &incarnation,
         config: &config,
         owner,
         permits: &permits,
@@ -318,6 +329,7 @@ pub async fn run(
     let committer = commit_loop(
         con,
         &keys,
+        &incarnation,
         &config,
         &permits,
         &shared,
@@ -334,6 +346,7 @@ pub async fn run(
 struct Fetcher<'a> {
     con: Conn,
     keys: &'a Keys,
+    incarnation: &'a Incarnation,
     config: &'a HandlerConfig,
     /// This process's handler id (`<instance>.0`): whose in-flight set it fills.
     owner: Arc<str>,
@@ -347,20 +360,33 @@ struct Fetcher<'a> {
     stop: &'a CancellationToken,
 }
 
-/// Why [`Fetcher::run`] stops: told to, or the timer task is gone (its error is reported there).
-struct Stopped;
+/// Why [`Fetcher::run`] ends.
+enum Exit {
+    /// Told to stop, or the timer task is gone (its error is reported there).
+    Stopped,
+    /// An error retrying cannot cure (Redis lost data).
+    Fatal(Error),
+}
 
 impl Fetcher<'_> {
     async fn run(mut self, mut role: watch::Receiver<Role>) -> Result<(), Error> {
         match self.fetch_until_stopped(&mut role).await {
-            Ok(Stopped) | Err(Stopped) => Ok(()),
+            Exit::Stopped => Ok(()),
+            Exit::Fatal(e) => Err(e),
         }
     }
 
-    async fn fetch_until_stopped(
+    async fn fetch_until_stopped(&mut self, role: &mut watch::Receiver<Role>) -> Exit {
+        match self.fetch_loop(role).await {
+            Ok(never) => match never {},
+            Err(exit) => exit,
+        }
+    }
+
+    async fn fetch_loop(
         &mut self,
         role: &mut watch::Receiver<Role>,
-    ) -> Result<Stopped, Stopped> {
+    ) -> Result<std::convert::Infallible, Exit> {
         let batch = self
             .config
             .batch
@@ -374,7 +400,7 @@ impl Fetcher<'_> {
         let mut next_check = Instant::now() + RECONCILE_EVERY;
         loop {
             if self.stop.is_cancelled() {
-                return Ok(Stopped);
+                return Err(Exit::Stopped);
             }
             let lapsed = self.shared.heartbeat_lapsed.load(Ordering::Acquire);
             if outcome_unknown || lapsed || Instant::now() >= next_check {
@@ -384,6 +410,7 @@ impl Fetcher<'_> {
                         unknown_since = None;
                         next_check = Instant::now() + RECONCILE_EVERY;
                     }
+                    Err(e @ Error::RedisForgot(_)) => return Err(Exit::Fatal(e)),
                     Err(e) => {
                         tracing::warn!(error = %e, "in-flight reconciliation failed; retrying");
                         outcome_unknown = true;
@@ -397,14 +424,14 @@ impl Fetcher<'_> {
             // set is still reconciled on schedule.
             if *role.borrow_and_update() != Role::Handler {
                 tokio::select! {
-                    _ = self.stop.cancelled() => return Ok(Stopped),
-                    r = role.changed() => if r.is_err() { return Ok(Stopped) },
+                    _ = self.stop.cancelled() => return Err(Exit::Stopped),
+                    r = role.changed() => if r.is_err() { return Err(Exit::Stopped) },
                     _ = tokio::time::sleep_until(next_check) => {}
                 }
                 continue;
             }
             let held = tokio::select! {
-                _ = self.stop.cancelled() => return Ok(Stopped),
+                _ = self.stop.cancelled() => return Err(Exit::Stopped),
                 p = self.permits.acquire_many(batch as u32) => p.expect("the semaphore is never closed"),
             };
             held.forget();
@@ -421,6 +448,7 @@ impl Fetcher<'_> {
                 &self.owner,
                 limits,
                 self.config.heartbeat_ms,
+                self.incarnation,
             )
             .await;
             match fetched {
@@ -435,7 +463,7 @@ impl Fetcher<'_> {
                         // slowly as the backstop for a lost notification or reclaimed messages.
                         idle = (idle * 2).clamp(Duration::from_micros(500), IDLE_POLL_MAX);
                         tokio::select! {
-                            _ = self.stop.cancelled() => return Ok(Stopped),
+                            _ = self.stop.cancelled() => return Err(Exit::Stopped),
                             _ = self.shared.wake.notified() => idle = Duration::ZERO,
                             _ = tokio::time::sleep(idle) => {}
                         }
@@ -443,6 +471,10 @@ impl Fetcher<'_> {
                     }
                     idle = Duration::ZERO;
                     self.hand_over(f.payloads, Some(f.time_us))?;
+                }
+                Err(e @ Error::RedisForgot(_)) => {
+                    self.permits.add_permits(batch as usize);
+                    return Err(Exit::Fatal(e));
                 }
                 Err(e) => {
                     self.permits.add_permits(batch as usize);
@@ -459,15 +491,15 @@ impl Fetcher<'_> {
     }
 
     /// Sleeps, or stops early when told to.
-    async fn pause(&self, how_long: Duration) -> Result<(), Stopped> {
+    async fn pause(&self, how_long: Duration) -> Result<(), Exit> {
         tokio::select! {
-            _ = self.stop.cancelled() => Err(Stopped),
+            _ = self.stop.cancelled() => Err(Exit::Stopped),
             _ = tokio::time::sleep(how_long) => Ok(()),
         }
     }
 
     /// Admits payloads (now ours in Redis) and passes them to the timer task.
-    fn hand_over(&self, payloads: Vec<Vec<u8>>, fetched_us: Option<u64>) -> Result<(), Stopped> {
+    fn hand_over(&self, payloads: Vec<Vec<u8>>, fetched_us: Option<u64>) -> Result<(), Exit> {
         let items = admit(
             payloads,
             fetched_us,
@@ -475,7 +507,7 @@ impl Fetcher<'_> {
             self.shared,
             self.holdings,
         );
-        self.work_tx.send(items).map_err(|_| Stopped)
+        self.work_tx.send(items).map_err(|_| Exit::Stopped)
     }
 
     /// Makes what this handler holds equal to its in-flight set in Redis: adopts every member it
@@ -687,6 +719,7 @@ async fn timer_loop(
 async fn commit_loop(
     mut con: Conn,
     keys: &Keys,
+    incarnation: &Incarnation,
     config: &HandlerConfig,
     permits: &Arc<Semaphore>,
     shared: &HandlerShared,
@@ -705,7 +738,8 @@ async fn commit_loop(
         }
         // One owner per process (`<instance>.0`), so the whole batch is one commit.
         let gate = commit_gate.lock().await;
-        let (time_us, refused) = commit_with_retry(&mut con, keys, config, &batch).await?;
+        let (time_us, refused) =
+            commit_with_retry(&mut con, keys, incarnation, config, &batch).await?;
         if !refused.is_empty() {
             tracing::warn!(refused = refused.len(), "outcomes refused: those messages were reclaimed while we held them and are handled elsewhere");
         }
@@ -748,13 +782,14 @@ async fn commit_loop(
 async fn commit_with_retry(
     con: &mut Conn,
     keys: &Keys,
+    incarnation: &Incarnation,
     config: &HandlerConfig,
     group: &[Done],
 ) -> Result<(u64, Vec<usize>), Error> {
     let started = tokio::time::Instant::now();
     let mut failures = 0u32;
     loop {
-        match commit(con, keys, group).await {
+        match commit(con, keys, group, incarnation).await {
             Ok(r) => return Ok(r),
             Err(e)
                 if e.is_transient()

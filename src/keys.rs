@@ -40,6 +40,11 @@ impl Keys {
         format!("{}{name}", self.prefix)
     }
 
+    /// String: the namespace's incarnation token, created once; `halted:<why>` once a copy saw
+    /// Redis lose data. The hot scripts refuse to run for a copy that joined another value.
+    pub fn incarnation(&self) -> String {
+        self.key("incarnation")
+    }
     /// String `"<epoch>:<instance>"` with a TTL: who generates now.
     pub fn lease(&self) -> String {
         self.key("lease")

@@ -7,6 +7,7 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
+use crate::incarnation::Incarnation;
 use crate::keys::Keys;
 use crate::scripts;
 
@@ -27,23 +28,34 @@ pub struct Lease {
 /// early is safe even when the holder is alive but disconnected: the old value is deleted only if
 /// unchanged (compare-and-delete), the new holder gets a higher epoch, and the old one is fenced.
 /// A paused holder keeps its connection, so the TTL remains the detector for silent deaths.
+///
+/// Every call also checks, and raises, `incarnation`'s high-water marks: a Redis that went back
+/// in time fails it with [`Error::RedisForgot`].
 pub async fn try_acquire(
     con: &mut Conn,
     keys: &Keys,
     instance: &str,
     lease_ms: u64,
+    incarnation: &Incarnation,
 ) -> Result<Option<Lease>, Error> {
     for _ in 0..2 {
         let client_id: u64 = redis::cmd("CLIENT").arg("ID").query_async(con).await?;
-        let (epoch, value): (u64, String) = scripts::ACQUIRE
+        let (epoch, value, epoch_now, next_id_now): (u64, String, u64, u64) = scripts::ACQUIRE
             .key(keys.lease())
             .key(keys.epoch())
             .key(keys.lease_conn())
+            .key(keys.incarnation())
+            .key(keys.next_id())
             .arg(instance)
             .arg(lease_ms)
             .arg(client_id)
+            .arg(incarnation.token())
+            .arg(incarnation.max_epoch())
+            .arg(incarnation.max_next_id())
             .invoke_async(con)
             .await?;
+        incarnation.saw_epoch(epoch_now);
+        incarnation.saw_next_id(next_id_now);
         if epoch > 0 {
             return Ok(Some(Lease { epoch, value }));
         }
@@ -81,11 +93,14 @@ pub async fn renew(
     keys: &Keys,
     lease: &Lease,
     lease_ms: u64,
+    incarnation: &Incarnation,
 ) -> Result<bool, Error> {
     let renewed: i64 = scripts::RENEW
         .key(keys.lease())
+        .key(keys.incarnation())
         .arg(&lease.value)
         .arg(lease_ms)
+        .arg(incarnation.token())
         .invoke_async(con)
         .await?;
     Ok(renewed == 1)

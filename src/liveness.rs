@@ -13,6 +13,7 @@
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::handler::Role;
+use crate::incarnation::Incarnation;
 use crate::keys::Keys;
 use crate::scripts;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -144,7 +145,11 @@ pub async fn sample(con: &mut Conn, keys: &Keys, lease_value: &str) -> Result<bo
 }
 
 /// Runs reclaim.lua once. Returns (dead handlers, messages re-queued).
-pub async fn reclaim(con: &mut Conn, keys: &Keys) -> Result<(u64, u64), Error> {
+pub async fn reclaim(
+    con: &mut Conn,
+    keys: &Keys,
+    incarnation: &Incarnation,
+) -> Result<(u64, u64), Error> {
     let mut call = scripts::RECLAIM.prepare_invoke();
     call.key(keys.handlers())
         .key(keys.retry())
@@ -154,9 +159,11 @@ pub async fn reclaim(con: &mut Conn, keys: &Keys) -> Result<(u64, u64), Error> {
     for level in crate::handler::SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
+    call.key(keys.incarnation());
     let (dead, moved, poisoned): (u64, u64, u64) = call
         .arg(keys.prefix())
         .arg(MAX_RECLAIMS)
+        .arg(incarnation.token())
         .invoke_async(con)
         .await?;
     if poisoned > 0 {
@@ -178,6 +185,8 @@ pub struct Beat {
     pub owner: watch::Receiver<Arc<str>>,
     /// Set when a refresh finds the heartbeat expired (the fetcher then reconciles in full).
     pub lapsed: Arc<AtomicBool>,
+    /// The namespace incarnation this process joined (reclaim is guarded by it).
+    pub incarnation: Incarnation,
 }
 
 /// Heartbeats the current handler id and reclaims dead handlers' messages every
@@ -212,7 +221,7 @@ pub async fn run(
                 if !alive {
                     beat.lapsed.store(true, Ordering::Release);
                 }
-                reclaim(&mut con, &keys).await
+                reclaim(&mut con, &keys, &beat.incarnation).await
             }
             Err(e) => Err(e),
         };
@@ -261,6 +270,7 @@ pub async fn run(
                     );
                 }
             }
+            Err(e @ Error::RedisForgot(_)) => return Err(e),
             Err(e) if last_ok.elapsed() >= Duration::from_millis(redis_down_max_ms) => {
                 return Err(Error::Unreachable {
                     url: "(connected earlier)".into(),

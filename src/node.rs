@@ -9,6 +9,7 @@ use crate::conn::{self, Conn};
 use crate::error::Error;
 use crate::generator::{self, GeneratorConfig, LeadEnd};
 use crate::handler::{self, HandlerShared, Role};
+use crate::incarnation::{self, Incarnation};
 use crate::inspect;
 use crate::keys::Keys;
 use crate::lease;
@@ -34,12 +35,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
 async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let mut con = conn::connect(&config.redis_url, config.connect_timeout_ms).await?;
     let keys = config.keys.clone();
+    for warning in crate::redis_config::check(&mut con, config.allow_eviction).await? {
+        tracing::warn!("{}", warning.0);
+    }
     // The start-up steps are idempotent: retry them while Redis is briefly away (a dropped
     // connection, a restart still loading its AOF), within the connect bound.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
-    let started_us = loop {
-        match start_up(&mut con, &keys, config.max_messages).await {
-            Ok(started_us) => break started_us,
+    let (started_us, incarnation) = loop {
+        match start_up(&mut con, &keys, &config).await {
+            Ok(joined) => break joined,
             Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "start-up failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -67,6 +71,7 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
     let mut leader = spawn(leader_loop(
         con.clone(),
         keys.clone(),
+        incarnation.clone(),
         config.instance_id.clone(),
         config.generator.clone(),
         role_tx,
@@ -75,6 +80,7 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
     let mut handling = spawn(handler::run(
         con.clone(),
         keys.clone(),
+        incarnation.clone(),
         config.handler.clone(),
         role_rx.clone(),
         owner_tx,
@@ -90,6 +96,7 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
     let beat = liveness::Beat {
         owner: owner_rx.clone(),
         lapsed: shared.heartbeat_lapsed.clone(),
+        incarnation,
     };
     let mut alive = spawn(liveness::run(
         con.clone(),
@@ -127,9 +134,13 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
     if let Some(r) = fatal {
         stop.cancel();
         background.cancel();
-        return Err(joined(r)
+        let e = joined(r)
             .err()
-            .unwrap_or_else(|| Error::Task("a task ended before stop".into())));
+            .unwrap_or_else(|| Error::Task("a task ended before stop".into()));
+        if let Error::RedisForgot(why) = &e {
+            halt_group(&mut con, &keys, &config.instance_id, why).await;
+        }
+        return Err(e);
     }
 
     tracing::info!("stopping: releasing the lease, finishing in-flight messages");
@@ -166,17 +177,36 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
-/// Loads the scripts, stores `--max-messages`, and returns the Redis time of the join.
-async fn start_up(con: &mut Conn, keys: &Keys, max_messages: Option<u64>) -> Result<u64, Error> {
+/// Loads the scripts, joins the namespace's incarnation, stores `--max-messages`, and returns
+/// the Redis time of the join.
+async fn start_up(
+    con: &mut Conn,
+    keys: &Keys,
+    config: &Config,
+) -> Result<(u64, Incarnation), Error> {
     scripts::load_all(con).await?;
-    if let Some(max) = max_messages {
+    let incarnation = Incarnation::join(con, keys, config.accept_data_loss).await?;
+    if let Some(max) = config.max_messages {
         redis::cmd("SET")
             .arg(keys.max())
             .arg(max)
             .query_async::<()>(con)
             .await?;
     }
-    inspect::redis_time_us(con).await
+    Ok((inspect::redis_time_us(con).await?, incarnation))
+}
+
+/// This copy saw Redis lose data: it says so once, loudly, and marks the namespace halted so
+/// every other copy stops too (best effort: they detect it on their own as well).
+async fn halt_group(con: &mut Conn, keys: &Keys, instance: &str, why: &str) {
+    tracing::error!(
+        reason = %why,
+        "REDIS LOST DATA: stopping; nothing more is generated or recorded until an operator decides (README, \"When Redis forgets\")"
+    );
+    let marker = format!("{instance} saw: {why}");
+    if let Err(e) = incarnation::halt(con, keys, &marker).await {
+        tracing::warn!(error = %e, "could not mark the namespace halted; the other copies detect the loss on their own");
+    }
 }
 
 fn spawn<F>(f: F) -> JoinHandle<Result<(), Error>>
@@ -195,6 +225,7 @@ fn joined(r: Result<Result<(), Error>, tokio::task::JoinError>) -> Result<(), Er
 async fn leader_loop(
     mut con: Conn,
     keys: Keys,
+    incarnation: Incarnation,
     instance: String,
     config: GeneratorConfig,
     role: watch::Sender<Role>,
@@ -203,13 +234,13 @@ async fn leader_loop(
     let poll = Duration::from_millis((config.lease_ms / 10).clamp(5, 100));
     let mut failures = 0u32;
     loop {
-        match lease::try_acquire(&mut con, &keys, &instance, config.lease_ms).await {
+        match lease::try_acquire(&mut con, &keys, &instance, config.lease_ms, &incarnation).await {
             Ok(Some(lease)) => {
                 failures = 0;
                 tracing::info!(epoch = lease.epoch, "became the generator");
                 role.send_replace(Role::Generator { epoch: lease.epoch });
                 crate::metrics::role(Role::Generator { epoch: lease.epoch });
-                let end = generator::lead(&mut con, &keys, &lease, &config, &stop)
+                let end = generator::lead(&mut con, &keys, &lease, &config, &incarnation, &stop)
                     .instrument(tracing::info_span!("generator", epoch = lease.epoch))
                     .await;
                 role.send_replace(Role::Handler);
@@ -222,6 +253,7 @@ async fn leader_loop(
                 }
             }
             Ok(None) => failures = 0,
+            Err(e @ Error::RedisForgot(_)) => return Err(e),
             Err(e) => {
                 failures += 1;
                 if failures.is_power_of_two() {

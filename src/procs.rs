@@ -110,8 +110,18 @@ impl RedisServer {
     /// cuts only the torn command and leaves the `MULTI` open, so the next restart replays the
     /// torn script's first writes inside the following transaction: valkey-io/valkey#4342.)
     pub fn crash_and_restart(&mut self) -> std::io::Result<bool> {
+        self.crash_and_restart_with(|_| Ok(()))
+    }
+
+    /// Like [`RedisServer::crash_and_restart`], with `prepare` run on the server's directory
+    /// while it is down: e.g. to put an older snapshot in place (a restore from backup).
+    pub fn crash_and_restart_with(
+        &mut self,
+        prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> std::io::Result<bool> {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        prepare(self.dir.path())?;
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         let mut last = None;
         let mut repaired = false;

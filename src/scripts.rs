@@ -1,5 +1,6 @@
 //! The Lua scripts, one `.lua` file each (read their headers for the KEYS/ARGV/Returns contract),
-//! each compiled into a `Script` exactly once per process.
+//! each compiled into a `Script` exactly once per process, `lua/prelude.lua` (shared helpers: the
+//! Redis time, the incarnation check) in front of each.
 //!
 //! `Script::invoke_async` sends `EVALSHA` and reloads the script on `NOSCRIPT` (after a Redis
 //! restart, say), so callers never need to think about loading.
@@ -10,8 +11,12 @@ use std::sync::LazyLock;
 macro_rules! script {
     ($name:ident, $file:literal) => {
         #[doc = concat!("`src/lua/", $file, "`.")]
-        pub static $name: LazyLock<Script> =
-            LazyLock::new(|| Script::new(include_str!(concat!("lua/", $file))));
+        pub static $name: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/prelude.lua"),
+                include_str!(concat!("lua/", $file))
+            ))
+        });
     };
 }
 

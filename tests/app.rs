@@ -3,6 +3,7 @@
 mod common;
 
 use common::{wait_for, Fixture};
+use leaderq::incarnation::Incarnation;
 use leaderq::stats::Counters;
 use leaderq::{generator, inspect, lease};
 use std::io::{BufRead, BufReader};
@@ -360,19 +361,20 @@ async fn a_fenced_generator_cannot_generate() {
     let fx = Fixture::new();
     let mut con = fx.con().await;
     let keys = &fx.keys;
-    let a = lease::try_acquire(&mut con, keys, "a", 60_000)
+    let inc = Incarnation::join(&mut con, keys, false).await.unwrap();
+    let a = lease::try_acquire(&mut con, keys, "a", 60_000, &inc)
         .await
         .unwrap()
         .expect("free lease");
     assert_eq!(
-        lease::try_acquire(&mut con, keys, "b", 60_000)
+        lease::try_acquire(&mut con, keys, "b", 60_000, &inc)
             .await
             .unwrap(),
         None,
         "held"
     );
     assert!(matches!(
-        generator::generate(&mut con, keys, &a, 10, 1000)
+        generator::generate(&mut con, keys, &a, 10, 1000, &inc)
             .await
             .unwrap(),
         generator::Generated::Batch {
@@ -387,19 +389,21 @@ async fn a_fenced_generator_cannot_generate() {
         .query_async::<()>(&mut con)
         .await
         .unwrap();
-    let b = lease::try_acquire(&mut con, keys, "b", 60_000)
+    let b = lease::try_acquire(&mut con, keys, "b", 60_000, &inc)
         .await
         .unwrap()
         .expect("free again");
     assert!(b.epoch > a.epoch);
     assert_eq!(
-        generator::generate(&mut con, keys, &a, 10, 1000)
+        generator::generate(&mut con, keys, &a, 10, 1000, &inc)
             .await
             .unwrap(),
         generator::Generated::Fenced
     );
     assert!(
-        !lease::renew(&mut con, keys, &a, 60_000).await.unwrap(),
+        !lease::renew(&mut con, keys, &a, 60_000, &inc)
+            .await
+            .unwrap(),
         "a cannot renew b's lease"
     );
     assert!(
@@ -412,13 +416,13 @@ async fn a_fenced_generator_cannot_generate() {
         value: format!("{}:b", a.epoch),
     };
     assert_eq!(
-        generator::generate(&mut con, keys, &stale, 10, 1000)
+        generator::generate(&mut con, keys, &stale, 10, 1000, &inc)
             .await
             .unwrap(),
         generator::Generated::Fenced
     );
     assert!(matches!(
-        generator::generate(&mut con, keys, &b, 10, 1000)
+        generator::generate(&mut con, keys, &b, 10, 1000, &inc)
             .await
             .unwrap(),
         generator::Generated::Batch {
@@ -448,7 +452,8 @@ async fn generation_respects_max_and_queue_bound() {
     let fx = Fixture::new();
     let mut con = fx.con().await;
     let keys = &fx.keys;
-    let a = lease::try_acquire(&mut con, keys, "a", 60_000)
+    let inc = Incarnation::join(&mut con, keys, false).await.unwrap();
+    let a = lease::try_acquire(&mut con, keys, "a", 60_000, &inc)
         .await
         .unwrap()
         .unwrap();
@@ -459,13 +464,13 @@ async fn generation_respects_max_and_queue_bound() {
         .await
         .unwrap();
     assert!(matches!(
-        generator::generate(&mut con, keys, &a, 100, 15)
+        generator::generate(&mut con, keys, &a, 100, 15, &inc)
             .await
             .unwrap(),
         generator::Generated::Batch { count: 15, .. }
     ));
     assert_eq!(
-        generator::generate(&mut con, keys, &a, 100, 15)
+        generator::generate(&mut con, keys, &a, 100, 15, &inc)
             .await
             .unwrap(),
         generator::Generated::QueueFull
@@ -476,7 +481,7 @@ async fn generation_respects_max_and_queue_bound() {
         .await
         .unwrap();
     assert!(matches!(
-        generator::generate(&mut con, keys, &a, 100, 100)
+        generator::generate(&mut con, keys, &a, 100, 100, &inc)
             .await
             .unwrap(),
         generator::Generated::Batch {
@@ -486,7 +491,7 @@ async fn generation_respects_max_and_queue_bound() {
         }
     ));
     assert_eq!(
-        generator::generate(&mut con, keys, &a, 100, 100)
+        generator::generate(&mut con, keys, &a, 100, 100, &inc)
             .await
             .unwrap(),
         generator::Generated::Finished
@@ -498,7 +503,7 @@ async fn generation_respects_max_and_queue_bound() {
         .query_async::<()>(&mut con)
         .await
         .unwrap();
-    let err = generator::generate(&mut con, keys, &a, 100, 100)
+    let err = generator::generate(&mut con, keys, &a, 100, 100, &inc)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("next_id"), "{err}");

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{wait_for, Fixture};
+use leaderq::procs::RedisServer;
 use leaderq::stats::Counters;
 use std::time::{Duration, Instant};
 
@@ -250,4 +251,216 @@ fn handler_timeouts_are_predicted_by_the_verdict() {
         (10_000..15_000).contains(&timeouts),
         "about a quarter timed out: {timeouts}"
     );
+}
+
+/// Waits (bounded) for every app of `fx` to exit; returns their exit codes.
+fn exit_codes(fx: &mut Fixture, bound: Duration) -> Vec<Option<i32>> {
+    fx.apps
+        .iter_mut()
+        .map(|a| match a.wait_timeout(bound) {
+            Ok(Some(status)) => status.code(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The flags of a busy group for the forgetting-Redis tests.
+const BUSY: [&str; 10] = [
+    "--interval-ms",
+    "0",
+    "--max-messages",
+    "10000000",
+    "--handler-delay-max-ms",
+    "50",
+    "--heartbeat-ms",
+    "3000",
+    "--lease-ms",
+    "3000",
+];
+
+async fn next_id(con: &mut leaderq::conn::Conn, fx: &Fixture) -> Option<u64> {
+    redis::cmd("GET")
+        .arg(fx.keys.next_id())
+        .query_async(con)
+        .await
+        .unwrap()
+}
+
+/// Issue 9: Redis that forgets everything (`FLUSHALL`; a restart without persistence looks the
+/// same). Every copy must stop generating and handling, say what went wrong, mark the namespace
+/// halted and exit 5; nothing may be generated after the loss (next_id stays absent); a new copy
+/// refuses to join the halted namespace until an operator accepts the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_redis_halts_every_copy() {
+    let mut fx = Fixture::new();
+    fx.spawn_all(&["a", "b", "c"], &BUSY);
+    let mut con = fx.con().await;
+    assert!(fx
+        .wait_outcomes(5000, Duration::from_secs(60))
+        .await
+        .is_some());
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    let codes = exit_codes(&mut fx, Duration::from_secs(20));
+    assert_eq!(codes, vec![Some(5); 3], "every copy exits 5");
+    assert_eq!(
+        next_id(&mut con, &fx).await,
+        None,
+        "nothing generated after the wipe"
+    );
+    let marker: String = redis::cmd("GET")
+        .arg(fx.keys.incarnation())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(marker.starts_with("halted:"), "{marker}");
+    let logs = fx.log("a") + &fx.log("b") + &fx.log("c");
+    assert!(logs.contains("REDIS LOST DATA"), "{logs}");
+    assert!(
+        logs.contains("incarnation"),
+        "the log names what was lost: {logs}"
+    );
+
+    let out = std::process::Command::new(common::app_bin())
+        .args(fx.args(&["--max-messages", "10"]))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "a new copy refuses the halted namespace"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("halted"));
+    let accept = [
+        "--accept-data-loss",
+        "--max-messages",
+        "10",
+        "--interval-ms",
+        "0",
+    ];
+    fx.spawn_all(&["d", "e"], &accept);
+    let restarted = fx.wait_outcomes(10, Duration::from_secs(30)).await;
+    assert!(
+        restarted.is_some(),
+        "--accept-data-loss starts over:\n{}",
+        fx.log("d")
+    );
+}
+
+/// Issue 9: Redis restored from an older snapshot (a lagging replica looks the same): the counter
+/// and the outcomes go back in time with the token unchanged. The copies must see the counter
+/// below what they saw, halt and exit 5, without generating from the restored counter on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restored_from_an_older_snapshot_halts_every_copy() {
+    let mut fx = Fixture::new();
+    fx.spawn_all(&["a", "b", "c"], &BUSY);
+    let mut con = fx.con().await;
+    assert!(fx
+        .wait_outcomes(3000, Duration::from_secs(60))
+        .await
+        .is_some());
+    redis::cmd("SAVE")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    let snapshot = fx.logs.path().join("older.rdb");
+    std::fs::copy(fx.redis.dir().join("dump.rdb"), &snapshot).unwrap();
+    let before = fx.wait_outcomes(20_000, Duration::from_secs(60)).await;
+    assert!(before.is_some(), "the group moved on past the snapshot");
+    fx.redis
+        .crash_and_restart_with(|dir| std::fs::copy(&snapshot, dir.join("dump.rdb")).map(|_| ()))
+        .unwrap();
+    let mut con = fx.con().await;
+    let restored = next_id(&mut con, &fx).await;
+    let codes = exit_codes(&mut fx, Duration::from_secs(20));
+    assert_eq!(codes, vec![Some(5); 3], "every copy exits 5");
+    assert_eq!(
+        next_id(&mut con, &fx).await,
+        restored,
+        "nothing generated after the restore"
+    );
+    let logs = fx.log("a") + &fx.log("b") + &fx.log("c");
+    assert!(
+        logs.contains("went back from"),
+        "the log says by how much: {logs}"
+    );
+}
+
+/// Issue 9: Redis's own configuration is checked at start. An evicting maxmemory-policy is
+/// refused (exit 2, naming the setting) unless --allow-eviction; no persistence at all, and an
+/// AOF that Redis would load truncated, are named in a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_configuration_is_checked_at_start() {
+    let evicting = RedisServer::start_with(&[
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .unwrap();
+    let url = evicting.url();
+    let run = |extra: &[&str]| {
+        let child = std::process::Command::new(common::app_bin())
+            .args([
+                "--redis-url",
+                &url,
+                "--namespace",
+                "cfg",
+                "--max-messages",
+                "0",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A copy that starts runs until stopped: give it a moment, then stop it.
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = leaderq::procs::signal(child.id(), libc::SIGTERM);
+        child.wait_with_output().unwrap()
+    };
+    let refused = run(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("maxmemory-policy is allkeys-lru"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--allow-eviction"), "{stderr}");
+    let allowed = run(&["--allow-eviction"]);
+    let stderr = String::from_utf8_lossy(&allowed.stderr);
+    assert_eq!(allowed.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("--allow-eviction given"), "{stderr}");
+    assert!(
+        stderr.contains("no persistence"),
+        "this server has none either: {stderr}"
+    );
+    drop(evicting);
+
+    let aof =
+        RedisServer::start_with(&["--appendonly", "yes", "--aof-load-truncated", "yes"]).unwrap();
+    let child = std::process::Command::new(common::app_bin())
+        .args([
+            "--redis-url",
+            &aof.url(),
+            "--namespace",
+            "cfg",
+            "--max-messages",
+            "0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = leaderq::procs::signal(child.id(), libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("aof-load-truncated yes"), "{stderr}");
+    assert!(!stderr.contains("no persistence"), "{stderr}");
 }

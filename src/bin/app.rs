@@ -2,7 +2,8 @@
 //! free, handler otherwise); `app getErrors` prints and deletes every failed message; `app status`
 //! shows what the group is doing.
 //!
-//! Exit codes: 0 clean stop, 1 unexpected failure, 2 bad flags, 3 Redis unreachable.
+//! Exit codes: 0 clean stop, 1 unexpected failure, 2 bad flags, 3 Redis unreachable, 5 Redis
+//! lost data (the namespace is halted; see README, "When Redis forgets").
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use leaderq::errors_store::{self, DrainConfig, LineFormat};
@@ -153,6 +154,15 @@ struct RunFlags {
     /// poison message). Hidden: never use it in production.
     #[arg(long, hide = true)]
     fault_crash_on_id: Option<u64>,
+    /// Join a namespace that a copy halted because Redis lost data (exit code 5), clearing the
+    /// halt: you accept that ids may repeat and outcomes may be missing. Drain getErrors first;
+    /// a fresh --namespace is the clean alternative. See README, "When Redis forgets".
+    #[arg(long)]
+    accept_data_loss: bool,
+    /// Run even though Redis's maxmemory-policy may evict keys. Refused by default: an evicted
+    /// queue, in-flight set or outcome bitmap loses messages without an error.
+    #[arg(long)]
+    allow_eviction: bool,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: no exporter, no cost).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -201,6 +211,7 @@ fn init_logs(format: LogFormat) {
 fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Config(_) => 2,
+        Error::RedisForgot(_) => 5,
         e if e.is_connection() => 3,
         _ => 1,
     }
@@ -253,6 +264,8 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
         max_messages: f.max_messages,
         connect_timeout_ms: common.connect_timeout_ms,
         redis_down_max_ms: f.redis_down_max_ms,
+        accept_data_loss: f.accept_data_loss,
+        allow_eviction: f.allow_eviction,
         drain_timeout_ms: f
             .drain_timeout_ms
             .unwrap_or(f.handler_delay_max_ms.min(f.handler_timeout_ms) + 5000),

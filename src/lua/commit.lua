@@ -4,7 +4,9 @@
 -- KEYS[3]: success bitmap ({ns}:ok)
 -- KEYS[4]: error store ({ns}:errors), list of "<payload>\t<reason>\t<time_us>"
 -- KEYS[5]: stats hash ({ns}:stats)
--- ARGV: triples (kind, payload, extra):
+-- KEYS[6]: incarnation ({ns}:incarnation)
+-- ARGV[1]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
+-- ARGV[2..]: triples (kind, payload, extra):
 --   kind "o": handled ok,      extra = id
 --   kind "e": handler error,   extra = id
 --   kind "t": handler timeout (eventHandler did not call back in time), extra = id
@@ -15,10 +17,10 @@
 -- Ownership is SREM's answer: the payload leaves the in-flight set exactly once. A second outcome
 -- for an id whose bit in KEYS[2] is already set is counted as a duplicate and not recorded again.
 -- Every argument is validated before anything is mutated.
-if #ARGV % 3 ~= 0 then
-  return redis.error_reply('ERR commit: arguments must be (kind, payload, extra) triples')
+if #ARGV % 3 ~= 1 then
+  return redis.error_reply('ERR commit: arguments must be the token, then (kind, payload, extra) triples')
 end
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   local kind = ARGV[i]
   if kind == 'o' or kind == 'e' or kind == 't' then
     local id = tonumber(ARGV[i + 2])
@@ -29,19 +31,18 @@ for i = 1, #ARGV, 3 do
     return redis.error_reply('ERR commit: bad kind ' .. kind)
   end
 end
-local t = redis.call('TIME')
--- As a string: Lua 5.1 would print a 16-digit number in exponent form.
-local now = t[1] .. string.format('%06d', tonumber(t[2]))
-local now_us = tonumber(now)
+local gone = forgotten(KEYS[6], ARGV[1])
+if gone then return gone end
+local now, now_us = redis_now()
 local result = {now_us}
 local processed, errors, bad, duplicates, runs, timeouts = 0, 0, 0, 0, 0, 0
-for i = 1, #ARGV, 3 do
+for i = 2, #ARGV, 3 do
   local kind, payload, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if kind ~= 'b' then
     runs = runs + 1
   end
   if redis.call('SREM', KEYS[1], payload) == 0 then
-    result[#result + 1] = (i + 2) / 3
+    result[#result + 1] = (i + 1) / 3
   elseif kind == 'b' then
     redis.call('RPUSH', KEYS[4], payload .. '\t' .. extra .. '\t' .. now)
     bad = bad + 1

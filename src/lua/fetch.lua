@@ -8,6 +8,7 @@
 -- KEYS[6]: stats hash ({ns}:stats)
 -- KEYS[7]: retry set ({ns}:retry): messages reclaimed once
 -- KEYS[8..12]: suspect lists ({ns}:suspects:2 .. {ns}:suspects:6): messages reclaimed 2..6 times
+-- KEYS[13]: incarnation ({ns}:incarnation)
 -- ARGV[1]: handler id
 -- ARGV[2]: count, integer >= 1: messages to take in all
 -- ARGV[3]: heartbeat_ms, integer > 0 (a fetch is proof of life: it refreshes the heartbeat)
@@ -16,6 +17,7 @@
 -- ARGV[5]: held_level: the level (2..6) of the suspects the handler holds, 0 if none
 -- ARGV[6]: held_count: how many suspects it holds
 -- ARGV[7]: suspect_base, integer >= 1: the group size at level L is max(1, base / 10^(L-1))
+-- ARGV[8]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
 -- Returns: {time_us, lapsed, payload, payload, ...} (no payloads when there is nothing to do);
 --   lapsed is 1 when the heartbeat key was absent before this call refreshed it: the handler's
 --   heartbeat had expired, so reclaim.lua may have taken its in-flight set, and the handler must
@@ -37,10 +39,9 @@ if not count or count < 1 or not hb_ms or hb_ms <= 0 or not retry_max or retry_m
   or (held_level ~= 0 and (held_level < 2 or held_level > 6)) then
   return redis.error_reply('ERR fetch: bad arguments')
 end
-local t = redis.call('TIME')
--- As a string: Lua 5.1 would print a 16-digit number in exponent form.
-local now = t[1] .. string.format('%06d', tonumber(t[2]))
-local now_us = tonumber(now)
+local gone = forgotten(KEYS[13], ARGV[8])
+if gone then return gone end
+local now, now_us = redis_now()
 local lapsed = 0
 if not redis.call('SET', KEYS[4], now, 'PX', hb_ms, 'GET') then
   lapsed = 1

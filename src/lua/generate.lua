@@ -6,10 +6,14 @@
 -- KEYS[5]: epoch log ({ns}:epochs), list of "<epoch>:<first_id>:<count>:<time_us>"
 -- KEYS[6]: stats hash ({ns}:stats)
 -- KEYS[7]: wake-up channel ({ns}:wake): PUBLISHed the count after a batch, for idle handlers
+-- KEYS[8]: incarnation ({ns}:incarnation)
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: our epoch (integer)
 -- ARGV[3]: batch_max, integer >= 1: at most this many messages
 -- ARGV[4]: queue_max, integer >= 1: generate only while the queue holds fewer
+-- ARGV[5]: the incarnation token this copy joined
+-- ARGV[6]: min_next_id, integer >= 0: the highest next id this copy has seen. A lower next_id
+--          means Redis went back in time (restored from an older copy): FORGOTTEN, nothing written.
 -- Returns: {status, first_id, count, time_us}
 --   status 1: generated ids first_id .. first_id+count-1 at Redis time time_us
 --   status 2: the queue is full (backpressure), nothing generated
@@ -20,16 +24,17 @@
 local batch_max = tonumber(ARGV[3])
 local queue_max = tonumber(ARGV[4])
 local epoch = tonumber(ARGV[2])
+local min_next = tonumber(ARGV[6])
 if not string.match(ARGV[2], '^%d+$') then
   return redis.error_reply('ERR generate: epoch must be a decimal integer')
 end
-if not batch_max or batch_max < 1 or not queue_max or queue_max < 1 or not epoch then
+if not batch_max or batch_max < 1 or not queue_max or queue_max < 1 or not epoch
+  or not min_next or min_next < 0 then
   return redis.error_reply('ERR generate: bad arguments')
 end
-local t = redis.call('TIME')
--- As a string: Lua 5.1 would print a 16-digit number in exponent form.
-local now = t[1] .. string.format('%06d', tonumber(t[2]))
-local now_us = tonumber(now)
+local gone = forgotten(KEYS[8], ARGV[5])
+if gone then return gone end
+local now, now_us = redis_now()
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {-1, 0, 0, now_us}
 end
@@ -40,6 +45,9 @@ if raw_next then
   if not next_id or next_id < 0 or next_id ~= math.floor(next_id) then
     return redis.error_reply('ERR generate: ' .. KEYS[2] .. ' is not a non-negative integer')
   end
+end
+if next_id < min_next then
+  return redis.error_reply('FORGOTTEN ' .. KEYS[2] .. ' went back from ' .. min_next .. ' to ' .. next_id)
 end
 local n = batch_max
 local raw_max = redis.call('GET', KEYS[3])

@@ -12,7 +12,6 @@ if not id or id == '' or not body or string.sub(body, 1, 1) ~= '{'
     or string.sub(body, -10) ~= '"seen_us":' then
   return redis.error_reply('ERR presence: bad arguments')
 end
-local t = redis.call('TIME')
-local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local now = redis_now()
 redis.call('HSET', KEYS[1], id, body .. now .. '}')
 return tonumber(now)

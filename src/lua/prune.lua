@@ -9,8 +9,8 @@ local age_ms = tonumber(ARGV[1])
 if not age_ms or age_ms <= 0 then
   return redis.error_reply('ERR prune: bad max_age_ms')
 end
-local t = redis.call('TIME')
-local oldest_us = tonumber(t[1]) * 1000000 + tonumber(t[2]) - age_ms * 1000
+local _, now_us = redis_now()
+local oldest_us = now_us - age_ms * 1000
 local all = redis.call('HGETALL', KEYS[1])
 local deleted = 0
 for i = 1, #all, 2 do

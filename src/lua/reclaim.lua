@@ -6,11 +6,13 @@
 -- KEYS[4]: error store ({ns}:errors), list
 -- KEYS[5]: stats hash ({ns}:stats)
 -- KEYS[6..10]: suspect lists ({ns}:suspects:2 .. {ns}:suspects:6)
+-- KEYS[11]: incarnation ({ns}:incarnation)
 -- ARGV[1]: key prefix "{ns}:" — per-handler keys are derived here as
 --          <prefix>hb:<handler> and <prefix>inflight:<handler>. They are not declared in KEYS
 --          because the set of handlers is only known inside the script; all share the {ns} hash
 --          tag, so they live in the same cluster slot as KEYS[1].
 -- ARGV[2]: max_reclaims, integer 3..7: a message reclaimed this many times is poison
+-- ARGV[3]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
 -- Returns: {handlers_reclaimed, messages_given_back, messages_poisoned}
 --
 -- A handler is dead when its heartbeat key has expired (SIGKILL runs no cleanup; the TTL is the
@@ -34,9 +36,9 @@ local max_reclaims = tonumber(ARGV[2])
 if not prefix or prefix == '' or not max_reclaims or max_reclaims < 3 or max_reclaims > 7 then
   return redis.error_reply('ERR reclaim: bad arguments')
 end
-local t = redis.call('TIME')
--- As a string: Lua 5.1 would print a 16-digit number in exponent form.
-local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local gone = forgotten(KEYS[11], ARGV[3])
+if gone then return gone end
+local now = redis_now()
 local dead, moved, poisoned, duplicates = 0, 0, 0, 0
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', prefix .. 'hb:' .. h) == 0 then

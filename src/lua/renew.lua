@@ -1,12 +1,16 @@
 -- renew.lua: extend the lease only if it is still ours (compare-and-pexpire).
 -- KEYS[1]: lease key ({ns}:lease)
+-- KEYS[2]: incarnation ({ns}:incarnation)
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: lease_ms, integer > 0
+-- ARGV[3]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
 -- Returns: 1 when renewed; 0 when the lease is gone or held by someone else (we must step down).
 local ms = tonumber(ARGV[2])
 if not ms or ms <= 0 then
   return redis.error_reply('ERR lease_ms must be a positive integer')
 end
+local gone = forgotten(KEYS[2], ARGV[3])
+if gone then return gone end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ms)
   return 1

@@ -16,8 +16,7 @@ end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-local t = redis.call('TIME')
-local parts = {'{"time_us":' .. t[1] .. string.format('%06d', tonumber(t[2]))}
+local parts = {'{"time_us":' .. redis_now()}
 local names = {'generated', 'processed', 'errors', 'duplicates', 'reclaimed'}
 local values = redis.call('HMGET', KEYS[2], unpack(names))
 for i, name in ipairs(names) do
