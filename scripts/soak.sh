@@ -5,7 +5,9 @@
 # Exit 0 only if every run passes.
 #
 #   scripts/soak.sh [N] [MODE...]      modes: kill-leader pause-leader kill-workers
-#                                      drop-connections restart-redis all (default: every one)
+#                                      drop-connections restart-redis all wipe-redis
+#                                      rollback-redis (default: every one). The last two pass when
+#                                      every copy halts (exit 5) with nothing generated after.
 #   SOAK_FIRST_SEED=S                  seeds S..S+N-1 (default 1)
 #   SOAK_MD=FILE                       also write the table as Markdown to FILE
 #   SOAK_DIR=DIR                       keep failed runs' reports here (default: a temp dir)
@@ -25,9 +27,11 @@ declare -A mode_flags=(
   [drop-connections]="--drop-connections 3"
   [restart-redis]="--restart-redis 2"
   [all]="--kill-leader --kills 2 --pause-leader 1 --kill-workers 2 --drop-connections 2 --restart-redis 1"
+  [wipe-redis]="--wipe-redis"
+  [rollback-redis]="--rollback-redis"
 )
 modes=("$@")
-[ ${#modes[@]} -gt 0 ] || modes=(kill-leader pause-leader kill-workers drop-connections restart-redis all)
+[ ${#modes[@]} -gt 0 ] || modes=(kill-leader pause-leader kill-workers drop-connections restart-redis all wipe-redis rollback-redis)
 for m in "${modes[@]}"; do
   [ -n "${mode_flags[$m]:-}" ] || { echo "soak: unknown mode $m (known: ${!mode_flags[*]})" >&2; exit 2; }
 done
@@ -57,7 +61,7 @@ for m in "${modes[@]}"; do
     set -e
     took=$((SECONDS - t0))
     runs[$m]=$((runs[$m] + 1)); secs[$m]=$((secs[$m] + took))
-    line=$(grep -o 'verdict=[a-z]* .*missing=[0-9]* duplicates=[0-9]*' <<<"$out" || true)
+    line=$(grep -o 'verdict=[a-z]* .*missing=[0-9]* duplicates=[0-9]*\|verdict=[a-z]* redis_lost_data=.*' <<<"$out" || true)
     if [ "$rc" = 0 ]; then
       passes[$m]=$((passes[$m] + 1))
       rm -rf "$report"

@@ -43,6 +43,12 @@ enum FaultKind {
     KillWorker,
     DropConnections,
     RestartRedis,
+    /// Take the RDB snapshot a later `RollbackRedis` restores (planned at half its trigger).
+    SnapshotRedis,
+    /// Restart Redis from that older snapshot: Redis goes back in time; the group must halt.
+    RollbackRedis,
+    /// `FLUSHALL`: Redis forgets everything; the group must halt.
+    WipeRedis,
 }
 
 impl FaultKind {
@@ -54,6 +60,9 @@ impl FaultKind {
             FaultKind::KillWorker => "worker kill",
             FaultKind::DropConnections => "connection drop",
             FaultKind::RestartRedis => "redis restart",
+            FaultKind::SnapshotRedis => "redis snapshot",
+            FaultKind::RollbackRedis => "redis rollback",
+            FaultKind::WipeRedis => "redis wipe",
         }
     }
 
@@ -89,17 +98,49 @@ fn fault_plan(seed: u64, messages: u64, counts: &[(FaultKind, u32)]) -> Vec<Faul
             .map(|_| (messages as f64 * rng.random_range(0.1..0.9)) as u64)
             .collect();
         points.sort_unstable();
-        plan.extend(points.into_iter().map(|at| Fault {
+        for at in points {
+            if kind == FaultKind::RollbackRedis {
+                // The state it goes back to: taken halfway to the rollback.
+                plan.push(Fault::new(FaultKind::SnapshotRedis, at / 2));
+            }
+            plan.push(Fault::new(kind, at));
+        }
+    }
+    plan
+}
+
+impl Fault {
+    fn new(kind: FaultKind, at: u64) -> Fault {
+        Fault {
             kind,
             at,
             done: false,
             t_s: 0.0,
             epoch: 0,
             redis_us: 0,
-        }));
+        }
     }
-    plan
 }
+
+/// After a fault that makes Redis lose data: what the run waits for (every copy exiting with
+/// code 5) and what must hold afterwards (nothing generated after the loss).
+struct HaltWatch {
+    /// What happened, for the report: "redis wipe at N outcomes".
+    what: String,
+    /// When the fault happened.
+    since: Instant,
+    /// `next_id` right after the loss (absent = 0 after a wipe; the snapshot's after a rollback):
+    /// it must still be this when every copy has stopped.
+    next_id_after_loss: u64,
+    /// `next_id` just before the loss, for the report.
+    next_id_before_loss: u64,
+}
+
+/// How long the copies may take to halt after Redis lost data.
+const HALT_WAIT_MAX: Duration = Duration::from_secs(20);
+
+/// The exit code of an `app` that halted because Redis lost data.
+const APP_EXIT_HALTED: i32 = 5;
 
 /// The arguments every `app` copy gets.
 fn app_args(flags: &Flags, url: &str, namespace: &str, seed: u64) -> Vec<String> {
@@ -198,6 +239,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
             (FaultKind::KillWorker, flags.kill_workers),
             (FaultKind::DropConnections, flags.drop_connections),
             (FaultKind::RestartRedis, flags.restart_redis),
+            (FaultKind::RollbackRedis, u32::from(flags.rollback_redis)),
+            (FaultKind::WipeRedis, u32::from(flags.wipe_redis)),
         ],
     );
     let plan: Vec<String> = faults
@@ -280,6 +323,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let mut last_counters = leaderq::stats::Counters::default();
     let mut redis_errors = 0u32;
     let mut aof_repairs = 0u64;
+    let mut halt: Option<HaltWatch> = None;
     loop {
         tokio::time::sleep(TICK).await;
         let now = Instant::now();
@@ -296,6 +340,9 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
             let used = cpu_s(app.pid());
             if used > 0.0 {
                 app_cpu_s.insert(app.pid(), used);
+            }
+            if halt.is_some() {
+                continue; // exits are expected now; judged when the wait ends
             }
             if !app.is_running() {
                 progress.finish();
@@ -326,6 +373,17 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         timeline.samples.push((t_s, done));
         let executed = faults.iter().filter(|f| f.done).count();
         progress.update(done, executed, faults.len());
+        if let Some(h) = &halt {
+            let running = apps
+                .iter_mut()
+                .map(|a| a.is_running())
+                .filter(|r| *r)
+                .count();
+            if running == 0 || h.since.elapsed() >= HALT_WAIT_MAX {
+                break;
+            }
+            continue;
+        }
         if redis_errors == 0 {
             watch_reclaims(&mut con, &keys, &mut watched, &mut reclaim_ms, &progress).await;
         }
@@ -450,6 +508,56 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                         "connection drop: {dropped} connections killed at {done} outcomes"
                     ));
                 }
+                FaultKind::SnapshotRedis => {
+                    let server = server
+                        .as_ref()
+                        .context("--rollback-redis needs the sim's own Redis")?;
+                    redis::cmd("SAVE").query_async::<()>(&mut con).await?;
+                    std::fs::copy(
+                        server.dir().join("dump.rdb"),
+                        server.dir().join("older.rdb"),
+                    )
+                    .context("keeping the snapshot")?;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!("redis snapshot taken at {done} outcomes"));
+                }
+                FaultKind::RollbackRedis | FaultKind::WipeRedis => {
+                    let server = server
+                        .as_mut()
+                        .context("--wipe-redis and --rollback-redis need the sim's own Redis")?;
+                    let before = read_next_id(&mut con, &keys).await?;
+                    let after = if kind == FaultKind::WipeRedis {
+                        redis::cmd("FLUSHALL").query_async::<()>(&mut con).await?;
+                        0
+                    } else {
+                        let older = server.dir().join("older.rdb");
+                        let restored = snapshot_next_id(&older, &keys).await?;
+                        tokio::task::block_in_place(|| {
+                            server.crash_and_restart_with(|dir| {
+                                std::fs::copy(&older, dir.join("dump.rdb")).map(|_| ())
+                            })
+                        })
+                        .context("restarting redis-server from the older snapshot")?;
+                        restored
+                    };
+                    disruptions += 1;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    let what = format!(
+                        "{} at {done} outcomes (next_id {before} -> {after})",
+                        kind.label()
+                    );
+                    progress.note(&format!(
+                        "{what}: every copy must now halt with exit code {APP_EXIT_HALTED}"
+                    ));
+                    halt = Some(HaltWatch {
+                        what,
+                        since: Instant::now(),
+                        next_id_after_loss: after,
+                        next_id_before_loss: before,
+                    });
+                }
                 FaultKind::RestartRedis => {
                     let server = server
                         .as_mut()
@@ -475,6 +583,29 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     progress.finish();
     for (pid, _) in resumes.drain(..) {
         let _ = procs::signal(pid, libc::SIGCONT);
+    }
+    if let Some(h) = halt {
+        let base = Summary {
+            seed,
+            commit: git_commit(),
+            messages: flags.messages,
+            processes: flags.processes as u64,
+            elapsed_s,
+            started_utc,
+            redis_version,
+            command_line: std::env::args()
+                .map(|a| conn::redact(&a))
+                .collect::<Vec<_>>()
+                .join(" "),
+            ..Summary::default()
+        };
+        let pass = judge_halt(&h, &mut apps, &mut con, &keys, base, &report_dir, &timeline).await?;
+        if !pass {
+            if let Some(server) = &server {
+                keep_redis_data(server.dir(), &report_dir.join("redis-data"));
+            }
+        }
+        return Ok(if pass { End::Pass } else { End::Violation });
     }
 
     // Stop every copy cleanly (they publish their latency histograms on the way out).
@@ -588,6 +719,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
             .map(|a| conn::redact(&a))
             .collect::<Vec<_>>()
             .join(" "),
+        ..Summary::default()
     };
     let kill_events: Vec<KillEvent> = executed
         .iter()
@@ -632,6 +764,99 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     } else {
         End::Pass
     })
+}
+
+/// Judges a run in which Redis lost data: every copy must have exited with code 5 (halted), the
+/// namespace must be marked halted, and `next_id` must not have moved since the loss (nothing
+/// generated from the forgotten state). Writes the report; returns whether all of it held.
+async fn judge_halt(
+    h: &HaltWatch,
+    apps: &mut [AppProcess],
+    con: &mut conn::Conn,
+    keys: &Keys,
+    mut summary: Summary,
+    report_dir: &Path,
+    timeline: &Timeline,
+) -> anyhow::Result<bool> {
+    let mut violations = Vec::new();
+    let mut codes = Vec::new();
+    for app in apps.iter_mut() {
+        let code = app.exited().and_then(|s| s.code());
+        if code.is_none() {
+            app.kill();
+        }
+        if code != Some(APP_EXIT_HALTED) {
+            violations.push(format!(
+                "{} {} {:?} after Redis lost data, not exit code {APP_EXIT_HALTED} (halted)",
+                app.instance_id,
+                if code.is_some() {
+                    "exited with"
+                } else {
+                    "was still running"
+                },
+                code
+            ));
+        }
+        codes.push(code);
+    }
+    let halt_ms = h.since.elapsed().as_secs_f64() * 1000.0;
+    let now = read_next_id(con, keys).await?;
+    if now != h.next_id_after_loss {
+        violations.push(format!(
+            "ids were generated after Redis lost data: next_id {} -> {now}",
+            h.next_id_after_loss
+        ));
+    }
+    let halted = leaderq::incarnation::halted(con, keys).await?;
+    match &halted {
+        Some(why) => println!("halted: {why}"),
+        None => violations.push("the namespace was not marked halted".into()),
+    }
+    summary.redis_lost_data = h.what.clone();
+    summary.halt_ms = halt_ms;
+    summary.halt_exit_codes = codes;
+    summary.halt_reason = halted.unwrap_or_default();
+    summary.next_id_before_loss = h.next_id_before_loss;
+    summary.verdict = if violations.is_empty() {
+        "pass"
+    } else {
+        "fail"
+    }
+    .into();
+    summary.violations = violations;
+    let empty = leaderq::stats::latency_histogram();
+    report::write_report(report_dir, &summary, &empty, &empty, timeline, &[])?;
+    println!(
+        "verdict={} redis_lost_data=\"{}\" halted_copies={}/{} halt_ms={:.0} next_id_before={} next_id_after={}",
+        summary.verdict,
+        summary.redis_lost_data,
+        summary.halt_exit_codes.iter().filter(|c| **c == Some(APP_EXIT_HALTED)).count(),
+        summary.halt_exit_codes.len(),
+        halt_ms,
+        h.next_id_before_loss,
+        now
+    );
+    for v in &summary.violations {
+        println!("violation: {v}");
+    }
+    println!("report: {}", report_dir.display());
+    Ok(summary.violations.is_empty())
+}
+
+/// `{ns}:next_id` now (absent = 0).
+async fn read_next_id(con: &mut conn::Conn, keys: &Keys) -> anyhow::Result<u64> {
+    let v: Option<u64> = redis::cmd("GET")
+        .arg(keys.next_id())
+        .query_async(con)
+        .await?;
+    Ok(v.unwrap_or(0))
+}
+
+/// `{ns}:next_id` in an RDB snapshot, read from a throwaway server started on a copy of it.
+async fn snapshot_next_id(rdb: &Path, keys: &Keys) -> anyhow::Result<u64> {
+    let scratch = RedisServer::start_from_rdb(rdb).context("starting a server on the snapshot")?;
+    let mut con = conn::connect(&scratch.url(), 5000).await?;
+    read_next_id(&mut con, keys).await
 }
 
 /// Copies the sim's own Redis directory (its log and AOF, the complete command history of a

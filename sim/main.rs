@@ -60,6 +60,16 @@ pub struct Flags {
     /// the sim's own Redis (no --redis-url).
     #[arg(long, default_value_t = 0, value_name = "M")]
     pub restart_redis: u32,
+    /// `FLUSHALL` once at a seeded point: Redis forgets everything. The run then passes when
+    /// every copy halts (exit code 5) and nothing is generated after the loss. Needs the sim's
+    /// own Redis.
+    #[arg(long)]
+    pub wipe_redis: bool,
+    /// Restart Redis once from an RDB snapshot taken halfway to a seeded point: Redis goes back
+    /// in time with the namespace's token intact. Judged like --wipe-redis. Needs the sim's own
+    /// Redis; not with --restart-redis.
+    #[arg(long)]
+    pub rollback_redis: bool,
     /// Probability that eventHandler fails a message (the task's 15 %).
     #[arg(long, default_value_t = 0.15)]
     pub error_rate: f64,
@@ -153,8 +163,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if flags.restart_redis > 0 && flags.redis_url.is_some() {
-        eprintln!("sim: --restart-redis needs the sim's own Redis; drop --redis-url");
+    let own_redis = flags.restart_redis > 0 || flags.wipe_redis || flags.rollback_redis;
+    if own_redis && flags.redis_url.is_some() {
+        eprintln!("sim: --restart-redis, --wipe-redis and --rollback-redis need the sim's own Redis; drop --redis-url");
+        return ExitCode::from(2);
+    }
+    if flags.rollback_redis && (flags.restart_redis > 0 || flags.wipe_redis) {
+        eprintln!("sim: --rollback-redis restores an RDB snapshot: not with --restart-redis (AOF) or --wipe-redis");
         return ExitCode::from(2);
     }
     if flags.messages == 0 || flags.messages > leaderq::message::ID_MAX + 1 {

@@ -81,6 +81,17 @@ pub struct Summary {
     pub redis_restarts: u64,
     /// Restarts whose AOF ended in a torn transaction, cut by `redis-check-aof --fix` first.
     pub aof_repairs: u64,
+    /// `--wipe-redis` / `--rollback-redis`: what Redis lost ("" when nothing was); such a run
+    /// passes when every copy halts (exit 5) and nothing is generated after the loss.
+    pub redis_lost_data: String,
+    /// From the loss to the last copy's exit, ms.
+    pub halt_ms: f64,
+    /// Each copy's exit code after the loss (5 = halted; null = still running at the bound).
+    pub halt_exit_codes: Vec<Option<i32>>,
+    /// What the namespace's halt marker says.
+    pub halt_reason: String,
+    /// `next_id` just before the loss.
+    pub next_id_before_loss: u64,
     pub latency_ms: Percentiles,
     pub queue_wait_ms: Percentiles,
     /// End-to-end latency minus each message's own eventHandler delay: the queue's overhead.
@@ -180,7 +191,14 @@ fn summary_markdown(s: &Summary) -> String {
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
-    let rows: [(&str, &dyn Display); 47] = [
+    let halt_ms = format!("{:.0}", s.halt_ms);
+    let halt_codes: Vec<String> = s
+        .halt_exit_codes
+        .iter()
+        .map(|c| c.map_or("running".into(), |c| c.to_string()))
+        .collect();
+    let halt_codes = halt_codes.join(", ");
+    let rows: [(&str, &dyn Display); 52] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -208,6 +226,11 @@ fn summary_markdown(s: &Summary) -> String {
         ("faults_executed", &s.faults_executed),
         ("redis_restarts", &s.redis_restarts),
         ("aof_repairs", &s.aof_repairs),
+        ("redis_lost_data", &s.redis_lost_data),
+        ("halt_ms", &halt_ms),
+        ("halt_exit_codes", &halt_codes),
+        ("halt_reason", &s.halt_reason),
+        ("next_id_before_loss", &s.next_id_before_loss),
         ("latency_ms", &latency),
         ("queue_wait_ms", &queue_wait),
         ("overhead_ms", &overhead),
@@ -366,7 +389,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(48));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(53));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

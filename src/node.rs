@@ -204,6 +204,9 @@ async fn halt_group(con: &mut Conn, keys: &Keys, instance: &str, why: &str) {
         "REDIS LOST DATA: stopping; nothing more is generated or recorded until an operator decides (README, \"When Redis forgets\")"
     );
     let marker = format!("{instance} saw: {why}");
+    if why.starts_with("the namespace was halted") {
+        return; // another copy's halt: already marked
+    }
     if let Err(e) = incarnation::halt(con, keys, &marker).await {
         tracing::warn!(error = %e, "could not mark the namespace halted; the other copies detect the loss on their own");
     }

@@ -35,11 +35,28 @@ impl RedisServer {
         Self::start_with(&["--save", "", "--appendonly", "no"])
     }
 
+    /// Starts a throwaway server (no persistence) on a copy of the RDB snapshot `rdb`: what a
+    /// Redis restored from that backup holds.
+    pub fn start_from_rdb(rdb: &Path) -> std::io::Result<RedisServer> {
+        Self::start_in(&["--save", "", "--appendonly", "no"], |dir| {
+            std::fs::copy(rdb, dir.join("dump.rdb")).map(|_| ())
+        })
+    }
+
     /// Starts a server with extra `redis-server` arguments (e.g. AOF settings).
     pub fn start_with(extra: &[&str]) -> std::io::Result<RedisServer> {
+        Self::start_in(extra, |_| Ok(()))
+    }
+
+    /// Starts a server with `extra` arguments after `prepare` has run on its fresh directory.
+    fn start_in(
+        extra: &[&str],
+        prepare: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> std::io::Result<RedisServer> {
         let dir = tempfile::Builder::new()
             .prefix("leaderq-redis-")
             .tempdir()?;
+        prepare(dir.path())?;
         let mut last = None;
         // A free port can be taken between our probe and the server's bind: try a few.
         for _ in 0..5 {
@@ -300,6 +317,11 @@ impl AppProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The exit status once the process has exited by itself; `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// True while the process has not exited.

@@ -464,3 +464,56 @@ async fn redis_configuration_is_checked_at_start() {
     assert!(stderr.contains("aof-load-truncated yes"), "{stderr}");
     assert!(!stderr.contains("no persistence"), "{stderr}");
 }
+
+/// `sim --wipe-redis` and `--rollback-redis`: the run passes only when every copy halts with
+/// exit code 5 and nothing is generated after Redis lost data.
+fn halted_sim(name: &str, args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join(name);
+    let mut all = vec!["--profile", "small", "--quiet", "--timeout-s", "120"];
+    all.extend_from_slice(args);
+    let out = common::run_sim(&report, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{name}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["verdict"], "pass", "{summary}");
+    let codes = summary["halt_exit_codes"].as_array().unwrap();
+    assert!(
+        !codes.is_empty() && codes.iter().all(|c| c == 5),
+        "{summary}"
+    );
+    assert!(stdout.contains("halted: "), "{stdout}");
+    summary
+}
+
+#[test]
+fn sim_wipe_redis_halts_the_group() {
+    let s = halted_sim("wipe", &["--wipe-redis", "--seed", "5"]);
+    assert!(s["redis_lost_data"]
+        .as_str()
+        .unwrap()
+        .starts_with("redis wipe"));
+    assert!(
+        s["halt_reason"].as_str().unwrap().contains("incarnation"),
+        "{s}"
+    );
+}
+
+#[test]
+fn sim_rollback_redis_halts_the_group() {
+    let s = halted_sim("rollback", &["--rollback-redis", "--seed", "5"]);
+    assert!(
+        s["halt_reason"]
+            .as_str()
+            .unwrap()
+            .contains("went back from"),
+        "{s}"
+    );
+}

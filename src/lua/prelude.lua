@@ -18,6 +18,9 @@ local function forgotten(key, token)
   if v == token then
     return nil
   end
+  if v and string.sub(v, 1, 7) == 'halted:' then
+    return redis.error_reply('FORGOTTEN the namespace was halted by a copy that ' .. string.sub(v, 8))
+  end
   if v then
     return redis.error_reply('FORGOTTEN ' .. key .. ' holds "' .. v .. '", not this copy\'s "' .. tostring(token) .. '"')
   end
