@@ -142,10 +142,10 @@ const HALT_WAIT_MAX: Duration = Duration::from_secs(20);
 /// The exit code of an `app` that halted because Redis lost data.
 const APP_EXIT_HALTED: i32 = 5;
 
-/// The arguments every `app` copy gets.
-fn app_args(flags: &Flags, url: &str, namespace: &str, seed: u64) -> Vec<String> {
+/// The arguments every `app` copy gets. The Redis URL is not among them: it goes through the
+/// `REDIS_URL` environment variable, so a password in it never shows in `ps`.
+fn app_args(flags: &Flags, namespace: &str, seed: u64) -> Vec<String> {
     [
-        ("--redis-url", url.to_string()),
         ("--namespace", namespace.to_string()),
         ("--interval-ms", flags.interval_ms.to_string()),
         ("--queue-max", flags.queue_max.to_string()),
@@ -295,10 +295,10 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     // Last CPU reading of every app process ever started, by pid (killed ones keep their last).
     let mut app_cpu_s: std::collections::HashMap<u32, f64> = std::collections::HashMap::new();
 
-    let args = app_args(flags, &url, &namespace, seed);
+    let args = app_args(flags, &namespace, seed);
     let spawn = |name: String| -> anyhow::Result<AppProcess> {
         let log = log_dir.join(format!("{name}.log"));
-        AppProcess::spawn(&app_bin, &name, &args, Some(&log))
+        AppProcess::spawn_with_env(&app_bin, &name, &args, &[("REDIS_URL", &url)], Some(&log))
             .with_context(|| format!("starting {}", app_bin.display()))
     };
     let mut apps: Vec<AppProcess> = (0..flags.processes)
@@ -924,7 +924,8 @@ async fn current_generator(
 /// Runs the real `app getErrors` and returns its stdout lines.
 async fn get_errors(app_bin: &Path, url: &str, namespace: &str) -> anyhow::Result<Vec<String>> {
     let out = tokio::process::Command::new(app_bin)
-        .args(["getErrors", "--redis-url", url, "--namespace", namespace])
+        .args(["getErrors", "--namespace", namespace])
+        .env("REDIS_URL", url)
         .kill_on_drop(true)
         .output()
         .await

@@ -10,8 +10,8 @@ use crate::outcome::OutcomeModel;
 /// Everything `node::run` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where Redis is.
-    pub redis_url: String,
+    /// Where Redis is, and how to reach it.
+    pub redis: crate::conn::RedisTarget,
     /// Key names of the namespace this copy joins.
     pub keys: Keys,
     /// Unique per process: the lease value and handler ids are built from it.
@@ -125,7 +125,7 @@ impl Config {
     /// A config with the task's defaults, for tests and benches.
     pub fn defaults(redis_url: &str, namespace: &str, instance_id: &str) -> Result<Config, Error> {
         Config {
-            redis_url: redis_url.to_string(),
+            redis: crate::conn::RedisTarget::new(redis_url)?,
             keys: Keys::new(namespace)?,
             instance_id: instance_id.to_string(),
             generator: GeneratorConfig {

@@ -24,6 +24,14 @@ pub enum Error {
         /// The last error seen.
         last: String,
     },
+    /// Redis refused this client's credentials or permissions (wrong password, unknown user, an
+    /// ACL that denies a command the protocol needs). Not retried.
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    /// The TLS handshake with Redis failed (untrusted certificate, missing client certificate).
+    /// Not retried.
+    #[error("{0}")]
+    Tls(String),
     /// A flag or setting that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -78,13 +78,18 @@ async fn holder_disconnected(con: &mut Conn, keys: &Keys) -> Result<bool, Error>
     let Some(id) = id else {
         return Ok(false); // unknown: rely on the TTL
     };
-    let listing: String = redis::cmd("CLIENT")
+    let listing: Result<String, redis::RedisError> = redis::cmd("CLIENT")
         .arg("LIST")
         .arg("ID")
         .arg(id)
         .query_async(con)
-        .await?;
-    Ok(listing.trim().is_empty())
+        .await;
+    match listing {
+        Ok(listing) => Ok(listing.trim().is_empty()),
+        // An ACL user without `client|list`: unknown, so rely on the TTL.
+        Err(e) if e.code() == Some("NOPERM") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Extends the lease if it is still ours; `Ok(false)` means it is lost and we must step down.

@@ -33,7 +33,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
 }
 
 async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Error> {
-    let mut con = conn::connect(&config.redis_url, config.connect_timeout_ms).await?;
+    let mut con = conn::connect_to(&config.redis, config.connect_timeout_ms).await?;
     let keys = config.keys.clone();
     for warning in crate::redis_config::check(&mut con, config.allow_eviction).await? {
         tracing::warn!("{}", warning.0);
@@ -108,7 +108,7 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
         background.clone(),
     ));
     let wake = tokio::spawn(crate::wake::listen(
-        config.redis_url.clone(),
+        config.redis.clone(),
         keys.clone(),
         shared.wake.clone(),
         background.clone(),

@@ -250,7 +250,9 @@ fn ping(port: u16) -> bool {
         return false;
     }
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
+    // A server with a password answers -NOAUTH: it is up all the same.
+    BufReader::new(s).read_line(&mut line).is_ok()
+        && (line.starts_with("+PONG") || line.starts_with("-NOAUTH"))
 }
 
 /// A running `app` copy, SIGKILLed on drop.
@@ -269,6 +271,18 @@ impl AppProcess {
         args: &[String],
         log: Option<&Path>,
     ) -> std::io::Result<AppProcess> {
+        AppProcess::spawn_with_env(bin, instance_id, args, &[], log)
+    }
+
+    /// [`AppProcess::spawn`] with extra environment variables: how a secret (a `REDIS_URL` with
+    /// a password) reaches the process without showing in `ps`.
+    pub fn spawn_with_env(
+        bin: &Path,
+        instance_id: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> std::io::Result<AppProcess> {
         let stderr = match log {
             Some(p) => Stdio::from(std::fs::File::create(p)?),
             None => Stdio::null(),
@@ -276,6 +290,7 @@ impl AppProcess {
         let child = Command::new(bin)
             .args(args)
             .args(["--instance-id", instance_id])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -15,11 +15,22 @@ use tokio_util::sync::CancellationToken;
 
 /// Listens on the wake-up channel until `stop`, reconnecting with backoff (100 ms doubling to
 /// 2 s) whenever the connection fails. Never fails the process: without it handlers only poll.
-pub async fn listen(url: String, keys: Keys, wake: Arc<Notify>, stop: CancellationToken) {
+pub async fn listen(
+    target: crate::conn::RedisTarget,
+    keys: Keys,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
-            let client = redis::Client::open(url.as_str())?;
+            let client = target.client().map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "client",
+                    e.to_string(),
+                ))
+            })?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(keys.wake()).await?;
             let mut messages = pubsub.on_message();

@@ -2,8 +2,9 @@
 //! free, handler otherwise); `app getErrors` prints and deletes every failed message; `app status`
 //! shows what the group is doing.
 //!
-//! Exit codes: 0 clean stop, 1 unexpected failure, 2 bad flags, 3 Redis unreachable, 5 Redis
-//! lost data (the namespace is halted; see README, "When Redis forgets").
+//! Exit codes: 0 clean stop, 1 unexpected failure, 2 bad flags, 3 Redis unreachable, 4 Redis
+//! refused the credentials or the TLS handshake failed, 5 Redis lost data (the namespace is
+//! halted; see README, "When Redis forgets").
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use leaderq::errors_store::{self, DrainConfig, LineFormat};
@@ -13,6 +14,7 @@ use leaderq::outcome::OutcomeModel;
 use leaderq::status::{self, ShowOptions};
 use leaderq::{conn, metrics, node, Config, Error, Keys};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -77,9 +79,25 @@ enum LogFormat {
 /// Flags every command takes.
 #[derive(Debug, Args)]
 struct Common {
-    /// Redis to use.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    /// Redis to use: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://… for TLS, or
+    /// unix:///PATH[?db=N&user=U&pass=P]. Prefer the REDIS_URL environment variable for a URL with
+    /// a password (argv is visible to other users through ps); its value is never printed.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
+    /// With rediss://: trust this CA certificate (PEM) instead of the system's, e.g. a private CA.
+    #[arg(long, value_name = "FILE")]
+    tls_ca_cert: Option<PathBuf>,
+    /// With rediss://: this client's certificate (PEM), for mutual TLS (with --tls-key).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// With rediss://: this client's private key (PEM), for mutual TLS (with --tls-cert).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// Namespace of the group: every key lives under `{NAMESPACE}:` (one Redis Cluster slot).
     #[arg(long, default_value = "app")]
     namespace: String,
@@ -208,9 +226,22 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+impl Common {
+    /// The validated Redis target (URL plus TLS files).
+    fn target(&self) -> Result<conn::RedisTarget, Error> {
+        let files = conn::TlsFiles {
+            ca_cert: self.tls_ca_cert.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        };
+        conn::RedisTarget::with_tls(&self.redis_url, &files)
+    }
+}
+
 fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Config(_) => 2,
+        Error::Auth(_) | Error::Tls(_) => 4,
         Error::RedisForgot(_) => 5,
         e if e.is_connection() => 3,
         _ => 1,
@@ -237,7 +268,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
 async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
     let instance_id = f.instance_id.unwrap_or_else(default_instance_id);
     let config = Config {
-        redis_url: common.redis_url,
+        redis: common.target()?,
         keys: Keys::new(&common.namespace)?,
         instance_id: instance_id.clone(),
         generator: GeneratorConfig {
@@ -285,7 +316,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
 
 async fn get_errors(common: Common, chunk: u64, json: bool, peek: bool) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
-    let mut con = conn::connect(&common.redis_url, common.connect_timeout_ms).await?;
+    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
     let format = if json {
         LineFormat::Json
     } else {
@@ -320,7 +351,7 @@ async fn get_errors(common: Common, chunk: u64, json: bool, peek: bool) -> Resul
 
 async fn show_status(common: Common, json: bool, watch: bool) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
-    let mut con = conn::connect(&common.redis_url, common.connect_timeout_ms).await?;
+    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
     let options = ShowOptions {
         json,
         watch_every: watch.then_some(Duration::from_secs(1)),
