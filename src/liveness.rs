@@ -77,14 +77,15 @@ impl Presence {
     /// The entry's JSON without its closing brace and without `seen_us`'s value (presence.lua
     /// appends Redis's time). Fields: `role`, `epoch` (0 while handling), `in_flight`,
     /// `started_us`, `handler` (the current handler id), `heartbeat_ms` (so `status` judges
-    /// staleness by this process's own beat), then `seen_us`.
-    fn body(&self, role: Role, handler: &str, heartbeat_ms: u64) -> String {
+    /// staleness by this process's own beat), `client_id` (its Redis connection: `status` shows
+    /// the copy dead as soon as that connection is gone), then `seen_us`.
+    fn body(&self, role: Role, handler: &str, heartbeat_ms: u64, client_id: u64) -> String {
         let (name, epoch) = match role {
             Role::Generator { epoch } => ("generator", epoch),
             Role::Handler => ("handler", 0),
         };
         format!(
-            "{{\"role\":\"{name}\",\"epoch\":{epoch},\"in_flight\":{},\"started_us\":{},\"handler\":{},\"heartbeat_ms\":{heartbeat_ms},\"seen_us\":",
+            "{{\"role\":\"{name}\",\"epoch\":{epoch},\"in_flight\":{},\"started_us\":{},\"handler\":{},\"heartbeat_ms\":{heartbeat_ms},\"client_id\":{client_id},\"seen_us\":",
             self.in_flight.load(Ordering::Relaxed),
             self.started_us,
             serde_json::Value::from(handler),
@@ -101,10 +102,11 @@ pub async fn announce(
     heartbeat_ms: u64,
 ) -> Result<u64, Error> {
     let role = *presence.role.borrow();
+    let client_id: u64 = redis::cmd("CLIENT").arg("ID").query_async(con).await?;
     let seen_us: u64 = scripts::PRESENCE
         .key(keys.instances())
         .arg(&presence.instance)
-        .arg(presence.body(role, handler, heartbeat_ms))
+        .arg(presence.body(role, handler, heartbeat_ms, client_id))
         .invoke_async(con)
         .await?;
     Ok(seen_us)

@@ -7,7 +7,14 @@
 //!
 //! Sources: the lease and its PTTL (the generator), `{ns}:instances` (every copy's self-report,
 //! written by liveness.rs), the queue and error lists' lengths, the counters hash, and
-//! `{ns}:stats:history` (one counters sample a second from the generator) for rates.
+//! `{ns}:stats:history` (one counters sample a second from the generator) for rates, the
+//! incarnation key (a halted namespace), and `CLIENT LIST` for which copies' Redis connections
+//! still exist.
+//!
+//! Telling the truth: only the lease holder is shown as the generator (a registry entry that
+//! still says "generator" is from before its writer stepped down or died), and a copy whose
+//! Redis connection is gone is shown `gone` at once (a SIGKILLed process's socket closes within
+//! milliseconds) rather than live until its entry goes stale.
 
 use crate::conn::Conn;
 use crate::error::Error;
@@ -36,6 +43,9 @@ pub struct Status {
     pub redis_time_us: u64,
     /// True when no key of the namespace exists: nothing has ever run here.
     pub empty: bool,
+    /// Why the namespace is halted, when a copy saw Redis lose data (README, "When Redis
+    /// forgets"); `None` while it runs normally.
+    pub halted: Option<String>,
     /// Who holds the lease, if anyone.
     pub generator: Option<GeneratorStatus>,
     /// Every registry entry, live ones first.
@@ -73,12 +83,19 @@ pub struct GeneratorStatus {
 pub struct InstanceStatus {
     /// Instance id.
     pub instance: String,
-    /// False when the entry was not refreshed within the stale bound (killed, hung, or cut off).
+    /// False when the entry was not refreshed within the stale bound (killed, hung, or cut off),
+    /// or when its Redis connection is gone.
     pub alive: bool,
-    /// "generator", "handler", or "unreadable" for an entry that did not parse.
+    /// "live"; "gone" when its Redis connection no longer exists (killed, or reconnecting: a
+    /// live copy rewrites its entry within a second); "dead" when its entry went stale.
+    pub state: String,
+    /// "generator" for the lease holder only, "handler" otherwise, or "unreadable" for an entry
+    /// that did not parse.
     pub role: String,
     /// Epoch of the lease it holds; 0 while handling.
     pub epoch: u64,
+    /// The Redis connection id it last reported (0 when unknown).
+    pub client_id: u64,
     /// Messages it had fetched and not yet committed.
     pub in_flight: u64,
     /// Its handler id (`<instance>.0`): the suffix of its in-flight set and heartbeat keys.
@@ -112,6 +129,10 @@ pub struct Totals {
     pub refused: u64,
     /// Unparseable messages or keys moved to the error store.
     pub bad: u64,
+    /// Messages set aside as poison after killing a handler at every delivery.
+    pub poisoned: u64,
+    /// Failed outcomes that were handler timeouts.
+    pub timeouts: u64,
 }
 
 /// Per-second rates between two history samples.
@@ -169,6 +190,8 @@ struct Entry {
     handler: String,
     #[serde(default)]
     heartbeat_ms: u64,
+    #[serde(default)]
+    client_id: u64,
     seen_us: u64,
 }
 
@@ -210,7 +233,9 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         .arg(keys.errors())
         .arg(keys.errors_drain())
         .arg(keys.instances())
-        .arg(keys.epochs());
+        .arg(keys.epochs())
+        .cmd("GET")
+        .arg(keys.incarnation());
     let replies: Vec<redis::RedisResult<redis::Value>> = pipe.query_async(con).await?;
     let mut replies = replies.into_iter();
     let mut warnings = Vec::new();
@@ -254,6 +279,12 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
     let existing: u64 = next("EXISTS")
         .and_then(|v| redis::from_redis_value(v).ok())
         .unwrap_or(0);
+    let incarnation: Option<String> =
+        next(&keys.incarnation()).and_then(|v| redis::from_redis_value(v).ok());
+    let halted = incarnation.and_then(|v| {
+        v.strip_prefix(crate::incarnation::HALTED_PREFIX)
+            .map(str::to_string)
+    });
 
     let redis_time_us = time.map(|(s, us)| s * 1_000_000 + us).unwrap_or(0);
     let generator = lease.and_then(|value| {
@@ -283,6 +314,16 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         .iter()
         .map(|(id, raw)| instance(id, raw, redis_time_us))
         .collect();
+    let ids: Vec<u64> = instances
+        .iter()
+        .map(|i| i.client_id)
+        .filter(|&id| id > 0)
+        .collect();
+    let connected = connected_clients(con, &ids).await;
+    let holder = generator.as_ref().map(|g| g.instance.as_str());
+    for i in &mut instances {
+        judge(i, holder, connected.as_ref());
+    }
     instances.sort_by(|a, b| b.alive.cmp(&a.alive).then(a.instance.cmp(&b.instance)));
     let samples: Vec<Sample> = history
         .iter()
@@ -301,6 +342,7 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         namespace: namespace(keys),
         redis_time_us,
         empty: existing == 0,
+        halted,
         generator,
         instances,
         queue_depth,
@@ -340,6 +382,52 @@ fn totals(stats: &HashMap<String, String>, warnings: &mut Vec<String>) -> Totals
         runs: get("runs"),
         refused: get("refused"),
         bad: get("bad"),
+        poisoned: get("poisoned"),
+        timeouts: get("timeouts"),
+    }
+}
+
+/// Which of `ids` are connected now (`CLIENT LIST ID …`); `None` when Redis will not say (an
+/// ACL user without `client|list`), and then no entry is judged by its connection.
+async fn connected_clients(con: &mut Conn, ids: &[u64]) -> Option<std::collections::HashSet<u64>> {
+    if ids.is_empty() {
+        return Some(Default::default());
+    }
+    let listing: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("ID")
+        .arg(ids)
+        .query_async(con)
+        .await
+        .ok()?;
+    Some(
+        listing
+            .lines()
+            .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// Settles an entry's state and role against what Redis knows now: only the lease `holder` is
+/// the generator; an entry whose connection is not among `connected` is gone.
+pub fn judge(
+    i: &mut InstanceStatus,
+    holder: Option<&str>,
+    connected: Option<&std::collections::HashSet<u64>>,
+) {
+    if i.role == "unreadable" {
+        return;
+    }
+    let is_holder = holder == Some(i.instance.as_str());
+    if !is_holder {
+        i.role = "handler".into();
+        i.epoch = 0;
+    } else {
+        i.role = "generator".into();
+    }
+    if i.alive && i.client_id > 0 && connected.is_some_and(|c| !c.contains(&i.client_id)) {
+        i.alive = false;
+        i.state = "gone".into();
     }
 }
 
@@ -355,11 +443,14 @@ pub fn instance(id: &str, raw: &str, now_us: u64) -> InstanceStatus {
             };
             let stale_ms = (STALE_HEARTBEATS * heartbeat_ms).max(STALE_MS_MIN);
             let seen_ms_ago = now_us.saturating_sub(e.seen_us) / 1000;
+            let alive = seen_ms_ago <= stale_ms;
             InstanceStatus {
                 instance: id.to_string(),
-                alive: seen_ms_ago <= stale_ms,
+                alive,
+                state: if alive { "live" } else { "dead" }.into(),
                 role: e.role,
                 epoch: e.epoch,
+                client_id: e.client_id,
                 in_flight: e.in_flight,
                 handler: e.handler,
                 seen_us: e.seen_us,
@@ -371,8 +462,10 @@ pub fn instance(id: &str, raw: &str, now_us: u64) -> InstanceStatus {
         Err(_) => InstanceStatus {
             instance: id.to_string(),
             alive: false,
+            state: "dead".into(),
             role: "unreadable".into(),
             epoch: 0,
+            client_id: 0,
             in_flight: 0,
             handler: String::new(),
             seen_us: 0,
@@ -426,12 +519,29 @@ pub fn render_text(s: &Status) -> String {
         );
         return out;
     }
+    if let Some(why) = &s.halted {
+        let _ = writeln!(
+            out,
+            "HALTED      Redis lost data: {why}\n            nothing is generated or recorded; see README, \"When Redis forgets\""
+        );
+    }
     match &s.generator {
         Some(g) => {
+            let gone = s
+                .instances
+                .iter()
+                .any(|i| i.instance == g.instance && i.state == "gone");
             let _ = writeln!(
                 out,
-                "generator   {}   epoch {}   lease {} ms left",
-                g.instance, g.epoch, g.lease_ms_left
+                "generator   {}   epoch {}   lease {} ms left{}",
+                g.instance,
+                g.epoch,
+                g.lease_ms_left,
+                if gone {
+                    "   (its connection is gone: a running copy takes over within a poll)"
+                } else {
+                    ""
+                }
             );
         }
         None => {
@@ -444,7 +554,7 @@ pub fn render_text(s: &Status) -> String {
     let live = s.instances.iter().filter(|i| i.alive).count();
     let _ = writeln!(
         out,
-        "instances   {live} live, {} dead",
+        "instances   {live} live, {} dead or gone",
         s.instances.len() - live
     );
     if !s.instances.is_empty() {
@@ -462,7 +572,7 @@ pub fn render_text(s: &Status) -> String {
             let up_s = s.redis_time_us.saturating_sub(i.started_us) as f64 / 1e6;
             rows.push([
                 i.instance.clone(),
-                if i.alive { "live" } else { "dead" }.into(),
+                i.state.clone(),
                 i.role.clone(),
                 if i.epoch > 0 {
                     i.epoch.to_string()
@@ -507,8 +617,8 @@ pub fn render_text(s: &Status) -> String {
     let c = &s.counters;
     let _ = writeln!(
         out,
-        "counters    generated {}   processed {}   errors {}   duplicates {}   reclaimed {}",
-        c.generated, c.processed, c.errors, c.duplicates, c.reclaimed
+        "counters    generated {}   processed {}   errors {} ({} timeouts)   poisoned {}   duplicates {}   reclaimed {}",
+        c.generated, c.processed, c.errors, c.timeouts, c.poisoned, c.duplicates, c.reclaimed
     );
     match &s.rates {
         Some(r) => {
@@ -646,6 +756,57 @@ mod tests {
     }
 
     #[test]
+    fn only_the_lease_holder_is_the_generator_and_a_lost_connection_is_gone() {
+        let entry = |id: &str, role: &str, client: u64| {
+            instance(
+                id,
+                &format!(
+                    r#"{{"role":"{role}","epoch":4,"in_flight":0,"started_us":1,"handler":"{id}.0","heartbeat_ms":1000,"client_id":{client},"seen_us":999000}}"#
+                ),
+                1_000_000,
+            )
+        };
+        let connected: std::collections::HashSet<u64> = [7].into();
+        let mut old = entry("old", "generator", 5);
+        judge(&mut old, Some("new"), Some(&connected));
+        assert_eq!((old.role.as_str(), old.epoch), ("handler", 0));
+        assert_eq!((old.state.as_str(), old.alive), ("gone", false));
+        let mut new = entry("new", "handler", 7);
+        judge(&mut new, Some("new"), Some(&connected));
+        assert_eq!(
+            (new.role.as_str(), new.state.as_str()),
+            ("generator", "live")
+        );
+        let mut unknown = entry("x", "handler", 9);
+        judge(&mut unknown, None, None);
+        assert_eq!(
+            unknown.state, "live",
+            "no CLIENT LIST: judged by staleness only"
+        );
+    }
+
+    #[test]
+    fn text_shows_a_halt_and_the_poisoned() {
+        let s = Status {
+            namespace: "app".into(),
+            halted: Some("a saw: next_id went back from 9 to 3".into()),
+            counters: Totals {
+                poisoned: 2,
+                timeouts: 5,
+                ..Totals::default()
+            },
+            ..Status::default()
+        };
+        let text = render_text(&s);
+        assert!(
+            text.contains("HALTED      Redis lost data: a saw: next_id went back"),
+            "{text}"
+        );
+        assert!(text.contains("poisoned 2"), "{text}");
+        assert!(text.contains("(5 timeouts)"), "{text}");
+    }
+
+    #[test]
     fn text_says_when_there_is_no_data() {
         let s = Status {
             namespace: "app".into(),
@@ -683,7 +844,7 @@ mod tests {
         let text = render_text(&s);
         for needle in [
             "generator   a   epoch 3   lease 400 ms left",
-            "1 live, 0 dead",
+            "1 live, 0 dead or gone",
             "queue       12 messages",
             "5 in the store",
             "generated 100",

@@ -517,3 +517,64 @@ fn sim_rollback_redis_halts_the_group() {
         "{s}"
     );
 }
+
+/// Issue 9: `app status` tells the truth about a SIGKILLed generator: its connection closes at
+/// once, so it is shown `gone` (not `dead`, which only a stale entry would give, seconds later),
+/// and once a successor holds the lease only that one is shown as the generator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_sigkilled_generator_gone_at_once() {
+    let mut fx = Fixture::new();
+    fx.spawn_all(&["a", "b", "c"], &["--handler-delay-max-ms", "100"]);
+    let mut con = fx.con().await;
+    let (_, victim) = wait_for(Duration::from_secs(20), || {
+        let mut con = con.clone();
+        let fx = &fx;
+        async move { fx.generator(&mut con).await }
+    })
+    .await
+    .expect("a generator");
+    // Every copy has written its entry (once a second).
+    let all_live = wait_for(Duration::from_secs(10), || async {
+        let s = fx.status_json();
+        let live = s["instances"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["state"] == "live")
+            .count();
+        (live == 3).then_some(())
+    })
+    .await;
+    assert!(all_live.is_some(), "{}", fx.status_json());
+    let name = fx.apps[victim].instance_id.clone();
+    fx.apps[victim].kill();
+    let shown = wait_for(Duration::from_secs(10), || async {
+        let s = fx.status_json();
+        let entry = s["instances"]
+            .as_array()?
+            .iter()
+            .find(|i| i["instance"] == name.as_str())?
+            .clone();
+        (entry["state"] != "live").then_some((s, entry))
+    })
+    .await;
+    let (status, entry) = shown.expect("the killed generator stops being shown live");
+    assert_eq!(entry["state"], "gone", "{status}");
+    let new_generator = wait_for(Duration::from_secs(10), || async {
+        let s = fx.status_json();
+        let generators: Vec<String> = s["instances"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["role"] == "generator")
+            .map(|i| i["instance"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (generators.len() == 1 && generators[0] != name).then_some(s)
+    })
+    .await;
+    assert!(
+        new_generator.is_some(),
+        "exactly one generator, the new one: {}",
+        fx.status_json()
+    );
+    let _ = fx.stop_all();
+    let _ = &mut con;
+}
