@@ -49,6 +49,8 @@ enum FaultKind {
     RollbackRedis,
     /// `FLUSHALL`: Redis forgets everything; the group must halt.
     WipeRedis,
+    /// Start an `app getErrors` (or two) that may be SIGKILLed mid-drain.
+    DrainErrors,
 }
 
 impl FaultKind {
@@ -63,6 +65,7 @@ impl FaultKind {
             FaultKind::SnapshotRedis => "redis snapshot",
             FaultKind::RollbackRedis => "redis rollback",
             FaultKind::WipeRedis => "redis wipe",
+            FaultKind::DrainErrors => "getErrors drain",
         }
     }
 
@@ -241,6 +244,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
             (FaultKind::RestartRedis, flags.restart_redis),
             (FaultKind::RollbackRedis, u32::from(flags.rollback_redis)),
             (FaultKind::WipeRedis, u32::from(flags.wipe_redis)),
+            (FaultKind::DrainErrors, flags.drain_errors),
         ],
     );
     let plan: Vec<String> = faults
@@ -324,6 +328,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let mut redis_errors = 0u32;
     let mut aof_repairs = 0u64;
     let mut halt: Option<HaltWatch> = None;
+    let mut drains = crate::drains::Drains::new(seed, &app_bin, &url, &namespace);
     loop {
         tokio::time::sleep(TICK).await;
         let now = Instant::now();
@@ -508,6 +513,12 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                         "connection drop: {dropped} connections killed at {done} outcomes"
                     ));
                 }
+                FaultKind::DrainErrors => {
+                    let started_what = drains.start()?;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!("getErrors at {done} outcomes: {started_what}"));
+                }
                 FaultKind::SnapshotRedis => {
                     let server = server
                         .as_ref()
@@ -585,6 +596,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         let _ = procs::signal(pid, libc::SIGCONT);
     }
     if let Some(h) = halt {
+        drop(drains); // their processes are killed on drop
         let base = Summary {
             seed,
             commit: git_commit(),
@@ -622,7 +634,9 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         }
     }
 
-    let error_lines = get_errors(&app_bin, &url, &namespace).await?;
+    let drained = drains.finish().await;
+    let mut error_lines = drained.complete_lines;
+    error_lines.extend(get_errors(&app_bin, &url, &namespace).await?);
     let snap = inspect::snapshot(&mut con, &keys).await?;
     let latencies = Latencies::collect(&mut con, &keys).await?;
     let memory = inspect::info(&mut con, "memory").await?;
@@ -639,6 +653,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     )
     .map_err(anyhow::Error::msg)?;
     observed.handler_timeout_ms = flags.handler_timeout_ms;
+    observed.error_lines_killed = drained.killed_lines;
     // Failover: from the Redis time of the fault to the first message of the next epoch.
     let failover = |f: &Fault| -> Option<f64> {
         observed
@@ -657,7 +672,11 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         .filter_map(|f| failover(f))
         .collect();
     let c = snap.counters;
-    let verdict = verify::check(&observed);
+    let mut verdict = verify::check(&observed);
+    if !drained.failures.is_empty() {
+        verdict.violations.extend(drained.failures);
+        verdict.pass = false;
+    }
     let messages_done = (c.processed + c.errors).max(1) as f64;
     let summary = Summary {
         seed,
@@ -684,6 +703,9 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         faults_executed: executed.len() as u64,
         redis_restarts: of_kind(FaultKind::RestartRedis).count() as u64,
         aof_repairs,
+        drains: drained.started,
+        drains_killed: drained.killed,
+        reprinted: verdict.reprinted,
         latency_ms: Percentiles::from_histogram_us(&latencies.end_to_end_us),
         queue_wait_ms: Percentiles::from_histogram_us(&latencies.queue_wait_us),
         overhead_ms: Percentiles::from_histogram_us(&latencies.overhead_us),
@@ -955,10 +977,10 @@ fn print_summary(s: &Summary, dir: &Path) {
         s.leader_kills,
         s.failover_ms.iter().map(|f| f.round()).collect::<Vec<_>>()
     );
-    if s.pauses + s.worker_kills + s.connection_drops + s.redis_restarts > 0 {
+    if s.pauses + s.worker_kills + s.connection_drops + s.redis_restarts + s.drains > 0 {
         let round = |v: &[f64]| v.iter().map(|f| f.round()).collect::<Vec<_>>();
         println!(
-            "pauses={} pause_failover_ms={:?} worker_kills={} reclaim_ms={:?} connection_drops={} redis_restarts={} aof_repairs={} reruns={}",
+            "pauses={} pause_failover_ms={:?} worker_kills={} reclaim_ms={:?} connection_drops={} redis_restarts={} aof_repairs={} drains={} drains_killed={} reprinted={} reruns={}",
             s.pauses,
             round(&s.pause_failover_ms),
             s.worker_kills,
@@ -966,6 +988,9 @@ fn print_summary(s: &Summary, dir: &Path) {
             s.connection_drops,
             s.redis_restarts,
             s.aof_repairs,
+            s.drains,
+            s.drains_killed,
+            s.reprinted,
             s.reruns
         );
     }

@@ -5,6 +5,7 @@
 //! Exit codes: 0 pass, 1 correctness violation, 2 bad flags, 3 liveness timeout, 4 crash or setup
 //! failure, 5 the verdict passed but not every planned fault was executed.
 
+mod drains;
 mod driver;
 mod plot;
 mod report;
@@ -70,6 +71,12 @@ pub struct Flags {
     /// Redis; not with --restart-redis.
     #[arg(long)]
     pub rollback_redis: bool,
+    /// Run the real `app getErrors` this many times during the run, at seeded points while
+    /// handlers still write errors: half of them SIGKILLed after a seeded number of lines, one
+    /// time in three two at once. The verdict takes everything they printed plus the final
+    /// drain: every failed id exactly once, a second print allowed only after a killed drain.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub drain_errors: u32,
     /// Probability that eventHandler fails a message (the task's 15 %).
     #[arg(long, default_value_t = 0.15)]
     pub error_rate: f64,

@@ -81,6 +81,11 @@ pub struct Summary {
     pub redis_restarts: u64,
     /// Restarts whose AOF ended in a torn transaction, cut by `redis-check-aof --fix` first.
     pub aof_repairs: u64,
+    /// `getErrors` runs during the run, how many were SIGKILLed mid-drain, and the error entries
+    /// printed a second time because of that (allowed).
+    pub drains: u64,
+    pub drains_killed: u64,
+    pub reprinted: u64,
     /// `--wipe-redis` / `--rollback-redis`: what Redis lost ("" when nothing was); such a run
     /// passes when every copy halts (exit 5) and nothing is generated after the loss.
     pub redis_lost_data: String,
@@ -198,7 +203,7 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|c| c.map_or("running".into(), |c| c.to_string()))
         .collect();
     let halt_codes = halt_codes.join(", ");
-    let rows: [(&str, &dyn Display); 52] = [
+    let rows: [(&str, &dyn Display); 55] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -226,6 +231,9 @@ fn summary_markdown(s: &Summary) -> String {
         ("faults_executed", &s.faults_executed),
         ("redis_restarts", &s.redis_restarts),
         ("aof_repairs", &s.aof_repairs),
+        ("drains", &s.drains),
+        ("drains_killed", &s.drains_killed),
+        ("reprinted", &s.reprinted),
         ("redis_lost_data", &s.redis_lost_data),
         ("halt_ms", &halt_ms),
         ("halt_exit_codes", &halt_codes),
@@ -389,7 +397,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(53));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(56));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

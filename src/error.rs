@@ -40,7 +40,7 @@ pub enum Error {
     Corrupt(String),
     /// `getErrors` lost its drain lock to another `getErrors` (nothing is lost: the other one prints).
     #[error(
-        "another getErrors holds the error drain (or took it over); nothing was lost, run it again"
+        "another getErrors holds the error drain and made no progress for longer than its lock's TTL (or took ours over); nothing was lost, run it again"
     )]
     DrainLockLost,
     /// A task of the process panicked or was cancelled unexpectedly.

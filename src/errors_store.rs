@@ -162,7 +162,7 @@ pub async fn drain(
 ) -> Result<Drained, Error> {
     let mut total = Drained::default();
     let result = async {
-        let mut waited_ms = 0;
+        let mut wait = LockWait::new(config.lock_ms);
         let mut modes = ["resume", "take"].into_iter().peekable();
         while let Some(&mode) = modes.peek() {
             let left: i64 = scripts::ERRORS_TAKE
@@ -175,13 +175,16 @@ pub async fn drain(
                 .invoke_async(con)
                 .await?;
             if left < 0 {
-                // Another getErrors holds the lock (or a killed one did): wait for it, bounded
-                // by the lock's TTL, then take over what it left.
-                waited_ms += 100;
-                if waited_ms > config.lock_ms + 1000 {
+                // Another getErrors holds the lock (or a killed one did): wait while it makes
+                // progress or until its lock expires, then take over what it left.
+                let ttl_ms: i64 = redis::cmd("PTTL")
+                    .arg(keys.errors_lock())
+                    .query_async(con)
+                    .await?;
+                if !wait.still_worth_it(ttl_ms) {
                     return Err(Error::DrainLockLost);
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(LOCK_POLL).await;
                 continue;
             }
             drain_list(con, keys, config, out, &mut total).await?;
@@ -193,6 +196,47 @@ pub async fn drain(
     // Release even after a failure, so the next call need not wait for the TTL.
     let _ = lease::release_lock(con, &keys.errors_lock(), &config.token).await;
     result.map(|()| total)
+}
+
+/// How often a `getErrors` waiting for another one's drain lock looks again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The longest a `getErrors` waits for other drains in all, however much they progress.
+const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How long a `getErrors` keeps waiting for the drain lock. Whoever holds it extends it on every
+/// chunk it prints, so a rising TTL means progress (or another getErrors took the lock over): keep
+/// waiting. A holder that stops (killed) lets the lock expire within `lock_ms`; one that holds it
+/// without progress (e.g. its stdout blocked) for longer than `lock_ms` plus a second makes
+/// this one give up, with an error saying so. Bounded in all by [`LOCK_WAIT_MAX`].
+#[derive(Debug)]
+struct LockWait {
+    lock_ms: u64,
+    started: std::time::Instant,
+    progressed: std::time::Instant,
+    last_ttl_ms: i64,
+}
+
+impl LockWait {
+    fn new(lock_ms: u64) -> LockWait {
+        let now = std::time::Instant::now();
+        LockWait {
+            lock_ms,
+            started: now,
+            progressed: now,
+            last_ttl_ms: i64::MAX,
+        }
+    }
+
+    /// Takes the lock's current PTTL; false when waiting longer is pointless.
+    fn still_worth_it(&mut self, ttl_ms: i64) -> bool {
+        if ttl_ms > self.last_ttl_ms {
+            self.progressed = std::time::Instant::now();
+        }
+        self.last_ttl_ms = ttl_ms;
+        let stalled = self.progressed.elapsed().as_millis() as u64 > self.lock_ms + 1000;
+        !stalled && self.started.elapsed() < LOCK_WAIT_MAX
+    }
 }
 
 /// Prints and trims the drain list chunk by chunk until it is empty. Bounded: the list only

@@ -55,8 +55,14 @@ pub struct Observed {
     pub handler_timeout_ms: u64,
     /// Redis bitmap of successes: id `i` is bit `i`, MSB-first within each byte (SETBIT order).
     pub ok_bitmap: Vec<u8>,
-    /// Lines printed by `app getErrors`: one decimal id per failed message.
+    /// Lines printed by every `app getErrors` that ran to completion (during the run and the
+    /// final one): one decimal id per failed message.
     pub error_lines: Vec<String>,
+    /// Lines printed by `getErrors` runs that were SIGKILLed mid-drain. An entry such a run
+    /// printed but did not delete is printed again by the next: its id may appear twice, once
+    /// here (counted as `reprinted`, not a violation). An entry it printed and deleted appears
+    /// only here, and counts as the outcome.
+    pub error_lines_killed: Vec<String>,
     /// One entry per generated batch, in append order.
     pub epoch_log: Vec<EpochBatch>,
     pub counters: Counters,
@@ -85,6 +91,7 @@ impl Observed {
             handler_timeout_ms: 0,
             ok_bitmap: snap.ok_bitmap.clone(),
             error_lines,
+            error_lines_killed: Vec::new(),
             epoch_log: snap
                 .epoch_log
                 .iter()
@@ -108,6 +115,8 @@ pub struct Verdict {
     pub missing: u64,
     /// Extra occurrences beyond the first (counted up to 255 per id).
     pub duplicates: u64,
+    /// Error entries printed again after a killed `getErrors` (allowed: printed twice, never lost).
+    pub reprinted: u64,
     pub unexpected: u64,
     pub out_of_range: u64,
     /// `runs - messages`, saturating.
@@ -189,18 +198,26 @@ pub fn check(o: &Observed) -> Verdict {
     }
 
     // Rules 1–3: failures from `getErrors`; blank lines (trailing newlines) are not entries.
-    let lines = o.error_lines.iter().map(|l| l.trim());
-    for line in lines.filter(|l| !l.is_empty()) {
+    // Lines of completed drains first, then of killed ones: a killed drain's line is the id's
+    // outcome only when no other line or ok bit gave it one, otherwise a reprint.
+    let complete = o.error_lines.iter().map(|l| (l.trim(), false));
+    let killed = o.error_lines_killed.iter().map(|l| (l.trim(), true));
+    for (line, from_killed) in complete.chain(killed).filter(|(l, _)| !l.is_empty()) {
         let Ok(id) = line.parse::<u64>() else {
             r.unexpected += 1;
             v.push(|| format!("unexpected error entry {line:?}"));
             continue;
         };
+        let ok = bit(&o.ok_bitmap, id);
         let Some(count) = slot(&mut seen, id) else {
             r.out_of_range += 1;
             v.push(|| format!("error store has id {id} outside 0..{n}"));
             continue;
         };
+        if from_killed && *count > 0 && !ok {
+            r.reprinted += 1;
+            continue;
+        }
         *count = count.saturating_add(1);
         r.errors += 1;
         if !predicted_fail(id) {
@@ -370,7 +387,7 @@ mod tests {
     #[test]
     fn every_fault_is_caught() {
         type Fault = (&'static str, [u64; 4], fn(&mut Observed));
-        let faults: [Fault; 16] = [
+        let faults: [Fault; 17] = [
             ("missing", [1, 0, 0, 0], |o| set_ok(o, first_ok(o), false)),
             ("duplicate", [0, 1, 1, 0], |o| err(o, first_ok(o))),
             ("duplicate", [0, 1, 0, 0], |o| err(o, first_failed(o))),
@@ -389,6 +406,11 @@ mod tests {
             ("not drained", [0; 4], |o| o.in_flight = 1),
             ("duplicate outcomes", [0; 4], |o| o.counters.duplicates = 1),
             ("no handler killed", [0; 4], |o| o.counters.runs += 1),
+            // A killed drain may reprint an error entry, never print one for a success.
+            ("duplicate", [0, 1, 1, 0], |o| {
+                let id = first_ok(o);
+                o.error_lines_killed.push(id.to_string())
+            }),
         ];
         for (needle, counts, break_it) in faults {
             let mut o = clean();
@@ -416,6 +438,26 @@ mod tests {
         assert!(predicted_failure(&o, slow), "its delay reaches the timeout");
         o.handler_timeout_ms = 1000;
         assert!(!predicted_failure(&o, slow), "delays stay below 1000");
+    }
+
+    #[test]
+    fn a_killed_drain_may_reprint_an_entry_or_hold_its_only_copy() {
+        let mut o = clean();
+        let failed = first_failed(&o);
+        o.error_lines_killed.push(failed.to_string());
+        let v = check(&o);
+        assert!(v.pass && v.reprinted == 1, "{v:?}");
+        // Printed and deleted by the killed drain only: still its one outcome.
+        o.error_lines.retain(|l| l != &failed.to_string());
+        let v = check(&o);
+        assert!(v.pass && v.reprinted == 0 && v.missing == 0, "{v:?}");
+        // Printed by no drain at all: missing.
+        o.error_lines_killed.clear();
+        assert_eq!(check(&o).missing, 1);
+        // Twice by completed drains: a duplicate, killed or not.
+        let mut o = clean();
+        o.error_lines.push(failed.to_string());
+        assert_eq!(check(&o).duplicates, 1);
     }
 
     #[test]

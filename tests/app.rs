@@ -609,3 +609,54 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     );
     assert_eq!(snap.lease, None, "lease released");
 }
+
+/// Found by `sim --profile small --seed 6` (getErrors inside the verdict): a getErrors waiting
+/// for the drain lock gave up after a fixed 6 s, though the holder was making progress (or a
+/// killed drain's lock had been taken over by another drain, itself killed). It must wait while
+/// the lock's holder keeps extending it, then drain everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_errors_waits_for_a_lock_holder_that_makes_progress() {
+    let fx = Fixture::new();
+    fill_error_store(&fx, 2000).await;
+    let mut con = fx.con().await;
+    let lock = fx.keys.errors_lock();
+    let set = |con: &mut leaderq::conn::Conn| {
+        let mut con = con.clone();
+        let lock = lock.clone();
+        async move {
+            redis::cmd("SET")
+                .arg(&lock)
+                .arg("another-drain")
+                .arg("PX")
+                .arg(3000)
+                .query_async::<()>(&mut con)
+                .await
+                .unwrap();
+        }
+    };
+    set(&mut con).await;
+    let waiter = std::thread::spawn({
+        let args = fx.args(&[]);
+        move || {
+            Command::new(common::app_bin())
+                .arg("getErrors")
+                .args(args)
+                .output()
+                .unwrap()
+        }
+    });
+    // The other holder extends its 3 s lock every second for 8 s (longer than any fixed wait
+    // based on one TTL), then lets it expire.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        set(&mut con).await;
+    }
+    let out = waiter.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the waiter drained once the lock was free: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(lines, 2000);
+}

@@ -578,3 +578,11 @@ async fn status_shows_a_sigkilled_generator_gone_at_once() {
     let _ = fx.stop_all();
     let _ = &mut con;
 }
+
+/// Found 2026-11-28 by getErrors inside the verdict: a drain waiting behind two killed drains
+/// gave up ("another getErrors holds the error drain") after a fixed 6 s.
+#[test]
+fn pinned_drains_seed_6() {
+    let s = pinned("drains6", &["--seed", "6"]);
+    assert!(s["drains_killed"].as_u64().unwrap() >= 2, "{s}");
+}
