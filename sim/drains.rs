@@ -27,7 +27,7 @@ struct Drain {
     lines: Arc<Mutex<Vec<String>>>,
     /// Reads its stdout, and SIGKILLs it the moment it has printed its seeded number of lines:
     /// then it has flushed a chunk and, most likely, not yet deleted it (the window that
-    /// matters), which a kill from the driver's 50 ms tick would almost always miss.
+    /// matters), which a kill from the driver's 10 ms tick would almost always miss.
     reader: JoinHandle<()>,
 }
 

@@ -29,7 +29,7 @@ pub enum End {
 }
 
 /// How often the driver looks at Redis (progress, fault plan, crash detection, reclaims).
-const TICK: Duration = Duration::from_millis(50);
+const TICK: Duration = Duration::from_millis(10);
 /// How long a generator fault may wait for the generator to finish its leftover handler work.
 const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
 /// How long the driver watches a killed handler's in-flight sets for the reclaim.
@@ -41,7 +41,9 @@ enum FaultKind {
     KillLeader,
     PauseLeader,
     KillWorker,
+    PauseWorker,
     DropConnections,
+    LoseReplies,
     RestartRedis,
     /// Take the RDB snapshot a later `RollbackRedis` restores (planned at half its trigger).
     SnapshotRedis,
@@ -60,7 +62,9 @@ impl FaultKind {
             FaultKind::KillLeader => "leader kill",
             FaultKind::PauseLeader => "leader pause",
             FaultKind::KillWorker => "worker kill",
+            FaultKind::PauseWorker => "worker pause",
             FaultKind::DropConnections => "connection drop",
+            FaultKind::LoseReplies => "lost replies",
             FaultKind::RestartRedis => "redis restart",
             FaultKind::SnapshotRedis => "redis snapshot",
             FaultKind::RollbackRedis => "redis rollback",
@@ -240,7 +244,9 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
             (FaultKind::KillLeader, kills),
             (FaultKind::PauseLeader, flags.pause_leader),
             (FaultKind::KillWorker, flags.kill_workers),
+            (FaultKind::PauseWorker, flags.pause_workers),
             (FaultKind::DropConnections, flags.drop_connections),
+            (FaultKind::LoseReplies, flags.lose_replies),
             (FaultKind::RestartRedis, flags.restart_redis),
             (FaultKind::RollbackRedis, u32::from(flags.rollback_redis)),
             (FaultKind::WipeRedis, u32::from(flags.wipe_redis)),
@@ -290,6 +296,19 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let namespace = format!("sim-{seed}-{}", std::process::id());
     let keys = Keys::new(&namespace)?;
     let mut con = conn::connect(&url, 5000).await?;
+    // The copies go through the reply-losing proxy when asked; the sim and getErrors do not.
+    let proxy = match flags.lose_replies {
+        0 => None,
+        _ => {
+            let upstream = url_socket_addr(&url)?;
+            Some(
+                crate::proxy::Proxy::start(upstream)
+                    .await
+                    .context("starting the proxy")?,
+            )
+        }
+    };
+    let app_url = proxy.as_ref().map_or_else(|| url.clone(), |p| p.url());
     let redis_version = inspect::info(&mut con, "server")
         .await?
         .remove("redis_version")
@@ -302,8 +321,14 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let args = app_args(flags, &namespace, seed);
     let spawn = |name: String| -> anyhow::Result<AppProcess> {
         let log = log_dir.join(format!("{name}.log"));
-        AppProcess::spawn_with_env(&app_bin, &name, &args, &[("REDIS_URL", &url)], Some(&log))
-            .with_context(|| format!("starting {}", app_bin.display()))
+        AppProcess::spawn_with_env(
+            &app_bin,
+            &name,
+            &args,
+            &[("REDIS_URL", &app_url)],
+            Some(&log),
+        )
+        .with_context(|| format!("starting {}", app_bin.display()))
     };
     let mut apps: Vec<AppProcess> = (0..flags.processes)
         .map(|i| spawn(format!("app{i}")))
@@ -332,12 +357,9 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     loop {
         tokio::time::sleep(TICK).await;
         let now = Instant::now();
-        for (pid, due) in resumes.iter().filter(|(_, due)| *due <= now) {
+        for (pid, _) in resumes.iter().filter(|(_, due)| *due <= now) {
             let _ = procs::signal(*pid, libc::SIGCONT);
-            progress.note(&format!(
-                "resumed paused generator pid {pid} after {:?}",
-                now - *due + pause_for(flags)
-            ));
+            progress.note(&format!("resumed paused pid {pid}"));
         }
         resumes.retain(|(_, due)| *due > now);
         for app in apps.iter_mut() {
@@ -402,8 +424,17 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         if redis_errors > 0 {
             continue;
         }
-        // At most one fault per tick. A due fault that cannot act yet (no pure generator, no busy
-        // handler) does not hold up the others.
+        // Every due getErrors drain starts now (they disturb nothing); of the other faults, at
+        // most one per tick. A due fault that cannot act yet (no pure generator, no busy handler)
+        // does not hold up the others.
+        for f in faults
+            .iter_mut()
+            .filter(|f| f.kind == FaultKind::DrainErrors && !f.done && done >= f.at)
+        {
+            let started_what = drains.start()?;
+            (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+            progress.note(&format!("getErrors at {done} outcomes: {started_what}"));
+        }
         let due: Vec<usize> = (0..faults.len())
             .filter(|&i| {
                 let f = &faults[i];
@@ -461,30 +492,29 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                         counters.generated
                     ));
                 }
-                FaultKind::KillWorker => {
-                    let generator = current_generator(&mut con, &keys, &apps)
-                        .await?
-                        .map(|(_, i)| i);
-                    let mut busy = Vec::new();
-                    for (j, app) in apps.iter().enumerate() {
-                        if Some(j) == generator || resumes.iter().any(|(pid, _)| *pid == app.pid())
-                        {
-                            continue;
-                        }
-                        let n = inspect::in_flight_matching(
-                            &mut con,
-                            &keys,
-                            &format!("{}.*", app.instance_id),
-                        )
-                        .await?;
-                        if n > 0 {
-                            busy.push((j, n));
-                        }
-                    }
-                    if busy.is_empty() {
+                FaultKind::PauseWorker => {
+                    let Some((j, n)) =
+                        busy_handler(&mut con, &keys, &apps, &resumes, &mut rng).await?
+                    else {
                         continue 'due;
-                    }
-                    let (j, n) = busy[rng.random_range(0..busy.len())];
+                    };
+                    let name = apps[j].instance_id.clone();
+                    apps[j].signal(libc::SIGSTOP)?;
+                    let pause = Duration::from_millis(2 * flags.heartbeat_ms + 500);
+                    resumes.push((apps[j].pid(), now + pause));
+                    disruptions += 1;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!(
+                        "worker pause: {name} holding {n} messages stopped for {pause:?} at {done} outcomes (its messages are reclaimed; its late commits must be refused)"
+                    ));
+                }
+                FaultKind::KillWorker => {
+                    let Some((j, n)) =
+                        busy_handler(&mut con, &keys, &apps, &resumes, &mut rng).await?
+                    else {
+                        continue 'due;
+                    };
                     let name = apps[j].instance_id.clone();
                     apps[j].kill();
                     apps[j] = spawn(format!("app{spawned}"))?;
@@ -513,12 +543,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                         "connection drop: {dropped} connections killed at {done} outcomes"
                     ));
                 }
-                FaultKind::DrainErrors => {
-                    let started_what = drains.start()?;
-                    let f = &mut faults[i];
-                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
-                    progress.note(&format!("getErrors at {done} outcomes: {started_what}"));
-                }
+                FaultKind::DrainErrors => unreachable!("drains start above"),
                 FaultKind::SnapshotRedis => {
                     let server = server
                         .as_ref()
@@ -568,6 +593,19 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                         next_id_after_loss: after,
                         next_id_before_loss: before,
                     });
+                }
+                FaultKind::LoseReplies => {
+                    let proxy = proxy
+                        .as_ref()
+                        .context("the proxy runs with --lose-replies")?;
+                    let before = proxy.cuts();
+                    proxy.lose_next_replies();
+                    disruptions += 1;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!(
+                        "lost replies: every copy's connection loses its next reply, at {done} outcomes ({before} cut so far)"
+                    ));
                 }
                 FaultKind::RestartRedis => {
                     let server = server
@@ -696,9 +734,11 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         throughput_msgs_per_s: c.processed.saturating_add(c.errors) as f64 / elapsed_s,
         failover_ms,
         pauses: of_kind(FaultKind::PauseLeader).count() as u64,
+        worker_pauses: of_kind(FaultKind::PauseWorker).count() as u64,
         pause_failover_ms,
         reclaim_ms,
         connection_drops: of_kind(FaultKind::DropConnections).count() as u64,
+        replies_lost: proxy.as_ref().map_or(0, |p| p.cuts()),
         faults_planned: faults.len() as u64,
         faults_executed: executed.len() as u64,
         redis_restarts: of_kind(FaultKind::RestartRedis).count() as u64,
@@ -786,6 +826,17 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     } else {
         End::Pass
     })
+}
+
+/// The `host:port` of a `redis://` URL, resolved (for the proxy's upstream).
+fn url_socket_addr(url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+        bail!("--lose-replies needs a plain redis:// TCP URL");
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), *port))?
+        .next()
+        .context("resolving Redis's address")
 }
 
 /// Judges a run in which Redis lost data: every copy must have exited with code 5 (halted), the
@@ -895,6 +946,32 @@ fn keep_redis_data(from: &Path, to: &Path) {
     }
 }
 
+/// A handler (not the generator, not paused) holding in-flight messages, picked at random: its
+/// index in `apps` and how many it holds. `None` when no handler holds any right now.
+async fn busy_handler(
+    con: &mut conn::Conn,
+    keys: &Keys,
+    apps: &[AppProcess],
+    paused: &[(u32, Instant)],
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> anyhow::Result<Option<(usize, u64)>> {
+    let generator = current_generator(con, keys, apps).await?.map(|(_, i)| i);
+    let mut busy = Vec::new();
+    for (j, app) in apps.iter().enumerate() {
+        if Some(j) == generator || paused.iter().any(|(pid, _)| *pid == app.pid()) {
+            continue;
+        }
+        let n = inspect::in_flight_matching(con, keys, &format!("{}.*", app.instance_id)).await?;
+        if n > 0 {
+            busy.push((j, n));
+        }
+    }
+    if busy.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(busy[rng.random_range(0..busy.len())]))
+}
+
 /// How long a paused generator stays stopped: past its lease, so a successor takes over.
 fn pause_for(flags: &Flags) -> Duration {
     Duration::from_millis(2 * flags.lease_ms + 500)
@@ -977,15 +1054,25 @@ fn print_summary(s: &Summary, dir: &Path) {
         s.leader_kills,
         s.failover_ms.iter().map(|f| f.round()).collect::<Vec<_>>()
     );
-    if s.pauses + s.worker_kills + s.connection_drops + s.redis_restarts + s.drains > 0 {
+    if s.pauses
+        + s.worker_kills
+        + s.worker_pauses
+        + s.connection_drops
+        + s.replies_lost
+        + s.redis_restarts
+        + s.drains
+        > 0
+    {
         let round = |v: &[f64]| v.iter().map(|f| f.round()).collect::<Vec<_>>();
         println!(
-            "pauses={} pause_failover_ms={:?} worker_kills={} reclaim_ms={:?} connection_drops={} redis_restarts={} aof_repairs={} drains={} drains_killed={} reprinted={} reruns={}",
+            "pauses={} pause_failover_ms={:?} worker_kills={} worker_pauses={} reclaim_ms={:?} connection_drops={} replies_lost={} redis_restarts={} aof_repairs={} drains={} drains_killed={} reprinted={} reruns={}",
             s.pauses,
             round(&s.pause_failover_ms),
             s.worker_kills,
+            s.worker_pauses,
             round(&s.reclaim_ms),
             s.connection_drops,
+            s.replies_lost,
             s.redis_restarts,
             s.aof_repairs,
             s.drains,

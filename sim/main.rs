@@ -8,6 +8,7 @@
 mod drains;
 mod driver;
 mod plot;
+mod proxy;
 mod report;
 
 use clap::parser::ValueSource;
@@ -51,9 +52,20 @@ pub struct Flags {
     /// SIGCONT it: it must not generate again (fencing) and must step down.
     #[arg(long, default_value_t = 0, value_name = "M")]
     pub pause_leader: u32,
+    /// SIGSTOP this many handlers while they hold in-flight messages, for twice --heartbeat-ms
+    /// plus 500 ms, then SIGCONT them: their messages are reclaimed and handled elsewhere, and
+    /// their late commits must be refused.
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub pause_workers: u32,
     /// SIGKILL this many handlers while they hold in-flight messages (and start replacements).
     #[arg(long, default_value_t = 0, value_name = "M")]
     pub kill_workers: u32,
+    /// This many times, every copy's connection loses its next reply: the copies talk to Redis
+    /// through the sim's proxy, which cuts each connection the moment Redis starts answering
+    /// (the command ran, the caller never learns it). Hits the windows between a script and its
+    /// reply that a kill from outside almost never does.
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub lose_replies: u32,
     /// Drop every copy's Redis connection (`CLIENT KILL TYPE normal`) this many times.
     #[arg(long, default_value_t = 0, value_name = "M")]
     pub drop_connections: u32,

@@ -56,6 +56,8 @@ pub struct Summary {
     pub processes: u64,
     pub leader_kills: u64,
     pub worker_kills: u64,
+    /// Handlers SIGSTOPped past their heartbeat, then resumed.
+    pub worker_pauses: u64,
     pub processed: u64,
     pub errors: u64,
     pub missing: u64,
@@ -70,10 +72,12 @@ pub struct Summary {
     pub pauses: u64,
     /// Pause → the successor's first message, ms (detected by lease TTL, not by a closed socket).
     pub pause_failover_ms: Vec<f64>,
-    /// Handler SIGKILL → its in-flight messages back in the queue, ms (50 ms sampling).
+    /// Handler SIGKILL → its in-flight messages back in the queue, ms (10 ms sampling).
     pub reclaim_ms: Vec<f64>,
     /// `CLIENT KILL TYPE normal` rounds: every copy's connection dropped at once.
     pub connection_drops: u64,
+    /// Connections the proxy cut right after Redis started answering (`--lose-replies`).
+    pub replies_lost: u64,
     /// Faults in the seeded plan, and how many were executed before the run completed.
     pub faults_planned: u64,
     pub faults_executed: u64,
@@ -124,7 +128,7 @@ pub struct Summary {
     pub app_peak_rss_mb: f64,
     /// CPU seconds Redis spent during the run (INFO cpu; restarts reset it).
     pub redis_cpu_s: f64,
-    /// CPU seconds all app processes spent (sampled every 50 ms; a killed one keeps its last).
+    /// CPU seconds all app processes spent (sampled every 10 ms; a killed one keeps its last).
     pub apps_cpu_s: f64,
     pub command_line: String,
 }
@@ -203,7 +207,7 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|c| c.map_or("running".into(), |c| c.to_string()))
         .collect();
     let halt_codes = halt_codes.join(", ");
-    let rows: [(&str, &dyn Display); 55] = [
+    let rows: [(&str, &dyn Display); 57] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -213,6 +217,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("processes", &s.processes),
         ("leader_kills", &s.leader_kills),
         ("worker_kills", &s.worker_kills),
+        ("worker_pauses", &s.worker_pauses),
         ("processed", &s.processed),
         ("errors", &s.errors),
         ("missing", &s.missing),
@@ -227,6 +232,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("pause_failover_ms", &pause_failovers),
         ("reclaim_ms", &reclaims),
         ("connection_drops", &s.connection_drops),
+        ("replies_lost", &s.replies_lost),
         ("faults_planned", &s.faults_planned),
         ("faults_executed", &s.faults_executed),
         ("redis_restarts", &s.redis_restarts),
@@ -397,7 +403,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(56));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(58));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

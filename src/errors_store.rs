@@ -2,7 +2,10 @@
 //!
 //! errors_take.lua RENAMEs the whole error store into a drain list under a lock (so errors
 //! arriving meanwhile go to the next call). Entries are printed from the head in chunks, stdout is
-//! flushed, and only then errors_ack.lua trims what was printed. A `getErrors` killed after
+//! flushed, and only then errors_ack.lua trims what was printed. Every step is safe to retry when
+//! the connection drops (the take and the lock are idempotent for their holder, the trim is keyed
+//! by the list's length), so one `getErrors` rides out a dropped connection or a Redis restart
+//! within `retry_for` and still prints each entry once. A `getErrors` killed after
 //! printing and before trimming leaves those entries for the next call, which prints them again:
 //! an entry can be printed twice after a crash, never lost. Only the lock holder may trim, so two
 //! concurrent calls cannot trim each other's unprinted entries.
@@ -141,6 +144,8 @@ pub struct DrainConfig {
     pub token: String,
     /// How each entry is printed.
     pub format: LineFormat,
+    /// How long a step may keep failing with Redis unreachable before the drain gives up.
+    pub retry_for: std::time::Duration,
 }
 
 /// What a drain did.
@@ -165,29 +170,34 @@ pub async fn drain(
         let mut wait = LockWait::new(config.lock_ms);
         let mut modes = ["resume", "take"].into_iter().peekable();
         while let Some(&mode) = modes.peek() {
-            let left: i64 = scripts::ERRORS_TAKE
-                .key(keys.errors_lock())
-                .key(keys.errors())
-                .key(keys.errors_drain())
-                .arg(&config.token)
-                .arg(config.lock_ms)
-                .arg(mode)
-                .invoke_async(con)
-                .await?;
+            let left: i64 = retrying(config, con, |mut con| async move {
+                let mut call = scripts::ERRORS_TAKE.prepare_invoke();
+                call.key(keys.errors_lock())
+                    .key(keys.errors())
+                    .key(keys.errors_drain())
+                    .arg(&config.token)
+                    .arg(config.lock_ms)
+                    .arg(mode);
+                Ok(call.invoke_async(&mut con).await?)
+            })
+            .await?;
             if left < 0 {
                 // Another getErrors holds the lock (or a killed one did): wait while it makes
                 // progress or until its lock expires, then take over what it left.
-                let ttl_ms: i64 = redis::cmd("PTTL")
-                    .arg(keys.errors_lock())
-                    .query_async(con)
-                    .await?;
+                let ttl_ms: i64 = retrying(config, con, |mut con| async move {
+                    Ok(redis::cmd("PTTL")
+                        .arg(keys.errors_lock())
+                        .query_async(&mut con)
+                        .await?)
+                })
+                .await?;
                 if !wait.still_worth_it(ttl_ms) {
                     return Err(Error::DrainLockLost);
                 }
                 tokio::time::sleep(LOCK_POLL).await;
                 continue;
             }
-            drain_list(con, keys, config, out, &mut total).await?;
+            drain_list(con, keys, config, left as u64, out, &mut total).await?;
             modes.next();
         }
         Ok(())
@@ -239,22 +249,48 @@ impl LockWait {
     }
 }
 
-/// Prints and trims the drain list chunk by chunk until it is empty. Bounded: the list only
-/// shrinks (nothing else appends to it), so this ends after at most `len / chunk + 1` rounds.
+/// Runs `step` until it succeeds, retrying (50 ms doubling to 1 s) while Redis is unreachable,
+/// for at most `config.retry_for`. Only for steps that are safe to repeat.
+async fn retrying<T, F, Fut>(config: &DrainConfig, con: &mut Conn, mut step: F) -> Result<T, Error>
+where
+    F: FnMut(Conn) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let started = std::time::Instant::now();
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        match step(con.clone()).await {
+            Err(e) if e.is_transient() && started.elapsed() < config.retry_for => {
+                tracing::debug!(error = %e, "getErrors step failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Prints and trims the drain list chunk by chunk until it is empty; `len` is its length now.
+/// Bounded: the list only shrinks (nothing else appends to it), so this ends after at most
+/// `len / chunk + 1` rounds.
 async fn drain_list(
     con: &mut Conn,
     keys: &Keys,
     config: &DrainConfig,
+    mut len: u64,
     out: &mut impl Write,
     total: &mut Drained,
 ) -> Result<(), Error> {
     loop {
-        let raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
-            .arg(keys.errors_drain())
-            .arg(0)
-            .arg(config.chunk as i64 - 1)
-            .query_async(con)
-            .await?;
+        let raw: Vec<Vec<u8>> = retrying(config, con, |mut con| async move {
+            Ok(redis::cmd("LRANGE")
+                .arg(keys.errors_drain())
+                .arg(0)
+                .arg(config.chunk as i64 - 1)
+                .query_async(&mut con)
+                .await?)
+        })
+        .await?;
         if raw.is_empty() {
             return Ok(());
         }
@@ -265,18 +301,23 @@ async fn drain_list(
             }
         }
         out.flush()?;
-        let left: i64 = scripts::ERRORS_ACK
-            .key(keys.errors_lock())
-            .key(keys.errors_drain())
-            .arg(&config.token)
-            .arg(raw.len())
-            .arg(config.lock_ms)
-            .invoke_async(con)
-            .await?;
+        let printed = raw.len();
+        let left: i64 = retrying(config, con, |mut con| async move {
+            let mut call = scripts::ERRORS_ACK.prepare_invoke();
+            call.key(keys.errors_lock())
+                .key(keys.errors_drain())
+                .arg(&config.token)
+                .arg(printed)
+                .arg(config.lock_ms)
+                .arg(len);
+            Ok(call.invoke_async(&mut con).await?)
+        })
+        .await?;
         if left < 0 {
             return Err(Error::DrainLockLost);
         }
-        total.printed += raw.len() as u64;
+        total.printed += printed as u64;
+        len = left as u64;
         if left == 0 {
             return Ok(());
         }

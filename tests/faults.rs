@@ -231,3 +231,41 @@ async fn a_poison_message_goes_to_the_error_store_after_bounded_deliveries() {
     assert!(verdict.unexpected <= 1, "{:?}", verdict.violations);
     let _ = wait_for(Duration::from_millis(1), || async { Some(()) }).await;
 }
+
+/// Every copy's connection loses its next reply three times (the command ran, the caller never
+/// learns it): fetches, commits, renewals and reclaims in that state must lose nothing.
+#[test]
+fn lost_replies_lose_nothing() {
+    let s = sim(
+        "lost-replies",
+        &[
+            "--lose-replies",
+            "3",
+            "--batch",
+            "100",
+            "--max-in-flight",
+            "1000",
+            "--handler-delay-max-ms",
+            "100",
+        ],
+    );
+    assert!(s["replies_lost"].as_u64().unwrap() >= 3, "{s}");
+}
+
+/// Handlers stopped past their heartbeat: their messages are reclaimed and handled by others,
+/// their late commits refused, and they resume handling.
+#[test]
+fn paused_handlers_lose_nothing() {
+    let s = sim(
+        "paused-workers",
+        &[
+            "--pause-workers",
+            "2",
+            "--max-in-flight",
+            "1000",
+            "--handler-delay-max-ms",
+            "300",
+        ],
+    );
+    assert_eq!(s["worker_pauses"], 2, "{s}");
+}

@@ -52,6 +52,10 @@ enum Command {
         /// is taken, so a running getErrors is never delayed).
         #[arg(long)]
         peek: bool,
+        /// Ride out a dropped connection or a Redis restart for this long mid-drain (every step
+        /// is safe to repeat: each entry is still printed once), then exit with code 3.
+        #[arg(long, default_value_t = 30_000)]
+        redis_down_max_ms: u64,
     },
     /// Show the generator, every copy with its role and in-flight count, queue depth, error-store
     /// size, counters and rates over the last 10 s. Read-only.
@@ -255,7 +259,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             chunk,
             json,
             peek,
-        }) => get_errors(common, chunk, json, peek).await,
+            redis_down_max_ms,
+        }) => get_errors(common, chunk, json, peek, redis_down_max_ms).await,
         Some(Command::Status {
             common,
             json,
@@ -314,7 +319,13 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
     node::run(config, stop).await
 }
 
-async fn get_errors(common: Common, chunk: u64, json: bool, peek: bool) -> Result<(), Error> {
+async fn get_errors(
+    common: Common,
+    chunk: u64,
+    json: bool,
+    peek: bool,
+    redis_down_max_ms: u64,
+) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
     let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
     let format = if json {
@@ -338,6 +349,7 @@ async fn get_errors(common: Common, chunk: u64, json: bool, peek: bool) -> Resul
         lock_ms: 5_000,
         token: default_instance_id(),
         format,
+        retry_for: Duration::from_millis(redis_down_max_ms),
     };
     let drained = errors_store::drain(&mut con, &keys, &config, &mut out).await?;
     eprintln!(
