@@ -32,6 +32,9 @@ pub enum End {
 const TICK: Duration = Duration::from_millis(10);
 /// How long a generator fault may wait for the generator to finish its leftover handler work.
 const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
+/// How long the run may wait, once every message has an outcome, for planted duplicates to be
+/// run and refused (a reconciliation adopts them within 2 s).
+const SETTLE_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How long the driver watches a killed handler's in-flight sets for the reclaim.
 const RECLAIM_WATCH_MAX: Duration = Duration::from_secs(30);
 
@@ -40,6 +43,13 @@ const RECLAIM_WATCH_MAX: Duration = Duration::from_secs(30);
 enum FaultKind {
     KillLeader,
     PauseLeader,
+    /// The proxy holds the generator's requests past its lease: they reach Redis after a
+    /// successor took over (fencing must refuse them).
+    PartitionLeader,
+    /// Plant a copy of one handler's in-flight message in another live handler's set, as a buggy
+    /// reclaim could: the duplicate defence (`done` bitmap) must record one outcome and count
+    /// one duplicate.
+    InjectDuplicate,
     KillWorker,
     PauseWorker,
     DropConnections,
@@ -61,6 +71,8 @@ impl FaultKind {
         match self {
             FaultKind::KillLeader => "leader kill",
             FaultKind::PauseLeader => "leader pause",
+            FaultKind::PartitionLeader => "leader partition",
+            FaultKind::InjectDuplicate => "duplicate delivery",
             FaultKind::KillWorker => "worker kill",
             FaultKind::PauseWorker => "worker pause",
             FaultKind::DropConnections => "connection drop",
@@ -76,7 +88,24 @@ impl FaultKind {
     /// Generator faults trigger on generated ids (so a failover is measured while there is work
     /// to generate); the others on recorded outcomes (so handlers are busy).
     fn on_generated(self) -> bool {
-        matches!(self, FaultKind::KillLeader | FaultKind::PauseLeader)
+        matches!(
+            self,
+            FaultKind::KillLeader | FaultKind::PauseLeader | FaultKind::PartitionLeader
+        )
+    }
+
+    /// Faults that can depose the generator (each at most twice: a takeover, and a second one
+    /// if the first successor is hit by the same event).
+    fn can_depose(self) -> bool {
+        matches!(
+            self,
+            FaultKind::KillLeader
+                | FaultKind::PauseLeader
+                | FaultKind::PartitionLeader
+                | FaultKind::DropConnections
+                | FaultKind::LoseReplies
+                | FaultKind::RestartRedis
+        )
     }
 }
 
@@ -243,6 +272,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         &[
             (FaultKind::KillLeader, kills),
             (FaultKind::PauseLeader, flags.pause_leader),
+            (FaultKind::PartitionLeader, flags.partition_leader),
+            (FaultKind::InjectDuplicate, flags.inject_duplicates),
             (FaultKind::KillWorker, flags.kill_workers),
             (FaultKind::PauseWorker, flags.pause_workers),
             (FaultKind::DropConnections, flags.drop_connections),
@@ -297,7 +328,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let keys = Keys::new(&namespace)?;
     let mut con = conn::connect(&url, 5000).await?;
     // The copies go through the reply-losing proxy when asked; the sim and getErrors do not.
-    let proxy = match flags.lose_replies {
+    let proxy = match flags.lose_replies + flags.partition_leader {
         0 => None,
         _ => {
             let upstream = url_socket_addr(&url)?;
@@ -354,6 +385,8 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let mut aof_repairs = 0u64;
     let mut halt: Option<HaltWatch> = None;
     let mut drains = crate::drains::Drains::new(seed, &app_bin, &url, &namespace);
+    let mut injected = 0u64;
+    let mut settle_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(TICK).await;
         let now = Instant::now();
@@ -414,8 +447,14 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         if redis_errors == 0 {
             watch_reclaims(&mut con, &keys, &mut watched, &mut reclaim_ms, &progress).await;
         }
+        // Done once every message has its outcome, and every planted duplicate has been caught
+        // by the defence (bounded: the verdict says so if one never is).
         if done >= flags.messages {
-            break;
+            let settled = counters.duplicates >= injected;
+            let waited = *settle_since.get_or_insert(now);
+            if settled || now.duration_since(waited) >= SETTLE_WAIT_MAX {
+                break;
+            }
         }
         if now >= deadline {
             timed_out = true;
@@ -449,7 +488,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         'due: for i in due {
             let kind = faults[i].kind;
             match kind {
-                FaultKind::KillLeader | FaultKind::PauseLeader => {
+                FaultKind::KillLeader | FaultKind::PauseLeader | FaultKind::PartitionLeader => {
                     let Some((epoch, idx)) = current_generator(&mut con, &keys, &apps).await?
                     else {
                         continue 'due; // a failover is in progress: no generator to hit this tick
@@ -475,13 +514,27 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                     }
                     let redis_us = inspect::redis_time_us(&mut con).await?;
                     let name = apps[idx].instance_id.clone();
-                    if kind == FaultKind::KillLeader {
-                        apps[idx].kill();
-                        apps[idx] = spawn(format!("app{spawned}"))?;
-                        spawned += 1;
-                    } else {
-                        apps[idx].signal(libc::SIGSTOP)?;
-                        resumes.push((apps[idx].pid(), now + pause_for(flags)));
+                    match kind {
+                        FaultKind::KillLeader => {
+                            apps[idx].kill();
+                            apps[idx] = spawn(format!("app{spawned}"))?;
+                            spawned += 1;
+                        }
+                        FaultKind::PauseLeader => {
+                            apps[idx].signal(libc::SIGSTOP)?;
+                            resumes.push((apps[idx].pid(), now + pause_for(flags)));
+                        }
+                        _ => {
+                            let proxy = proxy
+                                .as_ref()
+                                .context("the proxy runs with --partition-leader")?;
+                            let Some(port) = lease_holder_port(&mut con, &keys).await? else {
+                                continue 'due;
+                            };
+                            if !proxy.hold(port, pause_for(flags)) {
+                                continue 'due;
+                            }
+                        }
                     }
                     let f = &mut faults[i];
                     (f.t_s, f.epoch, f.redis_us, f.done) =
@@ -491,6 +544,17 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                         kind.label(),
                         counters.generated
                     ));
+                }
+                FaultKind::InjectDuplicate => {
+                    let Some(planted) = plant_duplicate(&mut con, &keys, &apps, &mut rng).await?
+                    else {
+                        continue 'due;
+                    };
+                    injected += 1;
+                    disruptions += 1;
+                    let f = &mut faults[i];
+                    (f.t_s, f.done) = (started.elapsed().as_secs_f64(), true);
+                    progress.note(&format!("duplicate delivery: {planted} at {done} outcomes"));
                 }
                 FaultKind::PauseWorker => {
                     let Some((j, n)) =
@@ -692,6 +756,12 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     .map_err(anyhow::Error::msg)?;
     observed.handler_timeout_ms = flags.handler_timeout_ms;
     observed.error_lines_killed = drained.killed_lines;
+    observed.injected_duplicates = injected;
+    let deposing = faults
+        .iter()
+        .filter(|f| f.done && f.kind.can_depose())
+        .count() as u64;
+    observed.epochs_max = 2 + 2 * deposing;
     // Failover: from the Redis time of the fault to the first message of the next epoch.
     let failover = |f: &Fault| -> Option<f64> {
         observed
@@ -707,6 +777,9 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         .filter_map(|f| failover(f))
         .collect();
     let pause_failover_ms: Vec<f64> = of_kind(FaultKind::PauseLeader)
+        .filter_map(|f| failover(f))
+        .collect();
+    let partition_failover_ms: Vec<f64> = of_kind(FaultKind::PartitionLeader)
         .filter_map(|f| failover(f))
         .collect();
     let c = snap.counters;
@@ -736,6 +809,10 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         pauses: of_kind(FaultKind::PauseLeader).count() as u64,
         worker_pauses: of_kind(FaultKind::PauseWorker).count() as u64,
         pause_failover_ms,
+        partitions: of_kind(FaultKind::PartitionLeader).count() as u64,
+        partition_failover_ms,
+        duplicates_planted: injected,
+        duplicates_detected: c.duplicates,
         reclaim_ms,
         connection_drops: of_kind(FaultKind::DropConnections).count() as u64,
         replies_lost: proxy.as_ref().map_or(0, |p| p.cuts()),
@@ -946,6 +1023,68 @@ fn keep_redis_data(from: &Path, to: &Path) {
     }
 }
 
+/// The local port of the lease holder's Redis connection as Redis sees it (through the proxy:
+/// the port of the proxy's upstream socket for that copy), from `{ns}:lease:conn` and
+/// `CLIENT LIST ID`. `None` when there is no holder or its connection is gone.
+async fn lease_holder_port(con: &mut conn::Conn, keys: &Keys) -> anyhow::Result<Option<u16>> {
+    let id: Option<u64> = redis::cmd("GET")
+        .arg(keys.lease_conn())
+        .query_async(con)
+        .await?;
+    let Some(id) = id else { return Ok(None) };
+    let listing: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("ID")
+        .arg(id)
+        .query_async(con)
+        .await?;
+    Ok(listing
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("addr="))
+        .and_then(|addr| addr.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok()))
+}
+
+/// Copies one in-flight message of a live handler into another live copy's in-flight set (as a
+/// buggy reclaim could): that copy adopts and runs it at its next reconciliation, and the
+/// duplicate defence must record one outcome. Returns what it did, `None` when no two copies
+/// qualify right now.
+async fn plant_duplicate(
+    con: &mut conn::Conn,
+    keys: &Keys,
+    apps: &[AppProcess],
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> anyhow::Result<Option<String>> {
+    let mut holders = Vec::new();
+    for app in apps {
+        let set = keys.inflight(&format!("{}.0", app.instance_id));
+        let member: Option<Vec<u8>> = redis::cmd("SRANDMEMBER").arg(&set).query_async(con).await?;
+        if let Some(m) = member {
+            holders.push((app.instance_id.clone(), m));
+        }
+    }
+    if holders.is_empty() || apps.len() < 2 {
+        return Ok(None);
+    }
+    let (from, payload) = holders[rng.random_range(0..holders.len())].clone();
+    let others: Vec<&AppProcess> = apps.iter().filter(|a| a.instance_id != from).collect();
+    let to = &others[rng.random_range(0..others.len())].instance_id;
+    let handler = format!("{to}.0");
+    redis::pipe()
+        .cmd("SADD")
+        .arg(keys.inflight(&handler))
+        .arg(&payload)
+        .cmd("SADD")
+        .arg(keys.handlers())
+        .arg(&handler)
+        .query_async::<()>(con)
+        .await?;
+    Ok(Some(format!(
+        "{} from {from}'s set planted in {to}'s",
+        String::from_utf8_lossy(&payload)
+    )))
+}
+
 /// A handler (not the generator, not paused) holding in-flight messages, picked at random: its
 /// index in `apps` and how many it holds. `None` when no handler holds any right now.
 async fn busy_handler(
@@ -1054,32 +1193,37 @@ fn print_summary(s: &Summary, dir: &Path) {
         s.leader_kills,
         s.failover_ms.iter().map(|f| f.round()).collect::<Vec<_>>()
     );
-    if s.pauses
-        + s.worker_kills
-        + s.worker_pauses
-        + s.connection_drops
-        + s.replies_lost
-        + s.redis_restarts
-        + s.drains
-        > 0
-    {
-        let round = |v: &[f64]| v.iter().map(|f| f.round()).collect::<Vec<_>>();
-        println!(
-            "pauses={} pause_failover_ms={:?} worker_kills={} worker_pauses={} reclaim_ms={:?} connection_drops={} replies_lost={} redis_restarts={} aof_repairs={} drains={} drains_killed={} reprinted={} reruns={}",
-            s.pauses,
-            round(&s.pause_failover_ms),
-            s.worker_kills,
-            s.worker_pauses,
-            round(&s.reclaim_ms),
-            s.connection_drops,
-            s.replies_lost,
+    // Only the faults this run had, so a line stays readable whatever the mix.
+    let round = |v: &[f64]| format!("{:?}", v.iter().map(|f| f.round()).collect::<Vec<_>>());
+    let faults: Vec<String> = [
+        ("pauses", s.pauses, round(&s.pause_failover_ms)),
+        ("partitions", s.partitions, round(&s.partition_failover_ms)),
+        ("worker_kills", s.worker_kills, round(&s.reclaim_ms)),
+        ("worker_pauses", s.worker_pauses, String::new()),
+        ("connection_drops", s.connection_drops, String::new()),
+        ("replies_lost", s.replies_lost, String::new()),
+        (
+            "redis_restarts",
             s.redis_restarts,
-            s.aof_repairs,
+            format!("aof_repairs={}", s.aof_repairs),
+        ),
+        (
+            "drains",
             s.drains,
-            s.drains_killed,
-            s.reprinted,
-            s.reruns
-        );
+            format!("killed={} reprinted={}", s.drains_killed, s.reprinted),
+        ),
+        (
+            "duplicates_planted",
+            s.duplicates_planted,
+            format!("detected={}", s.duplicates_detected),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, n, _)| *n > 0)
+    .map(|(name, n, more)| format!("{name}={n} {more}").trim_end().to_string())
+    .collect();
+    if !faults.is_empty() {
+        println!("{} reruns={}", faults.join(" "), s.reruns);
     }
     println!(
         "latency_ms p50={:.1} p99={:.1} max={:.1}; queue_wait_ms p50={:.1} p99={:.1}; overhead_ms p50={:.1} p99={:.1}; redis commands/msg={:.2} scripts/msg={:.4}",

@@ -52,6 +52,16 @@ pub struct Flags {
     /// SIGCONT it: it must not generate again (fencing) and must step down.
     #[arg(long, default_value_t = 0, value_name = "M")]
     pub pause_leader: u32,
+    /// Hold the generator's requests in the sim's proxy this many times, for twice --lease-ms
+    /// plus 500 ms (a network partition): a successor takes over on the TTL, and the held
+    /// requests reach Redis afterwards; fencing must refuse them.
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub partition_leader: u32,
+    /// This many times, copy one handler's in-flight message into another live copy's set (as a
+    /// buggy reclaim could): the duplicate defence must record one outcome and count exactly one
+    /// duplicate each time, which the verdict demands.
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub inject_duplicates: u32,
     /// SIGSTOP this many handlers while they hold in-flight messages, for twice --heartbeat-ms
     /// plus 500 ms, then SIGCONT them: their messages are reclaimed and handled elsewhere, and
     /// their late commits must be refused.

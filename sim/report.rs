@@ -72,6 +72,14 @@ pub struct Summary {
     pub pauses: u64,
     /// Pause → the successor's first message, ms (detected by lease TTL, not by a closed socket).
     pub pause_failover_ms: Vec<f64>,
+    /// Generator partitions (its requests held by the proxy past its lease).
+    pub partitions: u64,
+    /// Partition → the successor's first message, ms (TTL-detected, like a pause).
+    pub partition_failover_ms: Vec<f64>,
+    /// Duplicate deliveries planted (`--inject-duplicates`), and duplicate outcomes the app
+    /// detected and refused (must be equal).
+    pub duplicates_planted: u64,
+    pub duplicates_detected: u64,
     /// Handler SIGKILL → its in-flight messages back in the queue, ms (10 ms sampling).
     pub reclaim_ms: Vec<f64>,
     /// `CLIENT KILL TYPE normal` rounds: every copy's connection dropped at once.
@@ -199,6 +207,12 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|ms| format!("{ms:.0}"))
         .collect();
     let reclaims: Vec<String> = s.reclaim_ms.iter().map(|ms| format!("{ms:.0}")).collect();
+    let partition_failovers: Vec<String> = s
+        .partition_failover_ms
+        .iter()
+        .map(|ms| format!("{ms:.0}"))
+        .collect();
+    let partition_failovers = partition_failovers.join(", ");
     let (pause_failovers, reclaims) = (pause_failovers.join(", "), reclaims.join(", "));
     let halt_ms = format!("{:.0}", s.halt_ms);
     let halt_codes: Vec<String> = s
@@ -207,7 +221,7 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|c| c.map_or("running".into(), |c| c.to_string()))
         .collect();
     let halt_codes = halt_codes.join(", ");
-    let rows: [(&str, &dyn Display); 57] = [
+    let rows: [(&str, &dyn Display); 61] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -230,6 +244,10 @@ fn summary_markdown(s: &Summary) -> String {
         ("failover_ms", &failovers.join(", ")),
         ("pauses", &s.pauses),
         ("pause_failover_ms", &pause_failovers),
+        ("partitions", &s.partitions),
+        ("partition_failover_ms", &partition_failovers),
+        ("duplicates_planted", &s.duplicates_planted),
+        ("duplicates_detected", &s.duplicates_detected),
         ("reclaim_ms", &reclaims),
         ("connection_drops", &s.connection_drops),
         ("replies_lost", &s.replies_lost),
@@ -403,7 +421,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(58));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(62));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

@@ -70,6 +70,13 @@ pub struct Observed {
     pub in_flight: u64,
     /// Handlers SIGKILLed by the sim; 0 means every message must have run exactly once.
     pub worker_kills: u64,
+    /// Duplicate deliveries the sim planted on purpose: the app must have counted exactly this
+    /// many duplicate outcomes (each detected and not recorded), no more, no fewer.
+    pub injected_duplicates: u64,
+    /// The most generator epochs the run's faults can explain (each fault that can depose the
+    /// generator at most twice, plus one); 0 = no bound. More means the lease changed hands
+    /// on its own: two copies competing for it.
+    pub epochs_max: u64,
 }
 
 impl Observed {
@@ -101,6 +108,8 @@ impl Observed {
             queue_len: snap.queue_len,
             in_flight: snap.in_flight,
             worker_kills,
+            injected_duplicates: 0,
+            epochs_max: 0,
         })
     }
 }
@@ -248,8 +257,14 @@ pub fn check(o: &Observed) -> Verdict {
     if q != 0 || f != 0 {
         v.push(|| format!("not drained: queue_len = {q}, in_flight = {f}"));
     }
-    if c.duplicates != 0 {
-        v.push(|| format!("app counted {} duplicate outcomes", c.duplicates));
+    if c.duplicates != o.injected_duplicates {
+        let injected = o.injected_duplicates;
+        v.push(|| {
+            format!(
+                "app counted {} duplicate outcomes, {injected} duplicate deliveries were planted",
+                c.duplicates
+            )
+        });
     }
     let (ok, failed, runs) = (c.processed, c.errors + c.poisoned, c.runs);
     if ok.saturating_add(failed) != n {
@@ -294,6 +309,13 @@ fn check_epoch_log(o: &Observed, v: &mut Violations) {
     }
     if next_id != n {
         v.push(|| format!("the epoch log covers ids 0..{next_id}, not 0..{n}"));
+    }
+    let epochs: std::collections::BTreeSet<u64> = batches.iter().map(|b| b.epoch).collect();
+    if o.epochs_max > 0 && epochs.len() as u64 > o.epochs_max {
+        let (count, most) = (epochs.len(), o.epochs_max);
+        v.push(|| {
+            format!("{count} generator epochs, but this run's faults explain at most {most}: the lease changes hands by itself")
+        });
     }
     if total != n {
         v.push(|| format!("the epoch log generated {total} ids, not {n}"));
@@ -387,7 +409,7 @@ mod tests {
     #[test]
     fn every_fault_is_caught() {
         type Fault = (&'static str, [u64; 4], fn(&mut Observed));
-        let faults: [Fault; 17] = [
+        let faults: [Fault; 19] = [
             ("missing", [1, 0, 0, 0], |o| set_ok(o, first_ok(o), false)),
             ("duplicate", [0, 1, 1, 0], |o| err(o, first_ok(o))),
             ("duplicate", [0, 1, 0, 0], |o| err(o, first_failed(o))),
@@ -405,6 +427,11 @@ mod tests {
             ("not drained", [0; 4], |o| o.queue_len = 3),
             ("not drained", [0; 4], |o| o.in_flight = 1),
             ("duplicate outcomes", [0; 4], |o| o.counters.duplicates = 1),
+            ("2 duplicate deliveries were planted", [0; 4], |o| {
+                o.injected_duplicates = 2;
+                o.counters.duplicates = 1
+            }),
+            ("changes hands by itself", [0; 4], |o| o.epochs_max = 2),
             ("no handler killed", [0; 4], |o| o.counters.runs += 1),
             // A killed drain may reprint an error entry, never print one for a success.
             ("duplicate", [0, 1, 1, 0], |o| {
