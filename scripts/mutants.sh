@@ -30,7 +30,9 @@ target=$root/target/mutants
 scratch=$(mktemp -d)
 work=$(mktemp -d)
 trap 'rm -rf "$scratch" "$work"' EXIT
-git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$scratch"
+# The working tree as it is (uncommitted and new files included, deleted ones skipped).
+git ls-files -z --cached --others --exclude-standard \
+  | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -xf - -C "$scratch"
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
 build() {

@@ -5,8 +5,9 @@
 # drains SIGKILLed), which the verdict includes. One line per run, then a table per mode and a total.
 # Exit 0 only if every run passes.
 #
-#   scripts/soak.sh [N] [MODE...]      modes: kill-leader pause-leader kill-workers pause-workers
-#                                      drop-connections lose-replies restart-redis all wipe-redis
+#   scripts/soak.sh [N] [MODE...]      modes: kill-leader pause-leader partition-leader
+#                                      kill-workers pause-workers drop-connections lose-replies
+#                                      inject-duplicates restart-redis all wipe-redis
 #                                      rollback-redis (default: every one). The last two pass when
 #                                      every copy halts (exit 5) with nothing generated after.
 #   SOAK_FIRST_SEED=S                  seeds S..S+N-1 (default 1)
@@ -24,17 +25,19 @@ shift || true
 declare -A mode_flags=(
   [kill-leader]="--kill-leader --kills 3"
   [pause-leader]="--pause-leader 2"
+  [partition-leader]="--partition-leader 2"
   [kill-workers]="--kill-workers 3"
   [pause-workers]="--pause-workers 2"
   [drop-connections]="--drop-connections 3"
   [lose-replies]="--lose-replies 3"
+  [inject-duplicates]="--inject-duplicates 3"
   [restart-redis]="--restart-redis 2"
-  [all]="--kill-leader --kills 2 --pause-leader 1 --kill-workers 2 --pause-workers 1 --drop-connections 2 --lose-replies 2 --restart-redis 1"
+  [all]="--kill-leader --kills 2 --pause-leader 1 --partition-leader 1 --kill-workers 2 --pause-workers 1 --drop-connections 2 --lose-replies 2 --inject-duplicates 1 --restart-redis 1"
   [wipe-redis]="--wipe-redis"
   [rollback-redis]="--rollback-redis"
 )
 modes=("$@")
-[ ${#modes[@]} -gt 0 ] || modes=(kill-leader pause-leader kill-workers pause-workers drop-connections lose-replies restart-redis all wipe-redis rollback-redis)
+[ ${#modes[@]} -gt 0 ] || modes=(kill-leader pause-leader partition-leader kill-workers pause-workers drop-connections lose-replies inject-duplicates restart-redis all wipe-redis rollback-redis)
 for m in "${modes[@]}"; do
   [ -n "${mode_flags[$m]:-}" ] || { echo "soak: unknown mode $m (known: ${!mode_flags[*]})" >&2; exit 2; }
 done

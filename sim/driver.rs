@@ -35,6 +35,11 @@ const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
 /// How long the run may wait, once every message has an outcome, for planted duplicates to be
 /// run and refused (a reconciliation adopts them within 2 s).
 const SETTLE_WAIT_MAX: Duration = Duration::from_secs(10);
+/// Without a new outcome for this long, the driver looks whether the run can still complete.
+const STALL_CHECK_AFTER: Duration = Duration::from_secs(1);
+/// Every id generated, nothing queued or in flight, outcomes missing, for this long: stalled.
+/// (Longer than a reconciliation period, so an adoption in progress is not mistaken for it.)
+const STALL_NOWHERE_FOR: Duration = Duration::from_secs(5);
 /// How long the driver watches a killed handler's in-flight sets for the reclaim.
 const RECLAIM_WATCH_MAX: Duration = Duration::from_secs(30);
 
@@ -387,6 +392,12 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let mut drains = crate::drains::Drains::new(seed, &app_bin, &url, &namespace);
     let mut injected = 0u64;
     let mut settle_since: Option<Instant> = None;
+    let (mut last_done, mut progressed_at) = (0u64, Instant::now());
+    let mut stalled: Option<String> = None;
+    // No outcome for this long means stuck: well past the longest handler run and any recovery.
+    let stuck_max =
+        Duration::from_millis(2 * flags.handler_delay_max_ms.min(flags.handler_timeout_ms))
+            + Duration::from_secs(20);
     loop {
         tokio::time::sleep(TICK).await;
         let now = Instant::now();
@@ -459,6 +470,32 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         if now >= deadline {
             timed_out = true;
             break;
+        }
+        // A run that can no longer complete ends now, not at the deadline: every id generated,
+        // none waiting or in flight, some without an outcome (they are nowhere); or no outcome
+        // at all for longer than any handler or recovery takes.
+        if done != last_done {
+            (last_done, progressed_at) = (done, now);
+        } else if now.duration_since(progressed_at) >= STALL_CHECK_AFTER && redis_errors == 0 {
+            let snap = inspect::snapshot(&mut con, &keys).await?;
+            let nowhere =
+                counters.generated >= flags.messages && snap.queue_len == 0 && snap.in_flight == 0;
+            let idle_for = now.duration_since(progressed_at);
+            if nowhere && idle_for >= STALL_NOWHERE_FOR {
+                stalled = Some(format!(
+                    "{} messages are nowhere: every id was generated, none is queued or in flight, and they have no outcome",
+                    flags.messages - done
+                ));
+            } else if idle_for >= stuck_max {
+                stalled = Some(format!(
+                    "no outcome for {idle_for:?} with {} queued and {} in flight",
+                    snap.queue_len, snap.in_flight
+                ));
+            }
+            if stalled.is_some() {
+                timed_out = true;
+                break;
+            }
         }
         if redis_errors > 0 {
             continue;
@@ -738,7 +775,12 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
 
     let drained = drains.finish().await;
     let mut error_lines = drained.complete_lines;
-    error_lines.extend(get_errors(&app_bin, &url, &namespace).await?);
+    // The final drain failing is a finding about getErrors, not a crash of the sim.
+    let mut final_drain_failure = None;
+    match get_errors(&app_bin, &url, &namespace).await {
+        Ok(lines) => error_lines.extend(lines),
+        Err(e) => final_drain_failure = Some(format!("the final getErrors failed: {e:#}")),
+    }
     let snap = inspect::snapshot(&mut con, &keys).await?;
     let latencies = Latencies::collect(&mut con, &keys).await?;
     let memory = inspect::info(&mut con, "memory").await?;
@@ -784,8 +826,14 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         .collect();
     let c = snap.counters;
     let mut verdict = verify::check(&observed);
-    if !drained.failures.is_empty() {
-        verdict.violations.extend(drained.failures);
+    let extra: Vec<String> = drained
+        .failures
+        .into_iter()
+        .chain(final_drain_failure)
+        .chain(stalled.clone())
+        .collect();
+    if !extra.is_empty() {
+        verdict.violations.extend(extra);
         verdict.pass = false;
     }
     let messages_done = (c.processed + c.errors).max(1) as f64;
@@ -886,10 +934,13 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
     let unexecuted = faults.len() - executed.len();
     Ok(if timed_out {
         eprintln!(
-            "sim: LIVENESS FAILURE: {} of {} outcomes after {} s",
+            "sim: LIVENESS FAILURE: {} of {} outcomes after {:.0} s: {}",
             c.processed + c.errors,
             flags.messages,
-            flags.timeout_s
+            elapsed_s,
+            stalled
+                .as_deref()
+                .unwrap_or("the run did not complete within --timeout-s")
         );
         End::Timeout
     } else if !verdict.pass {
