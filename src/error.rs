@@ -12,6 +12,12 @@ pub enum Error {
     /// recorded until an operator decides (README, "When Redis forgets").
     #[error("redis lost data: {0}")]
     RedisForgot(String),
+    /// A counter that must never be reset (next id, epoch, max) holds something other than a
+    /// non-negative integer: the group halts instead of guessing, and `app repair` recomputes it.
+    #[error(
+        "redis holds damaged data: {0}; run `app repair` (see README, \"When Redis forgets\")"
+    )]
+    Damaged(String),
     /// Redis could not be reached within the configured bound.
     #[error("redis at {url} unreachable after {attempts} attempts over {waited_ms} ms: {last}")]
     Unreachable {
@@ -58,11 +64,21 @@ impl From<redis::RedisError> for Error {
         if e.code() == Some("FORGOTTEN") {
             return Error::RedisForgot(e.detail().unwrap_or("(no detail)").to_string());
         }
+        if e.code() == Some("DAMAGED") {
+            return Error::Damaged(e.detail().unwrap_or("(no detail)").to_string());
+        }
         Error::Redis(e)
     }
 }
 
 impl Error {
+    /// True for what no retry can cure and every copy must stop for: Redis lost data, or a
+    /// counter that must never be reset is damaged. The copy halts the group (README, "When
+    /// Redis forgets").
+    pub fn halts_the_group(&self) -> bool {
+        matches!(self, Error::RedisForgot(_) | Error::Damaged(_))
+    }
+
     /// True when retrying later can succeed: Redis unreachable, or a server state that passes
     /// (loading its dataset after a restart, failing over).
     pub fn is_transient(&self) -> bool {

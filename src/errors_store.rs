@@ -175,6 +175,7 @@ pub async fn drain(
                 call.key(keys.errors_lock())
                     .key(keys.errors())
                     .key(keys.errors_drain())
+                    .key(keys.stats())
                     .arg(&config.token)
                     .arg(config.lock_ms)
                     .arg(mode);
@@ -306,6 +307,8 @@ async fn drain_list(
             let mut call = scripts::ERRORS_ACK.prepare_invoke();
             call.key(keys.errors_lock())
                 .key(keys.errors_drain())
+                .key(keys.errors())
+                .key(keys.stats())
                 .arg(&config.token)
                 .arg(printed)
                 .arg(config.lock_ms)
@@ -349,6 +352,12 @@ pub async fn peek(
     let chunk = chunk.max(1);
     let mut counts = [0u64; 2];
     for (list, count) in [keys.errors_drain(), keys.errors()].iter().zip(&mut counts) {
+        // Read-only: a damaged list is named, not set aside (the next getErrors does that).
+        let kind: String = redis::cmd("TYPE").arg(list).query_async(con).await?;
+        if kind != "list" && kind != "none" {
+            tracing::warn!(key = %list, %kind, "not a list: the next getErrors sets it aside");
+            continue;
+        }
         let len: u64 = redis::cmd("LLEN").arg(list).query_async(con).await?;
         while *count < len {
             let last = (*count + chunk as u64).min(len) - 1;

@@ -46,6 +46,7 @@ pub async fn generate(
         .key(keys.stats())
         .key(keys.wake())
         .key(keys.incarnation())
+        .key(keys.errors())
         .arg(&lease.value)
         .arg(lease.epoch)
         .arg(batch_max)
@@ -136,7 +137,7 @@ pub async fn lead(
                         tracing::warn!(epoch = lease.epoch, "lease lost; stepping down");
                         return Ok(LeadEnd::Lost);
                     }
-                    Err(e @ Error::RedisForgot(_)) => return Err(e),
+                    Err(e) if e.halts_the_group() => return Err(e),
                     Err(e) if renewed_at.elapsed() >= lease_ttl => {
                         tracing::warn!(epoch = lease.epoch, error = %e, "lease not renewed within its TTL; stepping down");
                         return Ok(LeadEnd::Lost);
@@ -160,7 +161,7 @@ pub async fn lead(
                         tracing::warn!(epoch = lease.epoch, "generation fenced: another epoch holds the lease; stepping down");
                         return Ok(LeadEnd::Lost);
                     }
-                    Err(e @ Error::RedisForgot(_)) => return Err(e),
+                    Err(e) if e.halts_the_group() => return Err(e),
                     Err(Error::Corrupt(msg)) => {
                         // Never reset the counter: ids would repeat. Keep the lease (so no one
                         // else trips over the same data in a loop) and say so, loudly and rarely.

@@ -410,7 +410,7 @@ impl Fetcher<'_> {
                         unknown_since = None;
                         next_check = Instant::now() + RECONCILE_EVERY;
                     }
-                    Err(e @ Error::RedisForgot(_)) => return Err(Exit::Fatal(e)),
+                    Err(e) if e.halts_the_group() => return Err(Exit::Fatal(e)),
                     Err(e) => {
                         tracing::warn!(error = %e, "in-flight reconciliation failed; retrying");
                         outcome_unknown = true;
@@ -472,7 +472,7 @@ impl Fetcher<'_> {
                     idle = Duration::ZERO;
                     self.hand_over(f.payloads, Some(f.time_us))?;
                 }
-                Err(e @ Error::RedisForgot(_)) => {
+                Err(e) if e.halts_the_group() => {
                     self.permits.add_permits(batch as usize);
                     return Err(Exit::Fatal(e));
                 }
@@ -521,10 +521,34 @@ impl Fetcher<'_> {
     /// numbers, which counts cannot see).
     async fn reconcile(&mut self, full: bool, since: Option<Instant>) -> Result<(), Error> {
         let set = self.keys.inflight(&self.owner);
+        match self.reconcile_set(&set, full, since).await {
+            Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
+                // Our set was replaced by something else: what it held is gone with it. Set it
+                // aside (an error entry names it); the next reconciliation compares afresh.
+                let mut call = scripts::SET_ASIDE.prepare_invoke();
+                call.key(self.keys.errors())
+                    .key(self.keys.stats())
+                    .key(&set)
+                    .arg("reconcile")
+                    .arg("set");
+                call.invoke_async::<u64>(&mut self.con).await?;
+                tracing::error!(key = %set, "our in-flight set had the wrong type; set it aside");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn reconcile_set(
+        &mut self,
+        set: &str,
+        full: bool,
+        since: Option<Instant>,
+    ) -> Result<(), Error> {
         let orphans = {
             let _gate = self.commit_gate.lock().await;
             let lapsed = self.shared.heartbeat_lapsed.swap(false, Ordering::AcqRel);
-            let result = self.compare(&set, full || lapsed).await;
+            let result = self.compare(set, full || lapsed).await;
             if result.is_err() && lapsed {
                 self.shared.heartbeat_lapsed.store(true, Ordering::Release);
             }

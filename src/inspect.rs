@@ -80,12 +80,15 @@ pub async fn in_flight_matching(
     let mut cursor: u64 = 0;
     let mut total = 0;
     for _ in 0..100_000 {
+        // Sets only: a key set aside as `<set>:quarantine:<time>` also matches the pattern.
         let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(&pattern)
             .arg("COUNT")
             .arg(1000)
+            .arg("TYPE")
+            .arg("set")
             .query_async(con)
             .await?;
         for key in found {

@@ -46,6 +46,8 @@ pub async fn try_acquire(
             .key(keys.lease_conn())
             .key(keys.incarnation())
             .key(keys.next_id())
+            .key(keys.errors())
+            .key(keys.stats())
             .arg(instance)
             .arg(lease_ms)
             .arg(client_id)
@@ -71,12 +73,13 @@ pub async fn try_acquire(
 
 /// True when the connection recorded by the lease holder no longer exists in Redis.
 async fn holder_disconnected(con: &mut Conn, keys: &Keys) -> Result<bool, Error> {
-    let id: Option<u64> = redis::cmd("GET")
+    let id: Option<String> = redis::cmd("GET")
         .arg(keys.lease_conn())
         .query_async(con)
         .await?;
-    let Some(id) = id else {
-        return Ok(false); // unknown: rely on the TTL
+    // Unknown (absent, or not a number): rely on the TTL.
+    let Some(id) = id.and_then(|v| v.parse::<u64>().ok()) else {
+        return Ok(false);
     };
     let listing: Result<String, redis::RedisError> = redis::cmd("CLIENT")
         .arg("LIST")
@@ -103,6 +106,8 @@ pub async fn renew(
     let renewed: i64 = scripts::RENEW
         .key(keys.lease())
         .key(keys.incarnation())
+        .key(keys.errors())
+        .key(keys.stats())
         .arg(&lease.value)
         .arg(lease_ms)
         .arg(incarnation.token())

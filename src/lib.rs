@@ -20,6 +20,7 @@ pub mod node;
 pub mod outcome;
 pub mod procs;
 pub mod redis_config;
+pub mod repair;
 pub mod scripts;
 pub mod stats;
 pub mod status;

@@ -31,15 +31,31 @@ pub async fn heartbeat(
     handler: &str,
     heartbeat_ms: u64,
 ) -> Result<bool, Error> {
-    let before: Option<Vec<u8>> = redis::cmd("SET")
-        .arg(keys.heartbeat(handler))
+    let key = keys.heartbeat(handler);
+    let before: Result<Option<Vec<u8>>, redis::RedisError> = redis::cmd("SET")
+        .arg(&key)
         .arg(1)
         .arg("PX")
         .arg(heartbeat_ms)
         .arg("GET")
         .query_async(con)
-        .await?;
-    Ok(before.is_some())
+        .await;
+    match before {
+        Ok(before) => Ok(before.is_some()),
+        // A key of another type cannot be read back; a plain SET replaces it (a heartbeat holds
+        // nothing worth keeping), and the refresh counts as a lapse, to be safe.
+        Err(e) if e.code() == Some("WRONGTYPE") => {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("PX")
+                .arg(heartbeat_ms)
+                .query_async::<()>(con)
+                .await?;
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Deletes `handler`'s heartbeat (clean stop, nothing in flight): its registry entry is then
@@ -105,6 +121,8 @@ pub async fn announce(
     let client_id: u64 = redis::cmd("CLIENT").arg("ID").query_async(con).await?;
     let seen_us: u64 = scripts::PRESENCE
         .key(keys.instances())
+        .key(keys.errors())
+        .key(keys.stats())
         .arg(&presence.instance)
         .arg(presence.body(role, handler, heartbeat_ms, client_id))
         .invoke_async(con)
@@ -126,6 +144,8 @@ pub async fn leave(con: &mut Conn, keys: &Keys, instance: &str) -> Result<(), Er
 pub async fn prune(con: &mut Conn, keys: &Keys, max_age_ms: u64) -> Result<u64, Error> {
     let deleted: u64 = scripts::PRUNE
         .key(keys.instances())
+        .key(keys.errors())
+        .key(keys.stats())
         .arg(max_age_ms)
         .invoke_async(con)
         .await?;
@@ -139,6 +159,7 @@ pub async fn sample(con: &mut Conn, keys: &Keys, lease_value: &str) -> Result<bo
         .key(keys.lease())
         .key(keys.stats())
         .key(keys.stats_history())
+        .key(keys.errors())
         .arg(lease_value)
         .arg(HISTORY_LEN)
         .invoke_async(con)
@@ -272,7 +293,7 @@ pub async fn run(
                     );
                 }
             }
-            Err(e @ Error::RedisForgot(_)) => return Err(e),
+            Err(e) if e.halts_the_group() => return Err(e),
             Err(e) if last_ok.elapsed() >= Duration::from_millis(redis_down_max_ms) => {
                 return Err(Error::Unreachable {
                     url: "(connected earlier)".into(),

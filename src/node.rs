@@ -137,8 +137,8 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
         let e = joined(r)
             .err()
             .unwrap_or_else(|| Error::Task("a task ended before stop".into()));
-        if let Error::RedisForgot(why) = &e {
-            halt_group(&mut con, &keys, &config.instance_id, why).await;
+        if e.halts_the_group() {
+            halt_group(&mut con, &keys, &config.instance_id, &e.to_string()).await;
         }
         return Err(e);
     }
@@ -201,10 +201,10 @@ async fn start_up(
 async fn halt_group(con: &mut Conn, keys: &Keys, instance: &str, why: &str) {
     tracing::error!(
         reason = %why,
-        "REDIS LOST DATA: stopping; nothing more is generated or recorded until an operator decides (README, \"When Redis forgets\")"
+        "REDIS LOST OR DAMAGED DATA: stopping; nothing more is generated or recorded until an operator decides (README, \"When Redis forgets\")"
     );
     let marker = format!("{instance} saw: {why}");
-    if why.starts_with("the namespace was halted") {
+    if why.contains("the namespace was halted") {
         return; // another copy's halt: already marked
     }
     if let Err(e) = incarnation::halt(con, keys, &marker).await {
@@ -256,7 +256,7 @@ async fn leader_loop(
                 }
             }
             Ok(None) => failures = 0,
-            Err(e @ Error::RedisForgot(_)) => return Err(e),
+            Err(e) if e.halts_the_group() => return Err(e),
             Err(e) => {
                 failures += 1;
                 if failures.is_power_of_two() {

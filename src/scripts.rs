@@ -32,6 +32,7 @@ script!(ERRORS_ACK, "errors_ack.lua");
 script!(PRESENCE, "presence.lua");
 script!(SAMPLE, "sample.lua");
 script!(PRUNE, "prune.lua");
+script!(SET_ASIDE, "set_aside.lua");
 
 /// Loads every script into Redis up front, so the first hot-path call is a plain `EVALSHA` and a
 /// syntax error shows at start-up rather than mid-run.
@@ -49,6 +50,7 @@ pub async fn load_all<C: redis::aio::ConnectionLike>(con: &mut C) -> redis::Redi
         &*PRESENCE,
         &*SAMPLE,
         &*PRUNE,
+        &*SET_ASIDE,
     ] {
         s.load_async(con).await?;
     }

@@ -746,6 +746,8 @@ async fn a_repeated_errors_ack_trims_once() {
             leaderq::scripts::ERRORS_ACK
                 .key(keys.errors_lock())
                 .key(keys.errors_drain())
+                .key(keys.errors())
+                .key(keys.stats())
                 .arg("me")
                 .arg(4)
                 .arg(5000)

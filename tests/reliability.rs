@@ -317,7 +317,7 @@ async fn a_wiped_redis_halts_every_copy() {
         .unwrap();
     assert!(marker.starts_with("halted:"), "{marker}");
     let logs = fx.log("a") + &fx.log("b") + &fx.log("c");
-    assert!(logs.contains("REDIS LOST DATA"), "{logs}");
+    assert!(logs.contains("REDIS LOST OR DAMAGED DATA"), "{logs}");
     assert!(
         logs.contains("incarnation"),
         "the log names what was lost: {logs}"

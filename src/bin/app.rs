@@ -57,6 +57,14 @@ enum Command {
         #[arg(long, default_value_t = 30_000)]
         redis_down_max_ms: u64,
     },
+    /// Recompute the counters that must never be reset (the next id, the epoch) from what Redis
+    /// still holds (the epoch log, queued, in-flight and recorded ids), keep a damaged value
+    /// beside them, and lift a halt that their damage caused. Run it when `status` says HALTED
+    /// with "damaged data"; a halt because Redis lost data needs --accept-data-loss instead.
+    Repair {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Show the generator, every copy with its role and in-flight count, queue depth, error-store
     /// size, counters and rates over the last 10 s. Read-only.
     Status {
@@ -193,7 +201,9 @@ struct RunFlags {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let common = match &cli.command {
-        Some(Command::GetErrors { common, .. }) | Some(Command::Status { common, .. }) => common,
+        Some(Command::GetErrors { common, .. })
+        | Some(Command::Status { common, .. })
+        | Some(Command::Repair { common }) => common,
         None => &cli.common,
     };
     init_logs(common.log_format);
@@ -246,7 +256,7 @@ fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Config(_) => 2,
         Error::Auth(_) | Error::Tls(_) => 4,
-        Error::RedisForgot(_) => 5,
+        e if e.halts_the_group() => 5,
         e if e.is_connection() => 3,
         _ => 1,
     }
@@ -266,8 +276,27 @@ async fn run(cli: Cli) -> Result<(), Error> {
             json,
             watch,
         }) => show_status(common, json, watch).await,
+        Some(Command::Repair { common }) => repair(common).await,
         None => join(cli.common, cli.run).await,
     }
+}
+
+async fn repair(common: Common) -> Result<(), Error> {
+    let keys = Keys::new(&common.namespace)?;
+    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
+    let r = leaderq::repair::repair(&mut con, &keys).await?;
+    eprintln!(
+        "repair: next_id {} -> {}, epoch {} -> {}",
+        r.next_id_before, r.next_id_after, r.epoch_before, r.epoch_after
+    );
+    if let Some(why) = &r.lifted_halt {
+        eprintln!("repair: lifted the halt ({why}); copies may join again");
+    }
+    if let Some(why) = &r.kept_halt {
+        eprintln!("repair: the namespace stays halted: {why}");
+        eprintln!("repair: Redis lost data there; start a copy with --accept-data-loss, or use a fresh --namespace");
+    }
+    Ok(())
 }
 
 async fn join(common: Common, f: RunFlags) -> Result<(), Error> {

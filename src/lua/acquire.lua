@@ -5,6 +5,8 @@
 -- KEYS[3]: holder's connection id ({ns}:lease:conn), integer
 -- KEYS[4]: incarnation ({ns}:incarnation)
 -- KEYS[5]: next id ({ns}:next_id), integer, absent = 0
+-- KEYS[6]: error store ({ns}:errors), for the entry naming a key set aside (wrong type)
+-- KEYS[7]: stats hash ({ns}:stats)
 -- ARGV[1]: instance id (unique per process)
 -- ARGV[2]: lease_ms, integer > 0
 -- ARGV[3]: the caller's Redis connection id (CLIENT ID), recorded for fast death detection
@@ -17,6 +19,9 @@
 --          its high-water marks current (a poll every lease_ms/10).
 -- Errors: FORGOTTEN (nothing written) when the incarnation token differs, or the epoch counter or
 --          next id is below what this copy has seen: Redis lost data (docs/PROTOCOL.md, inv. 9).
+--          DAMAGED (nothing written) when the epoch counter or next id is not an integer.
+-- A lease or connection-id key of the wrong type is set aside first (a free lease is safe: the
+-- next holder gets a new epoch).
 -- Atomic because INCR and SET must not be separated: two candidates must never share an epoch,
 -- and an epoch must never be spent without a lease carrying it.
 local ms = tonumber(ARGV[2])
@@ -33,17 +38,17 @@ if not min_epoch or min_epoch < 0 or not min_next or min_next < 0 then
 end
 local gone = forgotten(KEYS[4], ARGV[4])
 if gone then return gone end
+local bad = damaged('acquire', KEYS[2]) or damaged('acquire', KEYS[5])
+if bad then return bad end
 local epoch_now = tonumber(redis.call('GET', KEYS[2]) or '0')
 local next_now = tonumber(redis.call('GET', KEYS[5]) or '0')
-if not epoch_now or not next_now then
-  return redis.error_reply('ERR acquire: ' .. KEYS[2] .. ' or ' .. KEYS[5] .. ' is not an integer')
-end
 if epoch_now < min_epoch then
   return redis.error_reply('FORGOTTEN ' .. KEYS[2] .. ' went back from ' .. min_epoch .. ' to ' .. epoch_now)
 end
 if next_now < min_next then
   return redis.error_reply('FORGOTTEN ' .. KEYS[5] .. ' went back from ' .. min_next .. ' to ' .. next_now)
 end
+guard('acquire', redis_now(), KEYS[6], KEYS[7], {{KEYS[1], 'string'}, {KEYS[3], 'string'}})
 local holder = redis.call('GET', KEYS[1])
 if holder then
   return {0, holder, epoch_now, next_now}

@@ -5,6 +5,8 @@
 -- KEYS[4]: error store ({ns}:errors), list of "<payload>\t<reason>\t<time_us>"
 -- KEYS[5]: stats hash ({ns}:stats)
 -- KEYS[6]: incarnation ({ns}:incarnation)
+-- A key it writes that has the wrong type is set aside first (an error entry names it), so no
+-- write can fail after the SREMs: an outcome is never half-recorded.
 -- ARGV[1]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
 -- ARGV[2..]: triples (kind, payload, extra):
 --   kind "o": handled ok,      extra = id
@@ -34,6 +36,7 @@ end
 local gone = forgotten(KEYS[6], ARGV[1])
 if gone then return gone end
 local now, now_us = redis_now()
+guard('commit', now, KEYS[4], KEYS[5], {{KEYS[1], 'set'}, {KEYS[2], 'string'}, {KEYS[3], 'string'}})
 local result = {now_us}
 local processed, errors, bad, duplicates, runs, timeouts = 0, 0, 0, 0, 0, 0
 for i = 2, #ARGV, 3 do

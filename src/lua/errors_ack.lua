@@ -1,6 +1,8 @@
 -- errors_ack.lua: delete the first `count` drain entries, which the caller has printed.
 -- KEYS[1]: drain lock ({ns}:errors:lock)
 -- KEYS[2]: drain list ({ns}:errors:drain)
+-- KEYS[3]: error store ({ns}:errors), for the entry naming a key of the wrong type set aside
+-- KEYS[4]: stats hash ({ns}:stats)
 -- ARGV[1]: our token
 -- ARGV[2]: count, integer >= 0 (entries printed, from the head)
 -- ARGV[3]: lock_ms, integer > 0 (the lock is extended on every ack)
@@ -18,6 +20,7 @@ local expected = tonumber(ARGV[4])
 if not count or count < 0 or not ms or ms <= 0 or not expected or expected < count then
   return redis.error_reply('ERR errors_ack: bad arguments')
 end
+guard('errors_ack', redis_now(), KEYS[3], KEYS[4], {{KEYS[1], 'string'}, {KEYS[2], 'list'}})
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return -1
 end

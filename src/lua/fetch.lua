@@ -26,8 +26,9 @@
 -- holding some takes more of that level only, up to the group size. So every handler holds
 -- suspects of one level only, and a group that dies together climbs together (see reclaim.lua).
 -- Atomic because a message must never be outside all of: the queue, the retry set, the suspect
--- lists, an in-flight set. A queue key of the wrong type (garbage) is renamed aside to
--- {ns}:queue:quarantine:<time_us> and an error entry says so: the data is kept, the system goes on.
+-- lists, an in-flight set. Any key it writes that has the wrong type (garbage) is first renamed
+-- aside to <key>:quarantine:<time_us> and an error entry says so: the data is kept, the system
+-- goes on, and no write of this call can fail halfway.
 local count = tonumber(ARGV[2])
 local hb_ms = tonumber(ARGV[3])
 local retry_max = tonumber(ARGV[4])
@@ -42,17 +43,13 @@ end
 local gone = forgotten(KEYS[13], ARGV[8])
 if gone then return gone end
 local now, now_us = redis_now()
+guard('fetch', now, KEYS[5], KEYS[6], {
+  {KEYS[1], 'list'}, {KEYS[2], 'set'}, {KEYS[3], 'set'}, {KEYS[4], 'string'}, {KEYS[7], 'set'},
+  {KEYS[8], 'list'}, {KEYS[9], 'list'}, {KEYS[10], 'list'}, {KEYS[11], 'list'}, {KEYS[12], 'list'},
+})
 local lapsed = 0
 if not redis.call('SET', KEYS[4], now, 'PX', hb_ms, 'GET') then
   lapsed = 1
-end
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'list' and kind ~= 'none' then
-  local aside = KEYS[1] .. ':quarantine:' .. now
-  redis.call('RENAME', KEYS[1], aside)
-  redis.call('RPUSH', KEYS[5], aside .. '\tqueue key had type ' .. kind .. ', moved to ' .. aside .. '\t' .. now)
-  redis.call('HINCRBY', KEYS[6], 'bad', 1)
-  return {now_us, lapsed}
 end
 local msgs = {}
 local function group(level)

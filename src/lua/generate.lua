@@ -7,6 +7,7 @@
 -- KEYS[6]: stats hash ({ns}:stats)
 -- KEYS[7]: wake-up channel ({ns}:wake): PUBLISHed the count after a batch, for idle handlers
 -- KEYS[8]: incarnation ({ns}:incarnation)
+-- KEYS[9]: error store ({ns}:errors), for entries naming keys of the wrong type set aside
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: our epoch (integer)
 -- ARGV[3]: batch_max, integer >= 1: at most this many messages
@@ -19,8 +20,9 @@
 --   status 2: the queue is full (backpressure), nothing generated
 --   status 3: max messages reached, nothing generated
 --   status -1: fenced: the lease is not ours (expired, or another epoch holds it); nothing generated
--- Errors (nothing mutated): bad arguments; a non-integer next_id or max (never silently reset:
--- restarting at 0 would repeat ids).
+-- Errors (nothing mutated): bad arguments; DAMAGED for a next_id or max that is not a
+-- non-negative integer (never reset: restarting at 0 would repeat ids); FORGOTTEN (see below).
+-- A lease, queue or epoch log of the wrong type is set aside before the first write.
 local batch_max = tonumber(ARGV[3])
 local queue_max = tonumber(ARGV[4])
 local epoch = tonumber(ARGV[2])
@@ -34,18 +36,14 @@ if not batch_max or batch_max < 1 or not queue_max or queue_max < 1 or not epoch
 end
 local gone = forgotten(KEYS[8], ARGV[5])
 if gone then return gone end
+local bad = damaged('generate', KEYS[2]) or damaged('generate', KEYS[3])
+if bad then return bad end
 local now, now_us = redis_now()
+guard('generate', now, KEYS[9], KEYS[6], {{KEYS[1], 'string'}, {KEYS[4], 'list'}, {KEYS[5], 'list'}})
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {-1, 0, 0, now_us}
 end
-local raw_next = redis.call('GET', KEYS[2])
-local next_id = 0
-if raw_next then
-  next_id = tonumber(raw_next)
-  if not next_id or next_id < 0 or next_id ~= math.floor(next_id) then
-    return redis.error_reply('ERR generate: ' .. KEYS[2] .. ' is not a non-negative integer')
-  end
-end
+local next_id = tonumber(redis.call('GET', KEYS[2]) or '0')
 if next_id < min_next then
   return redis.error_reply('FORGOTTEN ' .. KEYS[2] .. ' went back from ' .. min_next .. ' to ' .. next_id)
 end
@@ -53,9 +51,6 @@ local n = batch_max
 local raw_max = redis.call('GET', KEYS[3])
 if raw_max then
   local max = tonumber(raw_max)
-  if not max or max < 0 then
-    return redis.error_reply('ERR generate: ' .. KEYS[3] .. ' is not a non-negative integer')
-  end
   if next_id >= max then
     return {3, next_id, 0, now_us}
   end

@@ -14,6 +14,10 @@ end
 -- anything: Redis lost data (wiped, flushed, restarted empty, restored from an older copy) or a
 -- copy halted the namespace after it saw that happen (docs/PROTOCOL.md, invariant 9).
 local function forgotten(key, token)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'none' and kind ~= 'string' then
+    return redis.error_reply('FORGOTTEN ' .. key .. ' has type ' .. kind .. ' (damaged)')
+  end
   local v = redis.call('GET', key)
   if v == token then
     return nil
@@ -25,5 +29,56 @@ local function forgotten(key, token)
     return redis.error_reply('FORGOTTEN ' .. key .. ' holds "' .. v .. '", not this copy\'s "' .. tostring(token) .. '"')
   end
   return redis.error_reply('FORGOTTEN ' .. key .. ' is gone (this copy joined "' .. tostring(token) .. '")')
+end
+
+-- Moves `key` (found with type `kind`) aside to <key>:quarantine:<time_us> and records why in the
+-- error store (an entry naming both keys, printed by getErrors) and the `bad` counter: the data is
+-- kept for a person to look at, and the group goes on with a fresh key.
+local function set_aside(script, key, kind, now, errors, stats)
+  local aside = key .. ':quarantine:' .. now
+  redis.call('RENAME', key, aside)
+  redis.call('RPUSH', errors, aside .. '\t' .. script .. ': ' .. key .. ' had type ' .. kind
+    .. ', moved to ' .. aside .. '\t' .. now)
+  redis.call('HINCRBY', stats, 'bad', 1)
+end
+
+-- Before a script's first write: each key of `keys` (a list of {key, type}) that exists with
+-- another type is set aside. Redis does not undo a script's earlier writes when a later command
+-- fails, so a write that could fail on a wrong type must never come after one that cannot; this
+-- makes every later write safe. The error store and the counters come first, because setting a
+-- key aside writes to both.
+local function guard(script, now, errors, stats, keys)
+  for _, pair in ipairs({{errors, 'list'}, {stats, 'hash'}}) do
+    local kind = redis.call('TYPE', pair[1])['ok']
+    if kind ~= 'none' and kind ~= pair[2] then
+      set_aside(script, pair[1], kind, now, errors, stats)
+    end
+  end
+  for _, pair in ipairs(keys) do
+    local kind = redis.call('TYPE', pair[1])['ok']
+    if kind ~= 'none' and kind ~= pair[2] then
+      set_aside(script, pair[1], kind, now, errors, stats)
+    end
+  end
+end
+
+-- nil when `key`, a counter that must never be reset (next id, epoch, max), is absent or holds a
+-- non-negative integer; otherwise the DAMAGED error reply the script must return, writing
+-- nothing: setting it aside would restart ids or epochs at 0, so the app halts the group instead
+-- and `app repair` recomputes it (docs/PROTOCOL.md, invariant 8).
+local function damaged(script, key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then
+    return nil
+  end
+  if kind ~= 'string' then
+    return redis.error_reply('DAMAGED ' .. script .. ': ' .. key .. ' has type ' .. kind)
+  end
+  local v = redis.call('GET', key)
+  if not string.match(v, '^%d+$') then
+    return redis.error_reply('DAMAGED ' .. script .. ': ' .. key .. ' holds "'
+      .. string.sub(v, 1, 40) .. '", not a non-negative integer')
+  end
+  return nil
 end
 

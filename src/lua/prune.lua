@@ -1,5 +1,7 @@
 -- prune.lua: delete instance registry entries not refreshed for a long time.
 -- KEYS[1]: instance registry ({ns}:instances), hash instance id -> JSON with "seen_us":<µs>
+-- KEYS[2]: error store ({ns}:errors), for the entry naming a registry of the wrong type set aside
+-- KEYS[3]: stats hash ({ns}:stats)
 -- ARGV[1]: max_age_ms, integer > 0
 -- Returns: the number of entries deleted.
 -- A SIGKILLed process cannot delete its own entry, and `status` is read-only, so a joining process
@@ -9,7 +11,8 @@ local age_ms = tonumber(ARGV[1])
 if not age_ms or age_ms <= 0 then
   return redis.error_reply('ERR prune: bad max_age_ms')
 end
-local _, now_us = redis_now()
+local now, now_us = redis_now()
+guard('prune', now, KEYS[2], KEYS[3], {{KEYS[1], 'hash'}})
 local oldest_us = now_us - age_ms * 1000
 local all = redis.call('HGETALL', KEYS[1])
 local deleted = 0

@@ -30,7 +30,8 @@
 --   max_reclaims   → the error store with the reason, outcome bit set (counted as poisoned).
 -- Atomic: a message is in exactly one of the dead handler's set, the retry set, a suspect list,
 -- or the error store at every instant, and a late commit by the (paused, not dead) handler is
--- refused by commit.lua because SREM finds nothing.
+-- refused by commit.lua because SREM finds nothing. Keys of the wrong type (a dead handler's set
+-- included) are set aside first, with an error entry naming them.
 local prefix = ARGV[1]
 local max_reclaims = tonumber(ARGV[2])
 if not prefix or prefix == '' or not max_reclaims or max_reclaims < 3 or max_reclaims > 7 then
@@ -39,10 +40,15 @@ end
 local gone = forgotten(KEYS[11], ARGV[3])
 if gone then return gone end
 local now = redis_now()
+guard('reclaim', now, KEYS[4], KEYS[5], {
+  {KEYS[1], 'set'}, {KEYS[2], 'set'}, {KEYS[3], 'string'},
+  {KEYS[6], 'list'}, {KEYS[7], 'list'}, {KEYS[8], 'list'}, {KEYS[9], 'list'}, {KEYS[10], 'list'},
+})
 local dead, moved, poisoned, duplicates = 0, 0, 0, 0
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', prefix .. 'hb:' .. h) == 0 then
     local set = prefix .. 'inflight:' .. h
+    guard('reclaim', now, KEYS[4], KEYS[5], {{set, 'set'}})
     local retry, suspects = {}, {}
     for _, p in ipairs(redis.call('SMEMBERS', set)) do
       local id, epoch, gen, n = string.match(p, '^(%d+):(%d+):(%d+):?(%d*)$')

@@ -2,8 +2,9 @@
 -- Used for the leader lease on a clean stop and for the getErrors drain lock.
 -- KEYS[1]: the lock key
 -- ARGV[1]: our value
--- Returns: 1 when deleted; 0 when it was not ours (nothing changed).
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+-- Returns: 1 when deleted; 0 when it was not ours (nothing changed), also when the key has
+-- another type than a string (then it cannot hold our value; whoever uses it sets it aside).
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end

@@ -1,6 +1,8 @@
 -- renew.lua: extend the lease only if it is still ours (compare-and-pexpire).
 -- KEYS[1]: lease key ({ns}:lease)
 -- KEYS[2]: incarnation ({ns}:incarnation)
+-- KEYS[3]: error store ({ns}:errors), for the entry naming a lease of the wrong type set aside
+-- KEYS[4]: stats hash ({ns}:stats)
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: lease_ms, integer > 0
 -- ARGV[3]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
@@ -11,6 +13,7 @@ if not ms or ms <= 0 then
 end
 local gone = forgotten(KEYS[2], ARGV[3])
 if gone then return gone end
+guard('renew', redis_now(), KEYS[3], KEYS[4], {{KEYS[1], 'string'}})
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ms)
   return 1

@@ -2,6 +2,7 @@
 -- KEYS[1]: lease key ({ns}:lease)
 -- KEYS[2]: stats hash ({ns}:stats)
 -- KEYS[3]: history ({ns}:stats:history), list of JSON samples, newest first
+-- KEYS[4]: error store ({ns}:errors), for entries naming keys of the wrong type set aside
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: samples to keep, integer 1..1000
 -- Returns: 1 when a sample was pushed; 0 when the lease is not ours (nothing changed).
@@ -13,6 +14,7 @@ local keep = tonumber(ARGV[2])
 if not ARGV[1] or ARGV[1] == '' or not keep or keep < 1 or keep > 1000 or keep ~= math.floor(keep) then
   return redis.error_reply('ERR sample: bad arguments')
 end
+guard('sample', redis_now(), KEYS[4], KEYS[2], {{KEYS[1], 'string'}, {KEYS[3], 'list'}})
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end

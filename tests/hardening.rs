@@ -1,0 +1,290 @@
+//! Bad data and bad days, against real `redis-server` and `app` processes: keys of the wrong
+//! type, damaged counters, and their repair.
+
+mod common;
+
+use common::{wait_for, Fixture};
+use leaderq::conn::Conn;
+use std::time::Duration;
+
+/// What a key should be, and how its data is put back after the test damaged it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    List,
+    Set,
+    Hash,
+    Bitmap,
+    /// A string with a TTL or an id (lease, heartbeat, lock): nothing to put back.
+    Ephemeral,
+}
+
+/// Moves `key` aside to `saved` and puts a value of the wrong type in its place, in one MULTI,
+/// so no script can write a fresh `key` in between.
+async fn damage(con: &mut Conn, key: &str, saved: &str, kind: Kind) {
+    let mut pipe = redis::pipe();
+    pipe.atomic().ignore_errors();
+    pipe.cmd("RENAME").arg(key).arg(saved).ignore();
+    match kind {
+        Kind::Bitmap | Kind::Ephemeral => pipe.cmd("RPUSH").arg(key).arg("garbage").ignore(),
+        _ => pipe.cmd("SET").arg(key).arg("garbage").ignore(),
+    };
+    pipe.query_async::<()>(con).await.unwrap();
+}
+
+/// The key's type now.
+async fn type_of(con: &mut Conn, key: &str) -> String {
+    redis::cmd("TYPE").arg(key).query_async(con).await.unwrap()
+}
+
+/// Puts the data the test moved aside back into the (fresh) key.
+async fn restore(con: &mut Conn, key: &str, saved: &str, kind: Kind) {
+    match kind {
+        Kind::List => {
+            let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(saved)
+                .arg(0)
+                .arg(-1)
+                .query_async(con)
+                .await
+                .unwrap();
+            if !items.is_empty() {
+                redis::cmd("RPUSH")
+                    .arg(key)
+                    .arg(items)
+                    .query_async::<()>(con)
+                    .await
+                    .unwrap();
+            }
+        }
+        Kind::Set => redis::cmd("SUNIONSTORE")
+            .arg(key)
+            .arg(key)
+            .arg(saved)
+            .query_async::<()>(con)
+            .await
+            .unwrap(),
+        Kind::Bitmap => redis::cmd("BITOP")
+            .arg("OR")
+            .arg(key)
+            .arg(key)
+            .arg(saved)
+            .query_async::<()>(con)
+            .await
+            .unwrap(),
+        Kind::Hash => {
+            let fields: Vec<(String, i64)> = redis::cmd("HGETALL")
+                .arg(saved)
+                .query_async(con)
+                .await
+                .unwrap_or_default();
+            for (field, n) in fields {
+                redis::cmd("HINCRBY")
+                    .arg(key)
+                    .arg(field)
+                    .arg(n)
+                    .query_async::<()>(con)
+                    .await
+                    .unwrap();
+            }
+        }
+        Kind::Ephemeral => {}
+    }
+    redis::cmd("DEL")
+        .arg(saved)
+        .query_async::<()>(con)
+        .await
+        .unwrap();
+}
+
+/// Issue 14: every key the scripts write is damaged in turn, mid-run (replaced by a value of the
+/// wrong type): the copies set it aside with an error entry naming it and go on, none crashes,
+/// and no message is lost or recorded twice. (The test keeps what it displaced and puts it back,
+/// so the verdict can count every message: a real operator's damage destroys that data.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_of_the_wrong_type_is_set_aside_and_nothing_is_lost() {
+    let mut fx = Fixture::new();
+    let n = 40_000u64;
+    let flags = [
+        "--interval-ms",
+        "0",
+        "--max-messages",
+        "40000",
+        "--seed",
+        "12",
+        "--error-rate",
+        "0.5",
+        "--handler-delay-max-ms",
+        "300",
+        "--batch",
+        "100",
+        "--max-in-flight",
+        "1000",
+        "--queue-max",
+        "1000",
+        "--heartbeat-ms",
+        "3000",
+        "--gen-batch",
+        "100",
+    ];
+    fx.spawn_all(&["a", "b", "c"], &flags);
+    let mut con = fx.con().await;
+    let k = fx.keys.clone();
+    assert!(fx
+        .wait_outcomes(2000, Duration::from_secs(60))
+        .await
+        .is_some());
+    let mut targets: Vec<(String, Kind)> = vec![
+        (k.errors(), Kind::List),
+        (k.stats(), Kind::Hash),
+        (k.queue(), Kind::List),
+        (k.done(), Kind::Bitmap),
+        (k.ok(), Kind::Bitmap),
+        (k.epochs(), Kind::List),
+        (k.handlers(), Kind::Set),
+        (k.retry(), Kind::Set),
+        (k.suspects(2), Kind::List),
+        (k.lease(), Kind::Ephemeral),
+        (k.lease_conn(), Kind::Ephemeral),
+        (k.instances(), Kind::Hash),
+        (k.stats_history(), Kind::List),
+    ];
+    for h in ["a.0", "b.0", "c.0"] {
+        targets.push((k.inflight(h), Kind::Set));
+        targets.push((k.heartbeat(h), Kind::Ephemeral));
+    }
+    let mut set_aside = 0;
+    for (i, (key, kind)) in targets.iter().enumerate() {
+        let saved = format!("{key}:test-saved:{i}");
+        damage(&mut con, key, &saved, *kind).await;
+        let wrong = match kind {
+            Kind::Bitmap | Kind::Ephemeral => "list",
+            _ => "string",
+        }
+        .to_string();
+        // Set aside: the key is fresh (or absent) again. Bounded: every key here is written
+        // within a second or two by some script of a busy group.
+        let fixed = wait_for(Duration::from_secs(15), || {
+            let mut con = con.clone();
+            let key = key.clone();
+            let wrong = wrong.clone();
+            async move { (type_of(&mut con, &key).await != wrong).then_some(()) }
+        })
+        .await;
+        assert!(fixed.is_some(), "{key} ({wrong}) was never set aside");
+        set_aside += 1;
+        restore(&mut con, key, &saved, *kind).await;
+        for i in 0..fx.apps.len() {
+            let running = fx.apps[i].is_running();
+            let name = fx.apps[i].instance_id.clone();
+            assert!(
+                running,
+                "a copy crashed on a damaged {key}: {}",
+                fx.log(&name)
+            );
+        }
+    }
+    assert!(
+        fx.wait_outcomes(n, Duration::from_secs(120))
+            .await
+            .is_some(),
+        "the run completed"
+    );
+    assert_eq!(fx.stop_all(), vec![Some(0); 3], "every copy stops cleanly");
+    // The error store also holds one entry per key set aside; the verdict counts messages only.
+    let lines = fx.get_errors();
+    let (asides, failures): (Vec<String>, Vec<String>) =
+        lines.into_iter().partition(|l| l.contains(":quarantine:"));
+    assert!(
+        asides.len() >= set_aside - 6,
+        "entries name the keys set aside ({} of {set_aside}): {asides:?}",
+        asides.len()
+    );
+    assert!(
+        asides.iter().any(|a| a.contains(&k.errors())),
+        "the damaged error store itself is named: {asides:?}"
+    );
+    let snap = leaderq::inspect::snapshot(&mut con, &k).await.unwrap();
+    let observed = leaderq::verify::Observed::from_snapshot(&snap, n, 12, 0.5, 300, failures, 1)
+        .expect("epoch log parses");
+    let verdict = leaderq::verify::check(&observed);
+    assert_eq!(
+        (verdict.missing, verdict.duplicates, verdict.unexpected),
+        (0, 0, 0),
+        "{:?}",
+        verdict.violations
+    );
+}
+
+/// Issue 14: a counter that must never be reset (the next id) is damaged: the group halts with
+/// exit code 5 instead of restarting ids at 0, `status` says why and how to repair, and
+/// `app repair` recomputes it from the epoch log so the group finishes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_next_id_halts_the_group_and_repair_recomputes_it() {
+    let mut fx = Fixture::new();
+    let n = 20_000u64;
+    let flags = [
+        "--interval-ms",
+        "0",
+        "--max-messages",
+        "20000",
+        "--seed",
+        "13",
+        "--handler-delay-max-ms",
+        "50",
+        "--heartbeat-ms",
+        "3000",
+        "--gen-batch",
+        "100",
+        "--queue-max",
+        "1000",
+    ];
+    fx.spawn_all(&["a", "b"], &flags);
+    let mut con = fx.con().await;
+    assert!(fx
+        .wait_outcomes(3000, Duration::from_secs(60))
+        .await
+        .is_some());
+    redis::cmd("SET")
+        .arg(fx.keys.next_id())
+        .arg("twelve")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    let codes: Vec<Option<i32>> = fx
+        .apps
+        .iter_mut()
+        .map(|a| {
+            a.wait_timeout(Duration::from_secs(20))
+                .ok()
+                .flatten()
+                .and_then(|s| s.code())
+        })
+        .collect();
+    assert_eq!(codes, vec![Some(5), Some(5)], "the group halts");
+    let status = fx.run_command("status", &[]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("HALTED") && text.contains("app repair"),
+        "{text}"
+    );
+    let repair = fx.run_command("repair", &[]);
+    let said = String::from_utf8_lossy(&repair.stderr);
+    assert!(repair.status.success(), "{said}");
+    assert!(said.contains("next_id"), "repair says what it set: {said}");
+    let next_id: String = redis::cmd("GET")
+        .arg(fx.keys.next_id())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(next_id.parse::<u64>().is_ok(), "{next_id}");
+    fx.spawn_all(&["c", "d"], &flags);
+    assert!(
+        fx.wait_outcomes(n, Duration::from_secs(120))
+            .await
+            .is_some(),
+        "after the repair the group finishes"
+    );
+    fx.stop_all();
+    let (verdict, _) = fx.verdict(n, 13, 0.15, 50, 1).await;
+    assert!(verdict.pass, "{:?}", verdict.violations);
+}
