@@ -146,6 +146,8 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
     let bound = Duration::from_millis(connect_timeout_ms);
     let mut delay = Duration::from_millis(50);
     let mut attempts = 0u32;
+    // The most telling error seen: a later attempt cut short by the bound says only "timed out".
+    let mut telling: Option<String> = None;
     loop {
         attempts += 1;
         let left = bound
@@ -167,16 +169,24 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
                 if let Some(fatal) = refusal(&e, target) {
                     return Err(fatal);
                 }
-                e.to_string()
+                let text = e.to_string();
+                telling = Some(text.clone());
+                text
             }
-            Err(_) => "timed out".to_string(),
+            Err(_) => telling.clone().unwrap_or_else(|| "timed out".to_string()),
         };
         if started.elapsed() + delay >= bound {
+            let last = redact_all(&last);
+            let last = if last.contains("lookup address") {
+                format!("cannot resolve the host name ({last})")
+            } else {
+                last
+            };
             return Err(Error::Unreachable {
                 url: target.redacted(),
                 attempts,
                 waited_ms: started.elapsed().as_millis() as u64,
-                last: redact_all(&last),
+                last,
             });
         }
         tracing::debug!(attempt = attempts, error = %redact_all(&last), "redis not reachable yet");
@@ -189,6 +199,12 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
 fn refusal(e: &redis::RedisError, target: &RedisTarget) -> Option<Error> {
     let text = redact_all(&e.to_string());
     let code = e.code().unwrap_or_default();
+    if text.contains("DB index is out of range") {
+        return Some(Error::Config(format!(
+            "{}: that database number does not exist on this server ({text})",
+            target.redacted()
+        )));
+    }
     if e.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
     {

@@ -38,6 +38,10 @@ pub enum Error {
     /// Not retried.
     #[error("{0}")]
     Tls(String),
+    /// Redis refused a write because it reached `maxmemory` (with `noeviction`). Retried while it
+    /// lasts (getErrors frees memory, an operator may raise the limit); an error past the bound.
+    #[error("redis is out of memory (maxmemory reached; writes refused): {0}. Drain the error store with `app getErrors`, or raise maxmemory")]
+    OutOfMemory(String),
     /// A flag or setting that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -64,6 +68,9 @@ impl From<redis::RedisError> for Error {
         if e.code() == Some("FORGOTTEN") {
             return Error::RedisForgot(e.detail().unwrap_or("(no detail)").to_string());
         }
+        if e.code() == Some("OOM") {
+            return Error::OutOfMemory(e.to_string());
+        }
         if e.code() == Some("DAMAGED") {
             return Error::Damaged(e.detail().unwrap_or("(no detail)").to_string());
         }
@@ -83,7 +90,8 @@ impl Error {
     /// (loading its dataset after a restart, failing over).
     pub fn is_transient(&self) -> bool {
         self.is_connection()
-            || matches!(self, Error::Redis(e) if matches!(e.code(), Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")))
+            || matches!(self, Error::OutOfMemory(_))
+            || matches!(self, Error::Redis(e) if matches!(e.code(), Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY")))
     }
 
     /// True when the error is Redis being unreachable rather than refusing something: the reply

@@ -24,6 +24,7 @@ pub struct Warning(pub String);
 /// Reads Redis's configuration and refuses an evicting one (unless `allow_eviction`); returns
 /// the warnings to log.
 pub async fn check(con: &mut Conn, allow_eviction: bool) -> Result<Vec<Warning>, Error> {
+    refuse_replica(con).await?;
     let mut warnings = Vec::new();
     let memory = inspect::info(con, "memory").await?;
     let policy = memory.get("maxmemory_policy").cloned().unwrap_or_default();
@@ -52,6 +53,23 @@ pub async fn check(con: &mut Conn, allow_eviction: bool) -> Result<Vec<Warning>,
         ));
     }
     Ok(warnings)
+}
+
+/// Refuses a read-only replica: every write would fail with READONLY. Named with its master, so
+/// the operator knows where to point the copies.
+pub async fn refuse_replica(con: &mut Conn) -> Result<(), Error> {
+    let replication = inspect::info(con, "replication").await?;
+    if replication.get("role").map(String::as_str) == Some("slave") {
+        let master = format!(
+            "{}:{}",
+            replication.get("master_host").map_or("?", String::as_str),
+            replication.get("master_port").map_or("?", String::as_str)
+        );
+        return Err(Error::Config(format!(
+            "connected to a read-only replica (of {master}); point --redis-url at the master, or use Sentinel"
+        )));
+    }
+    Ok(())
 }
 
 /// `CONFIG GET name`'s value, or `None` when Redis does not allow or know it.

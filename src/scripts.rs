@@ -1,6 +1,7 @@
 //! The Lua scripts, one `.lua` file each (read their headers for the KEYS/ARGV/Returns contract),
 //! each compiled into a `Script` exactly once per process, `lua/prelude.lua` (shared helpers: the
-//! Redis time, the incarnation check) in front of each.
+//! Redis time, the incarnation check, the type guard) in front of each. A script whose first line
+//! is a shebang (`#!lua flags=allow-oom`) keeps it first: Redis reads flags only there.
 //!
 //! `Script::invoke_async` sends `EVALSHA` and reloads the script on `NOSCRIPT` (after a Redis
 //! restart, say), so callers never need to think about loading.
@@ -11,12 +12,8 @@ use std::sync::LazyLock;
 macro_rules! script {
     ($name:ident, $file:literal) => {
         #[doc = concat!("`src/lua/", $file, "`.")]
-        pub static $name: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(concat!(
-                include_str!("lua/prelude.lua"),
-                include_str!(concat!("lua/", $file))
-            ))
-        });
+        pub static $name: LazyLock<Script> =
+            LazyLock::new(|| Script::new(&with_prelude(include_str!(concat!("lua/", $file)))));
     };
 }
 
@@ -33,6 +30,18 @@ script!(PRESENCE, "presence.lua");
 script!(SAMPLE, "sample.lua");
 script!(PRUNE, "prune.lua");
 script!(SET_ASIDE, "set_aside.lua");
+
+/// `body` with the prelude in front of it, after its shebang line if it has one.
+fn with_prelude(body: &str) -> String {
+    let prelude = include_str!("lua/prelude.lua");
+    match body
+        .strip_prefix("#!")
+        .and_then(|rest| rest.split_once('\n'))
+    {
+        Some((flags, rest)) => format!("#!{flags}\n{prelude}{rest}"),
+        None => format!("{prelude}{body}"),
+    }
+}
 
 /// Loads every script into Redis up front, so the first hot-path call is a plain `EVALSHA` and a
 /// syntax error shows at start-up rather than mid-run.

@@ -65,6 +65,19 @@ pub struct Status {
     pub rates: Option<Rates>,
     /// Data that could not be read as expected (wrong key types, unreadable entries).
     pub warnings: Vec<String>,
+    /// Redis's memory use against its limit (`INFO memory`), when it says.
+    pub memory: Option<Memory>,
+}
+
+/// Redis's memory, from `INFO memory`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    /// `used_memory`.
+    pub used_bytes: u64,
+    /// `maxmemory` (0 = no limit).
+    pub max_bytes: u64,
+    /// At or over the limit: with `noeviction` every write is refused.
+    pub full: bool,
 }
 
 /// The current lease holder.
@@ -198,8 +211,65 @@ struct Entry {
 /// Reads the status of `keys`' namespace in one MULTI, so every number comes from the same
 /// instant. Fails only when Redis cannot be asked; data of the wrong shape becomes a warning.
 pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
+    let mut warnings = Vec::new();
+    let replies = match read(con, keys, true).await {
+        Ok(replies) => replies,
+        // Out of memory, Redis refuses every command queued in a MULTI, reads included: read
+        // them one by one instead (status is most wanted exactly then).
+        Err(e) if matches!(e.code(), Some("EXECABORT" | "OOM")) => {
+            warnings.push(
+                "Redis is out of memory: these numbers were read one by one, not at one instant"
+                    .to_string(),
+            );
+            read(con, keys, false).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let memory = crate::inspect::info(con, "memory")
+        .await
+        .unwrap_or_default();
+    let used = memory
+        .get("used_memory")
+        .and_then(|v| v.parse::<u64>().ok());
+    let max = memory.get("maxmemory").and_then(|v| v.parse::<u64>().ok());
+    let memory = match (used, max) {
+        (Some(used_bytes), Some(max_bytes)) => Some(Memory {
+            used_bytes,
+            max_bytes,
+            full: max_bytes > 0 && used_bytes >= max_bytes,
+        }),
+        _ => None,
+    };
+    let mut status = interpret(keys, replies, warnings)?;
+    status.memory = memory;
+    let ids: Vec<u64> = status
+        .instances
+        .iter()
+        .map(|i| i.client_id)
+        .filter(|&id| id > 0)
+        .collect();
+    let connected = connected_clients(con, &ids).await;
+    let holder = status.generator.as_ref().map(|g| g.instance.clone());
+    for i in &mut status.instances {
+        judge(i, holder.as_deref(), connected.as_ref());
+    }
+    status
+        .instances
+        .sort_by(|a, b| b.alive.cmp(&a.alive).then(a.instance.cmp(&b.instance)));
+    Ok(status)
+}
+
+/// Sends the status reads, in one MULTI when `atomic`.
+async fn read(
+    con: &mut Conn,
+    keys: &Keys,
+    atomic: bool,
+) -> redis::RedisResult<Vec<redis::RedisResult<redis::Value>>> {
     let mut pipe = redis::pipe();
-    pipe.atomic().ignore_errors();
+    if atomic {
+        pipe.atomic();
+    }
+    pipe.ignore_errors();
     pipe.cmd("TIME")
         .cmd("GET")
         .arg(keys.lease())
@@ -236,9 +306,16 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         .arg(keys.epochs())
         .cmd("GET")
         .arg(keys.incarnation());
-    let replies: Vec<redis::RedisResult<redis::Value>> = pipe.query_async(con).await?;
+    pipe.query_async(con).await
+}
+
+/// Turns the replies of [`read`] into a [`Status`].
+fn interpret(
+    keys: &Keys,
+    replies: Vec<redis::RedisResult<redis::Value>>,
+    mut warnings: Vec<String>,
+) -> Result<Status, Error> {
     let mut replies = replies.into_iter();
-    let mut warnings = Vec::new();
     let mut next = |what: &str| -> Option<redis::Value> {
         match replies.next() {
             Some(Ok(v)) => Some(v),
@@ -310,21 +387,10 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         warnings.push(format!("{}: the lease has no TTL", keys.lease()));
     }
     let counters = totals(&stats, &mut warnings);
-    let mut instances: Vec<InstanceStatus> = registry
+    let instances: Vec<InstanceStatus> = registry
         .iter()
         .map(|(id, raw)| instance(id, raw, redis_time_us))
         .collect();
-    let ids: Vec<u64> = instances
-        .iter()
-        .map(|i| i.client_id)
-        .filter(|&id| id > 0)
-        .collect();
-    let connected = connected_clients(con, &ids).await;
-    let holder = generator.as_ref().map(|g| g.instance.as_str());
-    for i in &mut instances {
-        judge(i, holder, connected.as_ref());
-    }
-    instances.sort_by(|a, b| b.alive.cmp(&a.alive).then(a.instance.cmp(&b.instance)));
     let samples: Vec<Sample> = history
         .iter()
         .filter_map(|raw| match serde_json::from_str(raw) {
@@ -352,6 +418,7 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         counters,
         rates: rates(&samples, redis_time_us),
         warnings,
+        memory: None,
     })
 }
 
@@ -640,6 +707,19 @@ pub fn render_text(s: &Status) -> String {
                 "rates       not yet (the generator samples the counters once a second)"
             );
         }
+    }
+    if let Some(m) = &s.memory {
+        let mb = |b: u64| b as f64 / 1_048_576.0;
+        let _ = match (m.max_bytes, m.full) {
+            (0, _) => writeln!(out, "memory      {:.1} MB used (no maxmemory)", mb(m.used_bytes)),
+            (max, false) => writeln!(out, "memory      {:.1} MB used of maxmemory {:.1} MB", mb(m.used_bytes), mb(max)),
+            (max, true) => writeln!(
+                out,
+                "memory      FULL: {:.1} MB used of maxmemory {:.1} MB; Redis refuses writes, nothing progresses. Drain the error store (app getErrors) or raise maxmemory",
+                mb(m.used_bytes),
+                mb(max)
+            ),
+        };
     }
     for w in &s.warnings {
         let _ = writeln!(out, "warning     {w}");

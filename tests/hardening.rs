@@ -288,3 +288,142 @@ async fn a_damaged_next_id_halts_the_group_and_repair_recomputes_it() {
     let (verdict, _) = fx.verdict(n, 13, 0.15, 50, 1).await;
     assert!(verdict.pass, "{:?}", verdict.violations);
 }
+
+/// Issue 14: Redis out of memory (`--maxmemory`, `noeviction`). `status` still answers and says
+/// memory is full; the copies report OOM as OOM (exit code 6 after --redis-down-max-ms, not 3
+/// "unreachable"); and `getErrors`, the tool that frees memory, still drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_is_reported_as_such_and_get_errors_still_drains() {
+    let redis = leaderq::procs::RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--maxmemory",
+        "16mb",
+        "--maxmemory-policy",
+        "noeviction",
+    ])
+    .unwrap();
+    let mut fx = Fixture::with_redis(redis);
+    let flags = [
+        "--interval-ms",
+        "0",
+        "--max-messages",
+        "10000000",
+        "--handler-delay-max-ms",
+        "20",
+        "--redis-down-max-ms",
+        "3000",
+    ];
+    fx.spawn_all(&["a", "b"], &flags);
+    assert!(fx
+        .wait_outcomes(1000, Duration::from_secs(60))
+        .await
+        .is_some());
+    // Fill Redis up with big error entries until it refuses (bounded: 16 MB in 64 KB steps).
+    let mut con = fx.con().await;
+    let big = "x".repeat(64 * 1024);
+    let mut refused = false;
+    for _ in 0..1000 {
+        let r: redis::RedisResult<()> = redis::cmd("RPUSH")
+            .arg(fx.keys.errors())
+            .arg(&big)
+            .query_async(&mut con)
+            .await;
+        if r.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "Redis reached its maxmemory");
+    let status = fx.run_command("status", &[]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("memory      FULL"), "{text}");
+    let codes: Vec<Option<i32>> = fx
+        .apps
+        .iter_mut()
+        .map(|a| {
+            a.wait_timeout(Duration::from_secs(30))
+                .ok()
+                .flatten()
+                .and_then(|s| s.code())
+        })
+        .collect();
+    assert_eq!(codes, vec![Some(6), Some(6)], "{}", fx.log("a"));
+    assert!(fx.log("a").contains("out of memory"), "{}", fx.log("a"));
+    let drained = fx.run_command("getErrors", &[]);
+    assert!(
+        drained.status.success(),
+        "getErrors works out of memory: {}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    let after = fx.run_command("status", &[]);
+    assert!(!String::from_utf8_lossy(&after.stdout).contains("FULL"));
+}
+
+/// Issue 14: connection failures say what they are: a database number the server does not have
+/// and a read-only replica are refused at once (exit 2, named); an unknown host is named after
+/// the connect bound (exit 3).
+#[test]
+fn connection_problems_are_named() {
+    let master = leaderq::procs::RedisServer::start().unwrap();
+    let app = |args: &[&str]| {
+        std::process::Command::new(common::app_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let bad_db = format!("redis://127.0.0.1:{}/99", master.port());
+    let out = app(&[
+        "status",
+        "--redis-url",
+        &bad_db,
+        "--connect-timeout-ms",
+        "60000",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("database number does not exist"),
+        "{stderr}"
+    );
+
+    let replica = leaderq::procs::RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--replicaof",
+        "127.0.0.1",
+        &master.port().to_string(),
+    ])
+    .unwrap();
+    let url = replica.url();
+    for args in [vec!["--max-messages", "0"], vec!["getErrors"]] {
+        let mut all = args.clone();
+        all.extend_from_slice(&["--redis-url", &url]);
+        let out = app(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("read-only replica"), "{stderr}");
+    }
+    let status = app(&["status", "--redis-url", &url]);
+    assert!(status.status.success(), "status reads a replica fine");
+
+    let out = app(&[
+        "status",
+        "--redis-url",
+        "redis://no-such-host.invalid:6379",
+        "--connect-timeout-ms",
+        "3000",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cannot resolve the host name"), "{stderr}");
+}

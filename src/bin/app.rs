@@ -3,8 +3,9 @@
 //! shows what the group is doing.
 //!
 //! Exit codes: 0 clean stop, 1 unexpected failure, 2 bad flags, 3 Redis unreachable, 4 Redis
-//! refused the credentials or the TLS handshake failed, 5 Redis lost data (the namespace is
-//! halted; see README, "When Redis forgets").
+//! refused the credentials or the TLS handshake failed, 5 the namespace is halted (Redis lost or
+//! damaged data; see README, "When Redis forgets"), 6 Redis stayed out of memory past
+//! --redis-down-max-ms, 130 a second SIGINT/SIGTERM (exit at once; nothing is lost).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use leaderq::errors_store::{self, DrainConfig, LineFormat};
@@ -256,6 +257,7 @@ fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Config(_) => 2,
         Error::Auth(_) | Error::Tls(_) => 4,
+        Error::OutOfMemory(_) => 6,
         e if e.halts_the_group() => 5,
         e if e.is_connection() => 3,
         _ => 1,
@@ -362,6 +364,9 @@ async fn get_errors(
     } else {
         LineFormat::Plain
     };
+    if !peek {
+        leaderq::redis_config::refuse_replica(&mut con).await?;
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if peek {
         let seen = errors_store::peek(&mut con, &keys, chunk as usize, format, &mut out).await?;

@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- errors_ack.lua: delete the first `count` drain entries, which the caller has printed.
+-- Runs under Redis's out-of-memory refusal (allow-oom): it frees memory or holds a small lock,
+-- and getErrors is the tool that frees memory.
 -- KEYS[1]: drain lock ({ns}:errors:lock)
 -- KEYS[2]: drain list ({ns}:errors:drain)
 -- KEYS[3]: error store ({ns}:errors), for the entry naming a key of the wrong type set aside

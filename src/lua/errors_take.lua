@@ -1,4 +1,7 @@
+#!lua flags=allow-oom
 -- errors_take.lua: start (or resume) a getErrors drain under a lock.
+-- Runs under Redis's out-of-memory refusal (allow-oom): it frees memory or holds a small lock,
+-- and getErrors is the tool that frees memory.
 -- KEYS[1]: drain lock ({ns}:errors:lock), string token with a TTL
 -- KEYS[2]: error store ({ns}:errors), list
 -- KEYS[3]: drain list ({ns}:errors:drain)

@@ -24,8 +24,13 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Fixture {
+        Fixture::with_redis(RedisServer::start().expect("start redis-server"))
+    }
+
+    /// A fixture around a server started with settings of the test's own.
+    pub fn with_redis(redis: RedisServer) -> Fixture {
         Fixture {
-            redis: RedisServer::start().expect("start redis-server"),
+            redis,
             apps: Vec::new(),
             logs: tempfile::tempdir().expect("tempdir"),
             keys: Keys::new(NS).unwrap(),
