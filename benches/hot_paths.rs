@@ -339,7 +339,7 @@ async fn pipeline_generator(mut con: Conn, keys: Keys, lease: Lease, inc: Incarn
             Generated::Batch { .. } => {}
             Generated::QueueFull => tokio::time::sleep(Duration::from_millis(1)).await,
             Generated::Finished => return,
-            Generated::Fenced => panic!("pipeline generator fenced"),
+            other => panic!("pipeline generator: {other:?}"),
         }
     }
 }

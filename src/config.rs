@@ -7,6 +7,36 @@ use crate::handler::HandlerConfig;
 use crate::keys::Keys;
 use crate::outcome::OutcomeModel;
 
+/// The longest any duration flag may be: a day (Redis accepts more, but no wait here needs it).
+pub const DAY_MS: u64 = 86_400_000;
+/// The shortest lease: renewed every third of it, it must survive a 100 ms stall.
+pub const LEASE_MS_MIN: u64 = 200;
+/// The shortest heartbeat: refreshed every fifth of it, it must survive a 100 ms stall.
+pub const HEARTBEAT_MS_MIN: u64 = 200;
+
+/// `--max-messages`: the stored limit on generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Generate ids `0..n` at most.
+    Ids(u64),
+    /// No limit (`--max-messages none`): delete a stored one.
+    Lift,
+}
+
+impl std::str::FromStr for Limit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Limit, String> {
+        match s {
+            "none" => Ok(Limit::Lift),
+            n => n
+                .parse()
+                .map(Limit::Ids)
+                .map_err(|_| format!("{n:?} is neither a number nor \"none\"")),
+        }
+    }
+}
+
 /// Everything `node::run` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -20,8 +50,9 @@ pub struct Config {
     pub generator: GeneratorConfig,
     /// Handling settings (used while it does not).
     pub handler: HandlerConfig,
-    /// `Some(n)`: store n in Redis so every generator stops after id n-1.
-    pub max_messages: Option<u64>,
+    /// What to do with the stored generation limit at start (it lives in Redis, so every later
+    /// generator respects it): leave it, set it, or lift it.
+    pub max_messages: Option<Limit>,
     /// How long to keep trying to reach Redis at start-up.
     pub connect_timeout_ms: u64,
     /// How long Redis may stay unreachable mid-run before the process gives up (exit code 3).
@@ -65,10 +96,19 @@ impl Config {
             ));
         }
         let g = &self.generator;
-        if g.lease_ms < 30 || g.lease_ms > 600_000 {
+        if g.lease_ms < LEASE_MS_MIN || g.lease_ms > 600_000 {
             return bad(format!(
-                "--lease-ms {} must be between 30 and 600000",
+                "--lease-ms {} must be between {LEASE_MS_MIN} and 600000: a shorter lease is lost to one scheduling hiccup of a loaded machine, and every loss is an election",
                 g.lease_ms
+            ));
+        }
+        if g.interval_ms > DAY_MS {
+            return bad(format!("--interval-ms {} exceeds a day", g.interval_ms));
+        }
+        if g.queue_max > 100_000_000 {
+            return bad(format!(
+                "--queue-max {} exceeds 100000000 (Redis memory)",
+                g.queue_max
             ));
         }
         if g.batch_max == 0 || g.batch_max > 100_000 {
@@ -105,13 +145,22 @@ impl Config {
                 h.handler_timeout_ms
             ));
         }
-        if h.heartbeat_ms < 50 {
+        if h.heartbeat_ms < HEARTBEAT_MS_MIN || h.heartbeat_ms > DAY_MS {
             return bad(format!(
-                "--heartbeat-ms {} must be at least 50",
+                "--heartbeat-ms {} must be between {HEARTBEAT_MS_MIN} and {DAY_MS}: a shorter heartbeat lapses on a loaded machine and its messages run twice",
                 h.heartbeat_ms
             ));
         }
-        if let Some(max) = self.max_messages {
+        for (flag, ms) in [
+            ("--connect-timeout-ms", self.connect_timeout_ms),
+            ("--redis-down-max-ms", self.redis_down_max_ms),
+            ("--drain-timeout-ms", self.drain_timeout_ms),
+        ] {
+            if !(100..=DAY_MS).contains(&ms) {
+                return bad(format!("{flag} {ms} must be between 100 and {DAY_MS}"));
+            }
+        }
+        if let Some(Limit::Ids(max)) = self.max_messages {
             if max > crate::message::ID_MAX + 1 {
                 return bad(format!(
                     "--max-messages {max} exceeds {} (ids index a Redis bitmap)",

@@ -23,6 +23,8 @@ pub enum Generated {
     QueueFull,
     /// `max_messages` were generated: nothing left to do.
     Finished,
+    /// Every id the outcome bitmaps can index (2^32) was generated: a fresh namespace is needed.
+    IdSpaceUsedUp,
     /// The lease is not ours any more: step down.
     Fenced,
 }
@@ -53,6 +55,7 @@ pub async fn generate(
         .arg(queue_max)
         .arg(incarnation.token())
         .arg(incarnation.max_next_id())
+        .arg(crate::message::ID_MAX + 1)
         .invoke_async(con)
         .await
         .map_err(|e| match e.code() {
@@ -70,6 +73,7 @@ pub async fn generate(
         },
         2 => Generated::QueueFull,
         3 => Generated::Finished,
+        4 => Generated::IdSpaceUsedUp,
         _ => Generated::Fenced,
     })
 }
@@ -157,6 +161,13 @@ pub async fn lead(
                     }
                     Ok(Generated::QueueFull) => now + Duration::from_millis(1),
                     Ok(Generated::Finished) => now + Duration::from_millis(100),
+                    Ok(Generated::IdSpaceUsedUp) => {
+                        failures += 1;
+                        if failures.is_power_of_two() {
+                            tracing::error!("the id space is used up: every id 0..2^32 was generated; nothing more can be generated in this namespace (start a fresh --namespace)");
+                        }
+                        now + Duration::from_millis(1000)
+                    }
                     Ok(Generated::Fenced) => {
                         tracing::warn!(epoch = lease.epoch, "generation fenced: another epoch holds the lease; stepping down");
                         return Ok(LeadEnd::Lost);

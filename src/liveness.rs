@@ -68,6 +68,9 @@ pub async fn forget(con: &mut Conn, keys: &Keys, handler: &str) -> Result<(), Er
     Ok(())
 }
 
+/// How often the generator prunes the instance registry of long-dead entries.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// Counter samples kept in `{ns}:stats:history`: 16 one-second samples cover the 10 s rate
 /// window of `app status` with room for a late tick.
 pub const HISTORY_LEN: u64 = 16;
@@ -232,6 +235,7 @@ pub async fn run(
     // `None`: due now. The registry is also rewritten at once when the role changes.
     let mut announced: Option<(Instant, Role)> = None;
     let mut sampled: Option<Instant> = None;
+    let mut pruned: Option<Instant> = None;
     let mut quiet_failures = 0u32;
     loop {
         tokio::select! {
@@ -264,6 +268,12 @@ pub async fn run(
                     result = sample(&mut con, &keys, &lease_value)
                         .await
                         .map(|_| sampled = Some(Instant::now()));
+                }
+                // The generator keeps the registry bounded while it runs, not only at joins.
+                if result.is_ok() && pruned.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                    result = prune(&mut con, &keys, PRUNE_AFTER_MS)
+                        .await
+                        .map(|_| pruned = Some(Instant::now()));
                 }
             }
             match result {

@@ -4,7 +4,7 @@
 //! Everything it logs runs inside a `node{instance=…}` span (lines written while generating add a
 //! `generator{epoch=…}` span), so every log line says which copy, and which epoch, wrote it.
 
-use crate::config::Config;
+use crate::config::{Config, Limit};
 use crate::conn::{self, Conn};
 use crate::error::Error;
 use crate::generator::{self, GeneratorConfig, LeadEnd};
@@ -186,12 +186,31 @@ async fn start_up(
 ) -> Result<(u64, Incarnation), Error> {
     scripts::load_all(con).await?;
     let incarnation = Incarnation::join(con, keys, config.accept_data_loss).await?;
-    if let Some(max) = config.max_messages {
-        redis::cmd("SET")
-            .arg(keys.max())
-            .arg(max)
-            .query_async::<()>(con)
-            .await?;
+    match config.max_messages {
+        Some(Limit::Ids(max)) => {
+            redis::cmd("SET")
+                .arg(keys.max())
+                .arg(max)
+                .query_async::<()>(con)
+                .await?
+        }
+        Some(Limit::Lift) => {
+            let lifted: u64 = redis::cmd("DEL").arg(keys.max()).query_async(con).await?;
+            if lifted > 0 {
+                tracing::info!("--max-messages none: lifted the stored generation limit");
+            }
+        }
+        None => {}
+    }
+    // A limit stored by an earlier run silently stops generation: say so once, with the way out.
+    let (next_id, max): (Option<String>, Option<String>) = redis::cmd("MGET")
+        .arg(keys.next_id())
+        .arg(keys.max())
+        .query_async(con)
+        .await?;
+    let number = |v: Option<String>| v.and_then(|s| s.parse::<u64>().ok());
+    if let Some(why) = crate::status::stopped_by(number(next_id).unwrap_or(0), number(max)) {
+        tracing::warn!("nothing will be generated: {why}");
     }
     Ok((inspect::redis_time_us(con).await?, incarnation))
 }

@@ -60,6 +60,9 @@ impl Counters {
     }
 }
 
+/// How long a process's histograms outlive its last write: a day, for `sim` and people to read.
+pub const HISTOGRAMS_TTL_MS: u64 = 86_400_000;
+
 /// Highest latency a histogram tracks: one hour, in µs (larger values are clamped).
 const LATENCY_US_MAX: u64 = 3_600_000_000;
 
@@ -95,19 +98,29 @@ pub fn record(h: &mut Histogram<u64>, value_us: u64) {
 }
 
 impl Latencies {
-    /// Writes the histograms to `{ns}:hist:<instance>` (overwriting: each is cumulative).
+    /// Writes the histograms to `{ns}:hist:<instance>` (overwriting: each is cumulative), to
+    /// expire [`HISTOGRAMS_TTL_MS`] after this process last wrote them: one key per process ever
+    /// started would otherwise pile up forever.
     pub async fn publish(&self, con: &mut Conn, keys: &Keys, instance: &str) -> Result<(), Error> {
         let e2e = serialize(&self.end_to_end_us);
         let wait = serialize(&self.queue_wait_us);
         let overhead = serialize(&self.overhead_us);
-        redis::cmd("HSET")
-            .arg(keys.histograms(instance))
+        let key = keys.histograms(instance);
+        redis::pipe()
+            .atomic()
+            .cmd("HSET")
+            .arg(&key)
             .arg("e2e_us")
             .arg(e2e)
             .arg("wait_us")
             .arg(wait)
             .arg("overhead_us")
             .arg(overhead)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(HISTOGRAMS_TTL_MS)
+            .ignore()
             .query_async::<()>(con)
             .await?;
         Ok(())

@@ -46,6 +46,13 @@ pub struct Status {
     /// Why the namespace is halted, when a copy saw Redis lose data (README, "When Redis
     /// forgets"); `None` while it runs normally.
     pub halted: Option<String>,
+    /// The next id the generator would hand out.
+    pub next_id: u64,
+    /// The stored generation limit (`--max-messages`), if any.
+    pub max_messages: Option<u64>,
+    /// Why nothing more is generated although a generator may hold the lease: a stored limit
+    /// reached, or the id space used up. `None` while generation can go on.
+    pub generation_stopped: Option<String>,
     /// Who holds the lease, if anyone.
     pub generator: Option<GeneratorStatus>,
     /// Every registry entry, live ones first.
@@ -76,7 +83,8 @@ pub struct Memory {
     pub used_bytes: u64,
     /// `maxmemory` (0 = no limit).
     pub max_bytes: u64,
-    /// At or over the limit: with `noeviction` every write is refused.
+    /// At 90 % of the limit or more: with `noeviction` writes are refused (or about to be: memory
+    /// hovers at the limit as handlers free a little and fill it again).
     pub full: bool,
 }
 
@@ -236,7 +244,7 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         (Some(used_bytes), Some(max_bytes)) => Some(Memory {
             used_bytes,
             max_bytes,
-            full: max_bytes > 0 && used_bytes >= max_bytes,
+            full: max_bytes > 0 && used_bytes * 10 >= max_bytes * 9,
         }),
         _ => None,
     };
@@ -305,7 +313,11 @@ async fn read(
         .arg(keys.instances())
         .arg(keys.epochs())
         .cmd("GET")
-        .arg(keys.incarnation());
+        .arg(keys.incarnation())
+        .cmd("GET")
+        .arg(keys.next_id())
+        .cmd("GET")
+        .arg(keys.max());
     pipe.query_async(con).await
 }
 
@@ -362,6 +374,12 @@ fn interpret(
         v.strip_prefix(crate::incarnation::HALTED_PREFIX)
             .map(str::to_string)
     });
+    let next_id: Option<String> =
+        next(&keys.next_id()).and_then(|v| redis::from_redis_value(v).ok());
+    let max: Option<String> = next(&keys.max()).and_then(|v| redis::from_redis_value(v).ok());
+    let next_id: u64 = next_id.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let max_messages: Option<u64> = max.and_then(|v| v.parse().ok());
+    let generation_stopped = stopped_by(next_id, max_messages);
 
     let redis_time_us = time.map(|(s, us)| s * 1_000_000 + us).unwrap_or(0);
     let generator = lease.and_then(|value| {
@@ -409,6 +427,9 @@ fn interpret(
         redis_time_us,
         empty: existing == 0,
         halted,
+        next_id,
+        max_messages,
+        generation_stopped,
         generator,
         instances,
         queue_depth,
@@ -420,6 +441,22 @@ fn interpret(
         warnings,
         memory: None,
     })
+}
+
+/// Why generation has stopped for good, if it has.
+pub fn stopped_by(next_id: u64, max_messages: Option<u64>) -> Option<String> {
+    if next_id > crate::message::ID_MAX {
+        return Some(
+            "the id space is used up (every id 0..2^32 was generated): use a fresh namespace"
+                .into(),
+        );
+    }
+    match max_messages {
+        Some(max) if next_id >= max => Some(format!(
+            "the stored limit --max-messages {max} is reached (ids 0..{max} generated); `app --max-messages none` lifts it, a higher --max-messages raises it"
+        )),
+        _ => None,
+    }
 }
 
 /// `{ns}:` without its braces and colon.
@@ -618,6 +655,9 @@ pub fn render_text(s: &Status) -> String {
             );
         }
     }
+    if let Some(why) = &s.generation_stopped {
+        let _ = writeln!(out, "generation  stopped: {why}");
+    }
     let live = s.instances.iter().filter(|i| i.alive).count();
     let _ = writeln!(
         out,
@@ -648,8 +688,14 @@ pub fn render_text(s: &Status) -> String {
                 },
                 i.in_flight.to_string(),
                 format!("{:.1} s ago", i.seen_ms_ago as f64 / 1e3),
-                if i.started_us > 0 {
+                // A dead copy's uptime ends where it was last seen, not now.
+                if i.started_us > 0 && i.alive {
                     format!("{up_s:.0} s")
+                } else if i.started_us > 0 {
+                    format!(
+                        "{:.0} s",
+                        i.seen_us.saturating_sub(i.started_us) as f64 / 1e6
+                    )
                 } else {
                     "-".into()
                 },
@@ -715,7 +761,7 @@ pub fn render_text(s: &Status) -> String {
             (max, false) => writeln!(out, "memory      {:.1} MB used of maxmemory {:.1} MB", mb(m.used_bytes), mb(max)),
             (max, true) => writeln!(
                 out,
-                "memory      FULL: {:.1} MB used of maxmemory {:.1} MB; Redis refuses writes, nothing progresses. Drain the error store (app getErrors) or raise maxmemory",
+                "memory      FULL: {:.1} MB used of maxmemory {:.1} MB; Redis refuses writes (or is about to), nothing progresses. Drain the error store (app getErrors) or raise maxmemory",
                 mb(m.used_bytes),
                 mb(max)
             ),

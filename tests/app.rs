@@ -554,6 +554,13 @@ fn bad_flags_exit_2_with_the_reason() {
         (vec!["--batch", "0"], "batch"),
         (vec!["--namespace", "a b"], "namespace"),
         (vec!["--lease-ms", "5"], "lease-ms"),
+        (vec!["--lease-ms", "30", "--heartbeat-ms", "50"], "lease-ms"),
+        (
+            vec!["--heartbeat-ms", "18446744073709551615"],
+            "heartbeat-ms",
+        ),
+        (vec!["--redis-down-max-ms", "0"], "redis-down-max-ms"),
+        (vec!["--max-messages", "lots"], "max-messages"),
         (vec!["--interval-ms", "soon"], "interval-ms"),
     ] {
         let out = Command::new(common::app_bin())

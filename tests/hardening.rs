@@ -337,6 +337,21 @@ async fn out_of_memory_is_reported_as_such_and_get_errors_still_drains() {
         }
     }
     assert!(refused, "Redis reached its maxmemory");
+    // Keep it full: handlers free a little memory now and then; take it back at once.
+    let keeper = tokio::spawn({
+        let mut con = con.clone();
+        let key = fx.keys.errors();
+        async move {
+            for _ in 0..2000 {
+                let _: redis::RedisResult<()> = redis::cmd("RPUSH")
+                    .arg(&key)
+                    .arg("x".repeat(8 * 1024))
+                    .query_async(&mut con)
+                    .await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
     let status = fx.run_command("status", &[]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(
@@ -357,6 +372,7 @@ async fn out_of_memory_is_reported_as_such_and_get_errors_still_drains() {
         .collect();
     assert_eq!(codes, vec![Some(6), Some(6)], "{}", fx.log("a"));
     assert!(fx.log("a").contains("out of memory"), "{}", fx.log("a"));
+    keeper.abort();
     let drained = fx.run_command("getErrors", &[]);
     assert!(
         drained.status.success(),
@@ -426,4 +442,106 @@ fn connection_problems_are_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("cannot resolve the host name"), "{stderr}");
+}
+
+/// Issue 14: at the end of the id space (2^32 ids: the outcome bitmaps' index) generation stops
+/// cleanly, with its own status, instead of generating ids every commit rejects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_stops_cleanly_at_the_end_of_the_id_space() {
+    use leaderq::generator::{self, Generated};
+    let fx = Fixture::new();
+    let mut con = fx.con().await;
+    let keys = &fx.keys;
+    let inc = leaderq::incarnation::Incarnation::join(&mut con, keys, false)
+        .await
+        .unwrap();
+    let lease = leaderq::lease::try_acquire(&mut con, keys, "g", 60_000, &inc)
+        .await
+        .unwrap()
+        .unwrap();
+    let near = leaderq::message::ID_MAX - 5;
+    redis::cmd("SET")
+        .arg(keys.next_id())
+        .arg(near)
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    let first = generator::generate(&mut con, keys, &lease, 100, 1000, &inc)
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        Generated::Batch {
+            first_id: near,
+            count: 6,
+            time_us: match first {
+                Generated::Batch { time_us, .. } => time_us,
+                _ => 0,
+            }
+        }
+    );
+    assert_eq!(
+        generator::generate(&mut con, keys, &lease, 100, 1000, &inc)
+            .await
+            .unwrap(),
+        Generated::IdSpaceUsedUp
+    );
+    let status = fx.status_json();
+    assert!(
+        status["generation_stopped"]
+            .as_str()
+            .is_some_and(|s| s.contains("id space is used up")),
+        "{status}"
+    );
+}
+
+/// Issue 14: a limit stored by an earlier run (`--max-messages 20`) silently stopped every later
+/// run. Now a joining copy says so, `status` shows it, and `--max-messages none` lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_limit_is_shown_and_can_be_lifted() {
+    let mut fx = Fixture::new();
+    let quick = ["--interval-ms", "0", "--handler-delay-max-ms", "1"];
+    let earlier = [&quick[..], &["--max-messages", "20"]].concat();
+    fx.spawn_all(&["a", "b"], &earlier);
+    assert!(fx
+        .wait_outcomes(20, Duration::from_secs(30))
+        .await
+        .is_some());
+    fx.stop_all();
+    fx.apps.clear();
+    fx.spawn_all(&["c", "d"], &quick);
+    let warned = wait_for(Duration::from_secs(10), || async {
+        fx.log("c")
+            .contains("nothing will be generated")
+            .then_some(())
+    })
+    .await;
+    assert!(warned.is_some(), "a joining copy says why: {}", fx.log("c"));
+    let status = fx.status_json();
+    assert!(
+        status["generation_stopped"]
+            .as_str()
+            .is_some_and(|s| s.contains("--max-messages 20") && s.contains("none")),
+        "{status}"
+    );
+    fx.stop_all();
+    fx.apps.clear();
+    let lifted = [&quick[..], &["--max-messages", "none"]].concat();
+    fx.spawn_all(&["e", "f"], &lifted);
+    assert!(
+        fx.wait_outcomes(500, Duration::from_secs(30))
+            .await
+            .is_some(),
+        "generation goes on once lifted"
+    );
+    assert!(fx.status_json()["generation_stopped"].is_null());
+    // A process's latency histograms expire instead of piling up forever.
+    let mut con = fx.con().await;
+    fx.stop_all();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(fx.keys.histograms("e"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "hist key has a TTL: {ttl}");
 }

@@ -128,9 +128,11 @@ struct RunFlags {
     /// Milliseconds between generated messages (the task's 500); 0 = as fast as handlers take them.
     #[arg(long, default_value_t = 500)]
     interval_ms: u64,
-    /// Stop generating after id N-1. Stored in Redis, so a successor generator respects it.
-    #[arg(long, value_name = "N")]
-    max_messages: Option<u64>,
+    /// Stop generating after id N-1. Stored in Redis, so a successor generator (and every later
+    /// run in this namespace) respects it; `none` lifts a stored limit. `status` shows a limit
+    /// that stops generation.
+    #[arg(long, value_name = "N|none")]
+    max_messages: Option<leaderq::config::Limit>,
     /// Seed the handler: each message's delay and error become a pure function of (seed, id).
     /// Random when absent.
     #[arg(long)]

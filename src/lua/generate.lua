@@ -15,10 +15,13 @@
 -- ARGV[5]: the incarnation token this copy joined
 -- ARGV[6]: min_next_id, integer >= 0: the highest next id this copy has seen. A lower next_id
 --          means Redis went back in time (restored from an older copy): FORGOTTEN, nothing written.
+-- ARGV[7]: id_limit, integer >= 1: ids are 0 .. id_limit-1 (the outcome bitmaps' size); never
+--          generate past it.
 -- Returns: {status, first_id, count, time_us}
 --   status 1: generated ids first_id .. first_id+count-1 at Redis time time_us
 --   status 2: the queue is full (backpressure), nothing generated
 --   status 3: max messages reached, nothing generated
+--   status 4: the id space is used up (next_id = id_limit), nothing generated
 --   status -1: fenced: the lease is not ours (expired, or another epoch holds it); nothing generated
 -- Errors (nothing mutated): bad arguments; DAMAGED for a next_id or max that is not a
 -- non-negative integer (never reset: restarting at 0 would repeat ids); FORGOTTEN (see below).
@@ -27,11 +30,12 @@ local batch_max = tonumber(ARGV[3])
 local queue_max = tonumber(ARGV[4])
 local epoch = tonumber(ARGV[2])
 local min_next = tonumber(ARGV[6])
+local id_limit = tonumber(ARGV[7])
 if not string.match(ARGV[2], '^%d+$') then
   return redis.error_reply('ERR generate: epoch must be a decimal integer')
 end
 if not batch_max or batch_max < 1 or not queue_max or queue_max < 1 or not epoch
-  or not min_next or min_next < 0 then
+  or not min_next or min_next < 0 or not id_limit or id_limit < 1 then
   return redis.error_reply('ERR generate: bad arguments')
 end
 local gone = forgotten(KEYS[8], ARGV[5])
@@ -47,7 +51,10 @@ local next_id = tonumber(redis.call('GET', KEYS[2]) or '0')
 if next_id < min_next then
   return redis.error_reply('FORGOTTEN ' .. KEYS[2] .. ' went back from ' .. min_next .. ' to ' .. next_id)
 end
-local n = batch_max
+if next_id >= id_limit then
+  return {4, next_id, 0, now_us}
+end
+local n = math.min(batch_max, id_limit - next_id)
 local raw_max = redis.call('GET', KEYS[3])
 if raw_max then
   local max = tonumber(raw_max)
