@@ -545,3 +545,44 @@ async fn a_stored_limit_is_shown_and_can_be_lifted() {
         .unwrap();
     assert!(ttl > 0, "hist key has a TTL: {ttl}");
 }
+
+/// Issue 14: a getErrors during the damage renamed a string into the drain key, and every later
+/// getErrors failed until someone deleted it by hand. Now the store, the drain list and the lock
+/// of the wrong type are set aside (each named by an entry this very drain prints), and the next
+/// getErrors finds a clean store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_errors_sets_aside_a_damaged_store_drain_list_and_lock() {
+    let fx = Fixture::new();
+    let mut con = fx.con().await;
+    let k = &fx.keys;
+    redis::pipe()
+        .cmd("SET")
+        .arg(k.errors())
+        .arg("not a list")
+        .ignore()
+        .cmd("HSET")
+        .arg(k.errors_drain())
+        .arg("f")
+        .arg("v")
+        .ignore()
+        .cmd("RPUSH")
+        .arg(k.errors_lock())
+        .arg("x")
+        .ignore()
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    let lines = fx.get_errors();
+    for key in [k.errors(), k.errors_drain(), k.errors_lock()] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("{key}:quarantine:"))),
+            "{key} set aside and named: {lines:?}"
+        );
+    }
+    assert!(
+        fx.get_errors().is_empty(),
+        "the next drain finds a clean store"
+    );
+}
