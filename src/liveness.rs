@@ -2,7 +2,8 @@
 //!
 //! Every process keeps `{ns}:hb:<handler>` alive (TTL `heartbeat_ms`, refreshed every fifth of it)
 //! and every process runs reclaim.lua on the same beat: a handler whose heartbeat has expired is
-//! dead, and its in-flight set goes back to the head of the queue. No cleanup code is needed on
+//! dead, and its in-flight set goes back to waiting (the retry set, or a suspect list once a
+//! message has been reclaimed more than once; see reclaim.lua). No cleanup code is needed on
 //! death, so SIGKILL loses nothing.
 //!
 //! The same beat keeps this process's entry in the instance registry (`{ns}:instances`) fresh for

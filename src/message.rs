@@ -1,5 +1,5 @@
 //! The message payload: `"<id>:<epoch>:<generated_us>"` in ASCII decimal, plus `":<reclaims>"`
-//! once a dead handler's message has been given back to the queue.
+//! once a dead handler's message has been given back (reclaimed).
 //!
 //! The id is the task's `getMessage()` value; the epoch says which generator (fencing token) made
 //! it; the generation time comes from Redis `TIME`, so latencies never compare two machines' clocks;

@@ -26,7 +26,7 @@ pub const GENERATED: &str = "leaderq_generated_total";
 pub const PROCESSED: &str = "leaderq_processed_total";
 /// Failed outcomes (eventHandler errors and unparseable messages) this process recorded.
 pub const ERRORS: &str = "leaderq_errors_total";
-/// Messages this process gave back to the queue from dead handlers.
+/// Messages this process gave back from dead handlers (to the retry set or a suspect list).
 pub const RECLAIMED: &str = "leaderq_reclaimed_total";
 /// Messages this process found in its own in-flight set without holding them (a fetch reply was
 /// lost) and adopted, so they run instead of waiting in Redis.

@@ -25,7 +25,7 @@ pub struct Counters {
     pub duplicates: u64,
     /// eventHandler runs whose outcome reached a commit (recorded or refused).
     pub runs: u64,
-    /// Messages given back to the queue from dead handlers (each time).
+    /// Messages given back from dead handlers, to the retry set or a suspect list (each time).
     pub reclaimed: u64,
     /// Commits refused because the handler no longer owned the message.
     pub refused: u64,
