@@ -141,8 +141,16 @@ fn fault_plan(seed: u64, messages: u64, counts: &[(FaultKind, u32)]) -> Vec<Faul
         points.sort_unstable();
         for at in points {
             if kind == FaultKind::RollbackRedis {
-                // The state it goes back to: taken halfway to the rollback.
-                plan.push(Fault::new(FaultKind::SnapshotRedis, at / 2));
+                // The state it goes back to: taken between halfway to the rollback and just
+                // before it (a restore from a backup, or a failover to a replica lagging by a few
+                // batches: then the restored lease may still be the live generator's, and only
+                // its own high-water mark stops it from generating ids again).
+                let lag = if rng.random_bool(0.5) {
+                    rng.random_range(0.5..0.9)
+                } else {
+                    rng.random_range(0.97..0.995)
+                };
+                plan.push(Fault::new(FaultKind::SnapshotRedis, (at as f64 * lag) as u64));
             }
             plan.push(Fault::new(kind, at));
         }
