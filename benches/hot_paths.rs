@@ -19,13 +19,13 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use leaderq::conn::{self, Conn};
-use leaderq::generator::{self, Generated};
-use leaderq::handler::{self, Done, Verdict};
-use leaderq::incarnation::Incarnation;
-use leaderq::lease::{self, Lease};
-use leaderq::message::Message;
+use leaderq::node::generator::{self, Generated};
+use leaderq::node::handler::{self, Done, Verdict};
+use leaderq::node::incarnation::Incarnation;
+use leaderq::node::lease::{self, Lease};
 use leaderq::outcome;
-use leaderq::procs::RedisServer;
+use leaderq::protocol::message::Message;
+use leaderq::testkit::procs::RedisServer;
 use leaderq::Keys;
 use std::hint::black_box;
 use std::sync::Arc;

@@ -36,7 +36,7 @@ git ls-files -z --cached --others --exclude-standard \
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
 build() {
-  (cd "$scratch" && CARGO_TARGET_DIR=$target cargo build --release --bins --quiet 2>"$work/build.log")
+  (cd "$scratch" && CARGO_TARGET_DIR=$target cargo build --release --bins --features testkit --quiet 2>"$work/build.log")
 }
 
 # Control: the unmutated tree passes the plainest configuration, or nothing below means anything.

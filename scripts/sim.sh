@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-redis.sh
-cargo build --release --bins
+cargo build --release --bins --features testkit
 exec target/release/sim --messages 1000000 --kill-leader --kills 3 "$@"

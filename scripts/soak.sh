@@ -43,7 +43,7 @@ for m in "${modes[@]}"; do
 done
 first=${SOAK_FIRST_SEED:-1}
 
-cargo build --release --bins --quiet
+cargo build --release --bins --features testkit --quiet
 bin=$(mktemp -d)
 dir=${SOAK_DIR:-$(mktemp -d)}
 mkdir -p "$dir"

@@ -2,7 +2,7 @@
 //! are still writing errors, some of them SIGKILLed mid-drain, sometimes two at once.
 //!
 //! Everything each drain printed is kept, split by whether the drain completed or was killed:
-//! the checker (`leaderq::verify`) then demands every failed id exactly once across the completed
+//! the checker (`leaderq::testkit::verify`) then demands every failed id exactly once across the completed
 //! drains and the store's final drain, and allows an id a second appearance only when one of its
 //! appearances came from a killed drain (a drain killed between printing and deleting leaves
 //! those entries for the next one: printed twice, never lost).
@@ -171,7 +171,7 @@ async fn read_lines(
                 all.push(line);
                 if kill.is_some_and(|(k, _)| all.len() == k) {
                     let (_, pid) = kill.expect("checked");
-                    let _ = leaderq::procs::signal(pid, libc::SIGKILL);
+                    let _ = leaderq::testkit::procs::signal(pid, libc::SIGKILL);
                 }
             }
             Ok(_) => return, // cut off mid-line

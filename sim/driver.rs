@@ -7,9 +7,9 @@ use crate::Flags;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use leaderq::inspect;
-use leaderq::procs::{self, AppProcess, RedisServer};
 use leaderq::stats::Latencies;
-use leaderq::verify::{self, Observed};
+use leaderq::testkit::procs::{self, AppProcess, RedisServer};
+use leaderq::testkit::verify::{self, Observed};
 use leaderq::{conn, Keys};
 use rand::{Rng, SeedableRng};
 use std::io::IsTerminal;
@@ -150,7 +150,10 @@ fn fault_plan(seed: u64, messages: u64, counts: &[(FaultKind, u32)]) -> Vec<Faul
                 } else {
                     rng.random_range(0.97..0.995)
                 };
-                plan.push(Fault::new(FaultKind::SnapshotRedis, (at as f64 * lag) as u64));
+                plan.push(Fault::new(
+                    FaultKind::SnapshotRedis,
+                    (at as f64 * lag) as u64,
+                ));
             }
             plan.push(Fault::new(kind, at));
         }
@@ -485,7 +488,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         if done != last_done {
             (last_done, progressed_at) = (done, now);
         } else if now.duration_since(progressed_at) >= STALL_CHECK_AFTER && redis_errors == 0 {
-            let snap = inspect::snapshot(&mut con, &keys).await?;
+            let snap = leaderq::testkit::snapshot::snapshot(&mut con, &keys).await?;
             let nowhere =
                 counters.generated >= flags.messages && snap.queue_len == 0 && snap.in_flight == 0;
             let idle_for = now.duration_since(progressed_at);
@@ -543,7 +546,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
                     }
                     // A fresh generator may still be finishing messages it fetched as a handler;
                     // hitting it then would make those re-run. Wait (bounded) for a pure generator.
-                    let busy = inspect::in_flight_matching(
+                    let busy = leaderq::testkit::snapshot::in_flight_matching(
                         &mut con,
                         &keys,
                         &format!("{}.*", apps[idx].instance_id),
@@ -789,7 +792,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         Ok(lines) => error_lines.extend(lines),
         Err(e) => final_drain_failure = Some(format!("the final getErrors failed: {e:#}")),
     }
-    let snap = inspect::snapshot(&mut con, &keys).await?;
+    let snap = leaderq::testkit::snapshot::snapshot(&mut con, &keys).await?;
     let latencies = Latencies::collect(&mut con, &keys).await?;
     let memory = inspect::info(&mut con, "memory").await?;
     let (calls_after, scripts_after) = inspect::command_calls(&mut con).await?;
@@ -1016,7 +1019,7 @@ async fn judge_halt(
             h.next_id_after_loss
         ));
     }
-    let halted = leaderq::incarnation::halted(con, keys).await?;
+    let halted = leaderq::node::incarnation::halted(con, keys).await?;
     match &halted {
         Some(why) => println!("halted: {why}"),
         None => violations.push("the namespace was not marked halted".into()),
@@ -1159,7 +1162,12 @@ async fn busy_handler(
         if Some(j) == generator || paused.iter().any(|(pid, _)| *pid == app.pid()) {
             continue;
         }
-        let n = inspect::in_flight_matching(con, keys, &format!("{}.*", app.instance_id)).await?;
+        let n = leaderq::testkit::snapshot::in_flight_matching(
+            con,
+            keys,
+            &format!("{}.*", app.instance_id),
+        )
+        .await?;
         if n > 0 {
             busy.push((j, n));
         }
@@ -1185,7 +1193,8 @@ async fn watch_reclaims(
 ) {
     let mut still = Vec::new();
     for (name, killed) in watched.drain(..) {
-        match inspect::in_flight_matching(con, keys, &format!("{name}.*")).await {
+        match leaderq::testkit::snapshot::in_flight_matching(con, keys, &format!("{name}.*")).await
+        {
             Ok(0) => reclaim_ms.push(killed.elapsed().as_secs_f64() * 1000.0),
             Ok(_) if killed.elapsed() < RECLAIM_WATCH_MAX => still.push((name, killed)),
             Ok(n) => progress.note(&format!(
@@ -1203,7 +1212,7 @@ async fn current_generator(
     keys: &Keys,
     apps: &[AppProcess],
 ) -> anyhow::Result<Option<(u64, usize)>> {
-    let Some(value) = leaderq::lease::holder(con, keys).await? else {
+    let Some(value) = leaderq::node::lease::holder(con, keys).await? else {
         return Ok(None);
     };
     let Some((epoch, instance)) = value.split_once(':') else {

@@ -201,10 +201,10 @@ fn main() -> ExitCode {
         eprintln!("sim: --rollback-redis restores an RDB snapshot: not with --restart-redis (AOF) or --wipe-redis");
         return ExitCode::from(2);
     }
-    if flags.messages == 0 || flags.messages > leaderq::message::ID_MAX + 1 {
+    if flags.messages == 0 || flags.messages > leaderq::protocol::message::ID_MAX + 1 {
         eprintln!(
             "sim: --messages must be between 1 and {}",
-            leaderq::message::ID_MAX + 1
+            leaderq::protocol::message::ID_MAX + 1
         );
         return ExitCode::from(2);
     }

@@ -2,10 +2,10 @@
 //! so a bad value is one clear error at start-up rather than a surprise mid-run.
 
 use crate::error::Error;
-use crate::generator::GeneratorConfig;
-use crate::handler::HandlerConfig;
-use crate::keys::Keys;
+use crate::node::generator::GeneratorConfig;
+use crate::node::handler::HandlerConfig;
 use crate::outcome::OutcomeModel;
+use crate::protocol::keys::Keys;
 
 /// The longest any duration flag may be: a day (Redis accepts more, but no wait here needs it).
 pub const DAY_MS: u64 = 86_400_000;
@@ -161,10 +161,10 @@ impl Config {
             }
         }
         if let Some(Limit::Ids(max)) = self.max_messages {
-            if max > crate::message::ID_MAX + 1 {
+            if max > crate::protocol::message::ID_MAX + 1 {
                 return bad(format!(
                     "--max-messages {max} exceeds {} (ids index a Redis bitmap)",
-                    crate::message::ID_MAX + 1
+                    crate::protocol::message::ID_MAX + 1
                 ));
             }
         }

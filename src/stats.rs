@@ -7,7 +7,7 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::keys::Keys;
+use crate::protocol::keys::Keys;
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use std::collections::HashMap;

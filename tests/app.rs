@@ -3,9 +3,10 @@
 mod common;
 
 use common::{wait_for, Fixture};
-use leaderq::incarnation::Incarnation;
+use leaderq::inspect;
+use leaderq::node::incarnation::Incarnation;
+use leaderq::node::{generator, lease};
 use leaderq::stats::Counters;
-use leaderq::{generator, inspect, lease};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,7 +48,9 @@ async fn copies_handle_every_message_once_under_one_generator() {
         "one generator for the whole run: {:?}",
         observed.epoch_log
     );
-    let snap = inspect::snapshot(&mut con, &keys).await.unwrap();
+    let snap = leaderq::testkit::snapshot::snapshot(&mut con, &keys)
+        .await
+        .unwrap();
     assert_eq!(snap.lease, None, "a stopped generator releases its lease");
     assert_eq!(snap.error_store_len, 0, "getErrors emptied the store");
 }
@@ -84,7 +87,7 @@ async fn generator_sigkill_fails_over_and_ids_continue_without_gap_or_repeat() {
         .generator(&mut con)
         .await
         .expect("a generator holds the lease");
-    let held = inspect::in_flight_matching(
+    let held = leaderq::testkit::snapshot::in_flight_matching(
         &mut con,
         &keys,
         &format!("{}.*", fx.apps[victim].instance_id),
@@ -160,7 +163,7 @@ async fn handler_sigkill_mid_flight_loses_nothing() {
     // already on the wire reach Redis; it is far below the 500 ms heartbeat.
     fx.apps[victim].signal(libc::SIGSTOP).unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let held = inspect::in_flight_matching(
+    let held = leaderq::testkit::snapshot::in_flight_matching(
         &mut con,
         &keys,
         &format!("{}.*", fx.apps[victim].instance_id),
@@ -208,7 +211,9 @@ async fn get_errors_prints_everything_once_and_deletes_it() {
     let expected: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
     assert_eq!(lines, expected);
     let mut con = fx.con().await;
-    let snap = inspect::snapshot(&mut con, &fx.keys).await.unwrap();
+    let snap = leaderq::testkit::snapshot::snapshot(&mut con, &fx.keys)
+        .await
+        .unwrap();
     assert_eq!(snap.error_store_len, 0);
     let drain: u64 = redis::cmd("LLEN")
         .arg(fx.keys.errors_drain())
@@ -431,7 +436,9 @@ async fn a_fenced_generator_cannot_generate() {
             ..
         }
     ));
-    let snap = inspect::snapshot(&mut con, keys).await.unwrap();
+    let snap = leaderq::testkit::snapshot::snapshot(&mut con, keys)
+        .await
+        .unwrap();
     assert_eq!(snap.next_id, 20);
     assert_eq!(snap.queue_len, 20);
     assert_eq!(snap.epoch_log.len(), 2, "{:?}", snap.epoch_log);
@@ -603,7 +610,9 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let busy = fx.wait_outcomes(1000, Duration::from_secs(30)).await;
     assert!(busy.is_some());
     assert_eq!(fx.stop_all(), vec![Some(0), Some(0)]);
-    let snap = inspect::snapshot(&mut con, &keys).await.unwrap();
+    let snap = leaderq::testkit::snapshot::snapshot(&mut con, &keys)
+        .await
+        .unwrap();
     assert_eq!(
         snap.in_flight, 0,
         "in-flight messages were finished and committed"
@@ -750,7 +759,7 @@ async fn a_repeated_errors_ack_trims_once() {
     let ack = |con: &mut leaderq::conn::Conn| {
         let mut con = con.clone();
         async move {
-            leaderq::scripts::ERRORS_ACK
+            leaderq::protocol::scripts::ERRORS_ACK
                 .key(keys.errors_lock())
                 .key(keys.errors_drain())
                 .key(keys.errors())

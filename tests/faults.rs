@@ -184,7 +184,7 @@ async fn a_poison_message_goes_to_the_error_store_after_bounded_deliveries() {
                 restarts += 1;
                 let name = format!("r{restarts}");
                 let log = fx.logs.path().join(format!("{name}.log"));
-                fx.apps[i] = leaderq::procs::AppProcess::spawn(
+                fx.apps[i] = leaderq::testkit::procs::AppProcess::spawn(
                     &common::app_bin(),
                     &name,
                     &fx.args(&flags),
@@ -202,7 +202,7 @@ async fn a_poison_message_goes_to_the_error_store_after_bounded_deliveries() {
     let c = Counters::read(&mut con, &keys).await.unwrap();
     assert_eq!(c.poisoned, 1, "{c:?}");
     assert!(
-        restarts >= leaderq::liveness::MAX_RECLAIMS as usize - 1,
+        restarts >= leaderq::node::liveness::MAX_RECLAIMS as usize - 1,
         "the message crashed its handler each time: {restarts}"
     );
     assert!(

@@ -203,10 +203,13 @@ async fn every_key_of_the_wrong_type_is_set_aside_and_nothing_is_lost() {
         asides.iter().any(|a| a.contains(&k.errors())),
         "the damaged error store itself is named: {asides:?}"
     );
-    let snap = leaderq::inspect::snapshot(&mut con, &k).await.unwrap();
-    let observed = leaderq::verify::Observed::from_snapshot(&snap, n, 12, 0.5, 300, failures, 1)
-        .expect("epoch log parses");
-    let verdict = leaderq::verify::check(&observed);
+    let snap = leaderq::testkit::snapshot::snapshot(&mut con, &k)
+        .await
+        .unwrap();
+    let observed =
+        leaderq::testkit::verify::Observed::from_snapshot(&snap, n, 12, 0.5, 300, failures, 1)
+            .expect("epoch log parses");
+    let verdict = leaderq::testkit::verify::check(&observed);
     assert_eq!(
         (verdict.missing, verdict.duplicates, verdict.unexpected),
         (0, 0, 0),
@@ -294,7 +297,7 @@ async fn a_damaged_next_id_halts_the_group_and_repair_recomputes_it() {
 /// "unreachable"); and `getErrors`, the tool that frees memory, still drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_memory_is_reported_as_such_and_get_errors_still_drains() {
-    let redis = leaderq::procs::RedisServer::start_with(&[
+    let redis = leaderq::testkit::procs::RedisServer::start_with(&[
         "--save",
         "",
         "--appendonly",
@@ -388,7 +391,7 @@ async fn out_of_memory_is_reported_as_such_and_get_errors_still_drains() {
 /// the connect bound (exit 3).
 #[test]
 fn connection_problems_are_named() {
-    let master = leaderq::procs::RedisServer::start().unwrap();
+    let master = leaderq::testkit::procs::RedisServer::start().unwrap();
     let app = |args: &[&str]| {
         std::process::Command::new(common::app_bin())
             .args(args)
@@ -410,7 +413,7 @@ fn connection_problems_are_named() {
         "{stderr}"
     );
 
-    let replica = leaderq::procs::RedisServer::start_with(&[
+    let replica = leaderq::testkit::procs::RedisServer::start_with(&[
         "--save",
         "",
         "--appendonly",
@@ -448,18 +451,18 @@ fn connection_problems_are_named() {
 /// cleanly, with its own status, instead of generating ids every commit rejects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_stops_cleanly_at_the_end_of_the_id_space() {
-    use leaderq::generator::{self, Generated};
+    use leaderq::node::generator::{self, Generated};
     let fx = Fixture::new();
     let mut con = fx.con().await;
     let keys = &fx.keys;
-    let inc = leaderq::incarnation::Incarnation::join(&mut con, keys, false)
+    let inc = leaderq::node::incarnation::Incarnation::join(&mut con, keys, false)
         .await
         .unwrap();
-    let lease = leaderq::lease::try_acquire(&mut con, keys, "g", 60_000, &inc)
+    let lease = leaderq::node::lease::try_acquire(&mut con, keys, "g", 60_000, &inc)
         .await
         .unwrap()
         .unwrap();
-    let near = leaderq::message::ID_MAX - 5;
+    let near = leaderq::protocol::message::ID_MAX - 5;
     redis::cmd("SET")
         .arg(keys.next_id())
         .arg(near)

@@ -291,7 +291,7 @@ async fn handler_sigterm_exits_0_and_nothing_is_reclaimed_or_rerun() {
     let holding = wait_for(Duration::from_secs(10), || {
         let (mut con, keys, pattern) = (con.clone(), keys.clone(), pattern.clone());
         async move {
-            let n = inspect::in_flight_matching(&mut con, &keys, &pattern)
+            let n = leaderq::testkit::snapshot::in_flight_matching(&mut con, &keys, &pattern)
                 .await
                 .ok()?;
             (n > 0).then_some(n)
@@ -313,7 +313,9 @@ async fn handler_sigterm_exits_0_and_nothing_is_reclaimed_or_rerun() {
     // Longer than the heartbeat TTL: a reclaim, had anything been left, would have happened.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     fx.stop_all();
-    let snap = inspect::snapshot(&mut con, &keys).await.unwrap();
+    let snap = leaderq::testkit::snapshot::snapshot(&mut con, &keys)
+        .await
+        .unwrap();
     let c = snap.counters;
     assert_eq!(c.reclaimed, 0, "nothing was left to reclaim: {c:?}");
     assert_eq!(

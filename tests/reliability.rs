@@ -5,8 +5,8 @@
 mod common;
 
 use common::{wait_for, Fixture};
-use leaderq::procs::RedisServer;
 use leaderq::stats::Counters;
+use leaderq::testkit::procs::RedisServer;
 use std::time::{Duration, Instant};
 
 /// What a fetch whose reply was lost leaves behind: payloads in a handler's in-flight set (and the
@@ -420,7 +420,7 @@ async fn redis_configuration_is_checked_at_start() {
             .unwrap();
         // A copy that starts runs until stopped: give it a moment, then stop it.
         std::thread::sleep(Duration::from_millis(1500));
-        let _ = leaderq::procs::signal(child.id(), libc::SIGTERM);
+        let _ = leaderq::testkit::procs::signal(child.id(), libc::SIGTERM);
         child.wait_with_output().unwrap()
     };
     let refused = run(&[]);
@@ -457,7 +457,7 @@ async fn redis_configuration_is_checked_at_start() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let _ = leaderq::procs::signal(child.id(), libc::SIGTERM);
+    let _ = leaderq::testkit::procs::signal(child.id(), libc::SIGTERM);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");

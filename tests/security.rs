@@ -5,7 +5,7 @@
 mod common;
 
 use common::{outcomes, wait_for};
-use leaderq::procs::{AppProcess, RedisServer};
+use leaderq::testkit::procs::{AppProcess, RedisServer};
 use leaderq::{conn, Keys};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use std::path::{Path, PathBuf};

@@ -8,12 +8,13 @@
 //! --redis-down-max-ms, 130 a second SIGINT/SIGTERM (exit at once; nothing is lost).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use leaderq::errors_store::{self, DrainConfig, LineFormat};
-use leaderq::generator::GeneratorConfig;
-use leaderq::handler::HandlerConfig;
+use leaderq::admin::errors::{self, DrainConfig, LineFormat};
+use leaderq::admin::metrics;
+use leaderq::admin::status::{self, ShowOptions};
+use leaderq::node::generator::GeneratorConfig;
+use leaderq::node::handler::HandlerConfig;
 use leaderq::outcome::OutcomeModel;
-use leaderq::status::{self, ShowOptions};
-use leaderq::{conn, metrics, node, Config, Error, Keys};
+use leaderq::{conn, node, Config, Error, Keys};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -288,7 +289,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
 async fn repair(common: Common) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
     let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
-    let r = leaderq::repair::repair(&mut con, &keys).await?;
+    let r = leaderq::admin::repair::repair(&mut con, &keys).await?;
     eprintln!(
         "repair: next_id {} -> {}, epoch {} -> {}",
         r.next_id_before, r.next_id_after, r.epoch_before, r.epoch_after
@@ -366,12 +367,9 @@ async fn get_errors(
     } else {
         LineFormat::Plain
     };
-    if !peek {
-        leaderq::redis_config::refuse_replica(&mut con).await?;
-    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if peek {
-        let seen = errors_store::peek(&mut con, &keys, chunk as usize, format, &mut out).await?;
+        let seen = errors::peek(&mut con, &keys, chunk as usize, format, &mut out).await?;
         eprintln!(
             "getErrors --peek: printed {} entries ({} being drained, {} in the store); deleted nothing",
             seen.draining + seen.stored,
@@ -387,7 +385,7 @@ async fn get_errors(
         format,
         retry_for: Duration::from_millis(redis_down_max_ms),
     };
-    let drained = errors_store::drain(&mut con, &keys, &config, &mut out).await?;
+    let drained = errors::drain(&mut con, &keys, &config, &mut out).await?;
     eprintln!(
         "getErrors: printed and deleted {} entries ({} failed messages, {} other)",
         drained.printed,

@@ -1,10 +1,10 @@
 //! Shared test fixtures: a real `redis-server` per test, real `app` processes, and the one
-//! verifier (`leaderq::verify`) applied to what Redis recorded.
+//! verifier (`leaderq::testkit::verify`) applied to what Redis recorded.
 #![allow(dead_code)]
 
-use leaderq::procs::{AppProcess, RedisServer};
-use leaderq::verify::{self, Observed, Verdict};
-use leaderq::{conn, inspect, Keys};
+use leaderq::testkit::procs::{AppProcess, RedisServer};
+use leaderq::testkit::verify::{self, Observed, Verdict};
+use leaderq::{conn, Keys};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -88,7 +88,7 @@ impl Fixture {
 
     /// Index of the app whose instance id holds the lease, with the epoch.
     pub async fn generator(&self, con: &mut conn::Conn) -> Option<(u64, usize)> {
-        let value = leaderq::lease::holder(con, &self.keys).await.ok()??;
+        let value = leaderq::node::lease::holder(con, &self.keys).await.ok()??;
         let (epoch, instance) = value.split_once(':')?;
         let i = self.apps.iter().position(|a| a.instance_id == instance)?;
         Some((epoch.parse().ok()?, i))
@@ -141,7 +141,7 @@ impl Fixture {
     ) -> (Verdict, Observed) {
         let error_lines = self.get_errors();
         let mut con = self.con().await;
-        let snap = inspect::snapshot(&mut con, &self.keys)
+        let snap = leaderq::testkit::snapshot::snapshot(&mut con, &self.keys)
             .await
             .expect("snapshot");
         let observed = Observed::from_snapshot(

@@ -20,11 +20,11 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::incarnation::Incarnation;
-use crate::keys::Keys;
-use crate::message::Message;
+use crate::node::incarnation::Incarnation;
 use crate::outcome::OutcomeModel;
-use crate::scripts;
+use crate::protocol::keys::Keys;
+use crate::protocol::message::Message;
+use crate::protocol::scripts;
 use crate::stats::{self, Latencies};
 use std::collections::HashSet;
 use std::future::poll_fn;
@@ -562,7 +562,7 @@ impl Fetcher<'_> {
             since_failed_fetch_ms = since.map(|t| t.elapsed().as_millis() as u64),
             "adopted messages our in-flight set held that we did not (a fetch reply was lost)"
         );
-        crate::metrics::adopted(orphans.len() as u64);
+        crate::admin::metrics::adopted(orphans.len() as u64);
         let n = u32::try_from(orphans.len()).unwrap_or(u32::MAX);
         let held = tokio::select! {
             _ = self.stop.cancelled() => return Ok(()),
@@ -720,7 +720,7 @@ async fn timer_loop(
                             waiting.insert((d, started), delay);
                             continue;
                         }
-                        crate::metrics::handler_time(started.elapsed());
+                        crate::admin::metrics::handler_time(started.elapsed());
                     }
                     if done_tx.send(d).is_err() {
                         return Ok(());
@@ -729,7 +729,7 @@ async fn timer_loop(
             }
             Some(expired) = poll_fn(|cx| waiting.poll_expired(cx)), if !waiting.is_empty() => {
                 let (d, started) = expired.into_inner();
-                crate::metrics::handler_time(started.elapsed());
+                crate::admin::metrics::handler_time(started.elapsed());
                 if done_tx.send(d).is_err() {
                     return Ok(());
                 }
@@ -784,10 +784,10 @@ async fn commit_loop(
             stats::record(&mut lat.end_to_end_us, latency_us);
             let overhead_us = latency_us.saturating_sub(d.delay_ms * 1000);
             stats::record(&mut lat.overhead_us, overhead_us);
-            crate::metrics::end_to_end_us(latency_us);
+            crate::admin::metrics::end_to_end_us(latency_us);
         }
         drop(lat);
-        crate::metrics::committed(processed, errors);
+        crate::admin::metrics::committed(processed, errors);
         shared
             .in_flight
             .fetch_sub(batch.len() as u64, Ordering::Relaxed);

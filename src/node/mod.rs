@@ -4,17 +4,24 @@
 //! Everything it logs runs inside a `node{instance=…}` span (lines written while generating add a
 //! `generator{epoch=…}` span), so every log line says which copy, and which epoch, wrote it.
 
+pub mod generator;
+pub mod handler;
+pub mod incarnation;
+pub mod lease;
+pub mod liveness;
+pub mod redis_config;
+pub mod wake;
+
 use crate::config::{Config, Limit};
 use crate::conn::{self, Conn};
 use crate::error::Error;
-use crate::generator::{self, GeneratorConfig, LeadEnd};
-use crate::handler::{self, HandlerShared, Role};
-use crate::incarnation::{self, Incarnation};
 use crate::inspect;
-use crate::keys::Keys;
-use crate::lease;
-use crate::liveness::{self, Presence};
-use crate::scripts;
+use crate::protocol::keys::Keys;
+use crate::protocol::scripts;
+use generator::{GeneratorConfig, LeadEnd};
+use handler::{HandlerShared, Role};
+use incarnation::Incarnation;
+use liveness::Presence;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +42,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
 async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Error> {
     let mut con = conn::connect_to(&config.redis, config.connect_timeout_ms).await?;
     let keys = config.keys.clone();
-    for warning in crate::redis_config::check(&mut con, config.allow_eviction).await? {
+    for warning in crate::node::redis_config::check(&mut con, config.allow_eviction).await? {
         tracing::warn!("{}", warning.0);
     }
     // The start-up steps are idempotent: retry them while Redis is briefly away (a dropped
@@ -107,7 +114,7 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
         config.redis_down_max_ms,
         background.clone(),
     ));
-    let wake = tokio::spawn(crate::wake::listen(
+    let wake = tokio::spawn(crate::node::wake::listen(
         config.redis.clone(),
         keys.clone(),
         shared.wake.clone(),
@@ -209,7 +216,7 @@ async fn start_up(
         .query_async(con)
         .await?;
     let number = |v: Option<String>| v.and_then(|s| s.parse::<u64>().ok());
-    if let Some(why) = crate::status::stopped_by(number(next_id).unwrap_or(0), number(max)) {
+    if let Some(why) = crate::admin::status::stopped_by(number(next_id).unwrap_or(0), number(max)) {
         tracing::warn!("nothing will be generated: {why}");
     }
     Ok((inspect::redis_time_us(con).await?, incarnation))
@@ -261,12 +268,12 @@ async fn leader_loop(
                 failures = 0;
                 tracing::info!(epoch = lease.epoch, "became the generator");
                 role.send_replace(Role::Generator { epoch: lease.epoch });
-                crate::metrics::role(Role::Generator { epoch: lease.epoch });
+                crate::admin::metrics::role(Role::Generator { epoch: lease.epoch });
                 let end = generator::lead(&mut con, &keys, &lease, &config, &incarnation, &stop)
                     .instrument(tracing::info_span!("generator", epoch = lease.epoch))
                     .await;
                 role.send_replace(Role::Handler);
-                crate::metrics::role(Role::Handler);
+                crate::admin::metrics::role(Role::Handler);
                 match end? {
                     LeadEnd::Stopped => return Ok(()),
                     LeadEnd::Lost => {

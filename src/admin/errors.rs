@@ -15,9 +15,9 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::keys::Keys;
-use crate::lease;
-use crate::scripts;
+use crate::node::lease;
+use crate::protocol::keys::Keys;
+use crate::protocol::scripts;
 use std::io::Write;
 
 /// One entry of the error store, `"<payload>\t<reason>\t<time_us>"`.
@@ -66,7 +66,7 @@ impl ErrorEntry {
     /// `getMessage()`'s value), or the raw payload, newlines escaped, for anything else.
     pub fn line(&self) -> String {
         let text = String::from_utf8_lossy(&self.payload);
-        match crate::message::Message::parse(&text) {
+        match crate::protocol::message::Message::parse(&text) {
             Ok(m) => m.id.to_string(),
             Err(_) => text
                 .replace('\\', "\\\\")
@@ -81,7 +81,7 @@ impl ErrorEntry {
     pub fn json(&self) -> serde_json::Value {
         let text = String::from_utf8_lossy(&self.payload);
         let when = (self.time_us > 0).then(|| rfc3339_utc(self.time_us));
-        match crate::message::Message::parse(&text) {
+        match crate::protocol::message::Message::parse(&text) {
             Ok(m) => serde_json::json!({"id": m.id, "reason": self.reason, "when": when}),
             Err(_) => serde_json::json!({
                 "id": null,
@@ -166,6 +166,11 @@ pub async fn drain(
     out: &mut impl Write,
 ) -> Result<Drained, Error> {
     let mut total = Drained::default();
+    // Deleting needs the master: a read-only replica is refused with its name.
+    retrying(config, con, |mut con| async move {
+        crate::node::redis_config::refuse_replica(&mut con).await
+    })
+    .await?;
     let result = async {
         let mut wait = LockWait::new(config.lock_ms);
         let mut modes = ["resume", "take"].into_iter().peekable();

@@ -2,10 +2,10 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::incarnation::Incarnation;
-use crate::keys::Keys;
-use crate::lease::{self, Lease};
-use crate::scripts;
+use crate::node::incarnation::Incarnation;
+use crate::node::lease::{self, Lease};
+use crate::protocol::keys::Keys;
+use crate::protocol::scripts;
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -55,7 +55,7 @@ pub async fn generate(
         .arg(queue_max)
         .arg(incarnation.token())
         .arg(incarnation.max_next_id())
-        .arg(crate::message::ID_MAX + 1)
+        .arg(crate::protocol::message::ID_MAX + 1)
         .invoke_async(con)
         .await
         .map_err(|e| match e.code() {
@@ -155,7 +155,7 @@ pub async fn lead(
                 next_generate = match generate(con, keys, lease, batch, config.queue_max, incarnation).await {
                     Ok(Generated::Batch { count, .. }) => {
                         failures = 0;
-                        crate::metrics::generated(count);
+                        crate::admin::metrics::generated(count);
                         // Pace from the planned time, but never burst to catch up after a stall.
                         (next_generate + interval).max(now)
                     }

@@ -6,7 +6,7 @@
 //! waits on while idle. Pub/sub is not durable, and that is fine: the fetcher still polls (at a
 //! slow rate when idle), so a lost notification costs latency, never a message.
 
-use crate::keys::Keys;
+use crate::protocol::keys::Keys;
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;

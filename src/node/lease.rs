@@ -7,9 +7,9 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::incarnation::Incarnation;
-use crate::keys::Keys;
-use crate::scripts;
+use crate::node::incarnation::Incarnation;
+use crate::protocol::keys::Keys;
+use crate::protocol::scripts;
 
 /// A lease this process holds (or held: Redis is the judge).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::sync::LazyLock;
 
 macro_rules! script {
     ($name:ident, $file:literal) => {
-        #[doc = concat!("`src/lua/", $file, "`.")]
+        #[doc = concat!("`src/protocol/lua/", $file, "`.")]
         pub static $name: LazyLock<Script> =
             LazyLock::new(|| Script::new(&with_prelude(include_str!(concat!("lua/", $file)))));
     };

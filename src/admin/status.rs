@@ -18,7 +18,7 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::keys::Keys;
+use crate::protocol::keys::Keys;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -287,7 +287,7 @@ async fn read(
         .arg(keys.queue())
         .cmd("SCARD")
         .arg(keys.retry());
-    for level in crate::handler::SUSPECT_LEVELS {
+    for level in crate::node::handler::SUSPECT_LEVELS {
         pipe.cmd("LLEN").arg(keys.suspects(level));
     }
     pipe.cmd("LLEN")
@@ -351,7 +351,7 @@ fn interpret(
     };
     let queue_depth = len(keys.queue());
     let mut reclaimed_waiting = len(keys.retry());
-    for level in crate::handler::SUSPECT_LEVELS {
+    for level in crate::node::handler::SUSPECT_LEVELS {
         reclaimed_waiting += len(keys.suspects(level));
     }
     let error_store = len(keys.errors());
@@ -371,7 +371,7 @@ fn interpret(
     let incarnation: Option<String> =
         next(&keys.incarnation()).and_then(|v| redis::from_redis_value(v).ok());
     let halted = incarnation.and_then(|v| {
-        v.strip_prefix(crate::incarnation::HALTED_PREFIX)
+        v.strip_prefix(crate::node::incarnation::HALTED_PREFIX)
             .map(str::to_string)
     });
     let next_id: Option<String> =
@@ -445,7 +445,7 @@ fn interpret(
 
 /// Why generation has stopped for good, if it has.
 pub fn stopped_by(next_id: u64, max_messages: Option<u64>) -> Option<String> {
-    if next_id > crate::message::ID_MAX {
+    if next_id > crate::protocol::message::ID_MAX {
         return Some(
             "the id space is used up (every id 0..2^32 was generated): use a fresh namespace"
                 .into(),
@@ -614,7 +614,7 @@ pub fn render_text(s: &Status) -> String {
         out,
         "namespace   {}   (Redis time {})",
         s.namespace,
-        crate::errors_store::rfc3339_utc(s.redis_time_us)
+        crate::admin::errors::rfc3339_utc(s.redis_time_us)
     );
     if s.empty {
         let _ = writeln!(

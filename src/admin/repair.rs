@@ -12,9 +12,9 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::incarnation::HALTED_PREFIX;
-use crate::keys::Keys;
-use crate::message::Message;
+use crate::node::incarnation::HALTED_PREFIX;
+use crate::protocol::keys::Keys;
+use crate::protocol::message::Message;
 
 /// What `repair` found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,7 +84,9 @@ pub async fn repair(con: &mut Conn, keys: &Keys) -> Result<Repaired, Error> {
     let incarnation = string(con, &keys.incarnation()).await;
     let (mut next_id, mut epoch) = (0u64, 0u64);
     for entry in list(con, &keys.epochs()).await {
-        if let Ok(b) = crate::verify::parse_epoch_batch(&String::from_utf8_lossy(&entry)) {
+        if let Ok(b) =
+            crate::protocol::epoch_log::parse_epoch_batch(&String::from_utf8_lossy(&entry))
+        {
             next_id = next_id.max(b.first_id + b.count);
             epoch = epoch.max(b.epoch);
         }
@@ -96,7 +98,7 @@ pub async fn repair(con: &mut Conn, keys: &Keys) -> Result<Repaired, Error> {
     let mut payloads = list(con, &keys.queue()).await;
     payloads.extend(list(con, &keys.errors()).await);
     payloads.extend(list(con, &keys.errors_drain()).await);
-    for level in crate::handler::SUSPECT_LEVELS {
+    for level in crate::node::handler::SUSPECT_LEVELS {
         payloads.extend(list(con, &keys.suspects(level)).await);
     }
     payloads.extend(members(con, &keys.retry()).await);

@@ -14,7 +14,7 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::keys::Keys;
+use crate::protocol::keys::Keys;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -55,7 +55,7 @@ impl Incarnation {
             }
             tracing::warn!(halt = %halted, "--accept-data-loss: clearing the halt; the group starts over from what Redis holds now");
             // Compare-and-delete, then create: two copies accepting at once agree on one token.
-            crate::lease::release_lock(con, &key, &halted).await?;
+            crate::node::lease::release_lock(con, &key, &halted).await?;
             current = None;
         }
         let token = match current {

@@ -3,9 +3,10 @@
 //! Pure (no I/O), so every rule is unit-tested on synthetic runs. `sim` and the integration tests
 //! both judge with it; the drivers only gather what Redis recorded.
 
-use crate::inspect::Snapshot;
 use crate::outcome::seeded;
+pub use crate::protocol::epoch_log::{parse_epoch_batch, EpochBatch};
 pub use crate::stats::Counters;
+use crate::testkit::snapshot::Snapshot;
 use serde::Serialize;
 
 /// Violation messages kept verbatim; the rest are only counted, so a run with millions of
@@ -14,33 +15,6 @@ const MAX_EXAMPLES: usize = 20;
 
 /// Refuse absurd message counts instead of trying to allocate one counter per id.
 const MAX_MESSAGES: u64 = 1 << 32;
-
-/// One batch the generator appended to the epoch log: ids `first_id..first_id + count` under `epoch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EpochBatch {
-    pub epoch: u64,
-    pub first_id: u64,
-    pub count: u64,
-    pub time_us: u64,
-}
-
-/// Parse one entry of the Redis epoch log, format `epoch:first_id:count:time_us` (decimal).
-pub fn parse_epoch_batch(s: &str) -> Result<EpochBatch, String> {
-    let bad = |why: String| format!("epoch log entry {s:?}: {why}");
-    let fields = s.trim().split(':').map(|f| f.parse::<u64>());
-    let nums: Vec<u64> = fields
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    let [epoch, first_id, count, time_us] = nums[..] else {
-        return Err(bad("expected epoch:first_id:count:time_us".into()));
-    };
-    Ok(EpochBatch {
-        epoch,
-        first_id,
-        count,
-        time_us,
-    })
-}
 
 /// Everything the checker looks at, gathered by the sim after the run has drained.
 #[derive(Debug, Clone, Default)]

@@ -11,7 +11,7 @@
 //! copies that have since exited counted.
 
 use crate::error::Error;
-use crate::handler::Role;
+use crate::node::handler::Role;
 use ::metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
     Gauge, Histogram, Unit,

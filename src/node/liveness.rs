@@ -13,10 +13,10 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::handler::Role;
-use crate::incarnation::Incarnation;
-use crate::keys::Keys;
-use crate::scripts;
+use crate::node::handler::Role;
+use crate::node::incarnation::Incarnation;
+use crate::protocol::keys::Keys;
+use crate::protocol::scripts;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,7 +183,7 @@ pub async fn reclaim(
         .key(keys.done())
         .key(keys.errors())
         .key(keys.stats());
-    for level in crate::handler::SUSPECT_LEVELS {
+    for level in crate::node::handler::SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
     call.key(keys.incarnation());
@@ -254,7 +254,7 @@ pub async fn run(
             Err(e) => Err(e),
         };
         let role = *presence.role.borrow();
-        crate::metrics::in_flight(presence.in_flight.load(Ordering::Relaxed));
+        crate::admin::metrics::in_flight(presence.in_flight.load(Ordering::Relaxed));
         if swept.is_ok() {
             let due = announced.is_none_or(|(at, r)| r != role || at.elapsed() >= every_s);
             let mut result = Ok(());
@@ -291,7 +291,7 @@ pub async fn run(
             Ok((dead, moved)) => {
                 last_ok = Instant::now();
                 if dead > 0 {
-                    crate::metrics::reclaimed(moved);
+                    crate::admin::metrics::reclaimed(moved);
                     let epoch = match role {
                         Role::Generator { epoch } => Some(epoch),
                         Role::Handler => None,
