@@ -24,8 +24,9 @@ use leaderq::node::handler::{self, Done, Verdict};
 use leaderq::node::incarnation::Incarnation;
 use leaderq::node::lease::{self, Lease};
 use leaderq::outcome;
-use leaderq::protocol::message::Message;
+use leaderq::protocol::message::Envelope;
 use leaderq::testkit::procs::RedisServer;
+use leaderq::Bytes;
 use leaderq::Keys;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -111,6 +112,7 @@ async fn refill(con: &mut Conn, keys: &Keys, lease: &Lease, inc: &Incarnation, n
             left.min(REFILL_BATCH),
             QUEUE_UNBOUNDED,
             inc,
+            None,
         )
         .await
         .expect("generate")
@@ -124,25 +126,25 @@ async fn refill(con: &mut Conn, keys: &Keys, lease: &Lease, inc: &Incarnation, n
 /// The outcome the task's `eventHandler` would give message `id` (delay 0).
 fn verdict(id: u64) -> Verdict {
     if outcome::seeded(SEED, id, ERROR_RATE, 0).failed {
-        Verdict::Failed
+        Verdict::Failed(leaderq::work::HANDLER_ERROR.into())
     } else {
         Verdict::Ok
     }
 }
 
 /// Parsed, decided items for commit.lua, as the handler builds them.
-fn done_items(owner: &Arc<str>, payloads: Vec<Vec<u8>>) -> Vec<Done> {
+fn done_items(owner: &Arc<str>, payloads: Vec<Bytes>) -> Vec<Done> {
     payloads
         .into_iter()
         .map(|payload| {
-            let message = Message::parse(std::str::from_utf8(&payload).expect("utf-8 payload"))
-                .expect("well-formed payload");
+            let (envelope, data_at) = Envelope::parse(&payload).expect("well-formed payload");
             Done {
                 owner: owner.clone(),
-                verdict: verdict(message.id),
-                message,
-                payload: payload.into(),
-                delay_ms: 0,
+                verdict: verdict(envelope.id),
+                envelope,
+                data_at,
+                payload,
+                handled_us: 0,
             }
         })
         .collect()
@@ -183,6 +185,7 @@ fn bench_generate(c: &mut Criterion) {
                             batch,
                             QUEUE_UNBOUNDED,
                             &inc,
+                            None,
                         )
                         .await
                         .expect("generate");
@@ -298,7 +301,7 @@ fn bench_commit(c: &mut Criterion) {
                         let items = done_items(&owner, payloads);
                         errors += items
                             .iter()
-                            .filter(|d| d.verdict == Verdict::Failed)
+                            .filter(|d| matches!(d.verdict, Verdict::Failed(_)))
                             .count() as u64;
                         let start = Instant::now();
                         let (_, refused) = handler::commit(&mut con, &keys, &items, &inc)
@@ -332,6 +335,7 @@ async fn pipeline_generator(mut con: Conn, keys: Keys, lease: Lease, inc: Incarn
             PIPELINE_BATCH,
             PIPELINE_QUEUE_MAX,
             &inc,
+            None,
         )
         .await
         .expect("generate")

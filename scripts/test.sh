@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --all-targets "$@" 2>&1 | tee "$log"
+if [ $# -eq 0 ]; then
+  # The crate root's example (the README's), and the library's docs without a warning.
+  cargo test --release --doc 2>&1 | tee -a "$log"
+  RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --lib --features testkit
+fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 if [ $# -eq 0 ]; then

@@ -4,7 +4,6 @@
 use crate::error::Error;
 use crate::node::generator::GeneratorConfig;
 use crate::node::handler::HandlerConfig;
-use crate::outcome::OutcomeModel;
 use crate::protocol::keys::Keys;
 
 /// The longest any duration flag may be: a day (Redis accepts more, but no wait here needs it).
@@ -82,19 +81,6 @@ impl Config {
                 "--instance-id {id:?} must be 1-64 characters without whitespace or braces"
             ));
         }
-        let m = &self.handler.model;
-        if !(0.0..=1.0).contains(&m.error_rate) || m.error_rate.is_nan() {
-            return bad(format!(
-                "--error-rate {} must be between 0 and 1",
-                m.error_rate
-            ));
-        }
-        if m.delay_max_ms > 3_600_000 {
-            return bad(format!(
-                "--handler-delay-max-ms {} exceeds one hour",
-                m.delay_max_ms
-            ));
-        }
         let g = &self.generator;
         if g.lease_ms < LEASE_MS_MIN || g.lease_ms > 600_000 {
             return bad(format!(
@@ -169,37 +155,5 @@ impl Config {
             }
         }
         Ok(self)
-    }
-
-    /// A config with the task's defaults, for tests and benches.
-    pub fn defaults(redis_url: &str, namespace: &str, instance_id: &str) -> Result<Config, Error> {
-        Config {
-            redis: crate::conn::RedisTarget::new(redis_url)?,
-            keys: Keys::new(namespace)?,
-            instance_id: instance_id.to_string(),
-            generator: GeneratorConfig {
-                interval_ms: 500,
-                batch_max: 1000,
-                queue_max: 5_000,
-                lease_ms: 600,
-            },
-            handler: HandlerConfig {
-                instance_id: instance_id.to_string(),
-                batch: 1000,
-                max_in_flight: 50_000,
-                commit_max: 2000,
-                heartbeat_ms: 750,
-                redis_down_max_ms: 30_000,
-                handler_timeout_ms: 30_000,
-                model: OutcomeModel::default(),
-            },
-            max_messages: None,
-            connect_timeout_ms: 5000,
-            redis_down_max_ms: 30_000,
-            drain_timeout_ms: 10_000,
-            accept_data_loss: false,
-            allow_eviction: false,
-        }
-        .validate()
     }
 }

@@ -45,6 +45,9 @@ pub enum Error {
     /// A flag or setting that cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The message source failed in a way retrying cannot cure (a payload over the size limit).
+    #[error("the message source: {0}")]
+    Source(String),
     /// Data in Redis that breaks the protocol and cannot be quarantined (e.g. a non-integer counter).
     #[error("corrupt data in redis: {0}")]
     Corrupt(String),

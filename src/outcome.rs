@@ -26,8 +26,6 @@ pub struct OutcomeModel {
     pub error_rate: f64,
     /// Delays are uniform integers in `0..delay_max_ms` (task: `Math.floor(Math.random()*1000)`).
     pub delay_max_ms: u64,
-    /// Fault injection for tests: handling this id crashes the process (a poison message).
-    pub crash_on_id: Option<u64>,
 }
 
 impl Default for OutcomeModel {
@@ -36,7 +34,6 @@ impl Default for OutcomeModel {
             seed: None,
             error_rate: 0.15,
             delay_max_ms: 1000,
-            crash_on_id: None,
         }
     }
 }
@@ -126,7 +123,6 @@ mod tests {
             seed: None,
             error_rate: 0.0,
             delay_max_ms: 5,
-            crash_on_id: None,
         };
         for id in 0..1000 {
             let o = m.decide(id);

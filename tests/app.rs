@@ -379,7 +379,7 @@ async fn a_fenced_generator_cannot_generate() {
         "held"
     );
     assert!(matches!(
-        generator::generate(&mut con, keys, &a, 10, 1000, &inc)
+        generator::generate(&mut con, keys, &a, 10, 1000, &inc, None)
             .await
             .unwrap(),
         generator::Generated::Batch {
@@ -400,7 +400,7 @@ async fn a_fenced_generator_cannot_generate() {
         .expect("free again");
     assert!(b.epoch > a.epoch);
     assert_eq!(
-        generator::generate(&mut con, keys, &a, 10, 1000, &inc)
+        generator::generate(&mut con, keys, &a, 10, 1000, &inc, None)
             .await
             .unwrap(),
         generator::Generated::Fenced
@@ -421,13 +421,13 @@ async fn a_fenced_generator_cannot_generate() {
         value: format!("{}:b", a.epoch),
     };
     assert_eq!(
-        generator::generate(&mut con, keys, &stale, 10, 1000, &inc)
+        generator::generate(&mut con, keys, &stale, 10, 1000, &inc, None)
             .await
             .unwrap(),
         generator::Generated::Fenced
     );
     assert!(matches!(
-        generator::generate(&mut con, keys, &b, 10, 1000, &inc)
+        generator::generate(&mut con, keys, &b, 10, 1000, &inc, None)
             .await
             .unwrap(),
         generator::Generated::Batch {
@@ -471,13 +471,13 @@ async fn generation_respects_max_and_queue_bound() {
         .await
         .unwrap();
     assert!(matches!(
-        generator::generate(&mut con, keys, &a, 100, 15, &inc)
+        generator::generate(&mut con, keys, &a, 100, 15, &inc, None)
             .await
             .unwrap(),
         generator::Generated::Batch { count: 15, .. }
     ));
     assert_eq!(
-        generator::generate(&mut con, keys, &a, 100, 15, &inc)
+        generator::generate(&mut con, keys, &a, 100, 15, &inc, None)
             .await
             .unwrap(),
         generator::Generated::QueueFull
@@ -488,7 +488,7 @@ async fn generation_respects_max_and_queue_bound() {
         .await
         .unwrap();
     assert!(matches!(
-        generator::generate(&mut con, keys, &a, 100, 100, &inc)
+        generator::generate(&mut con, keys, &a, 100, 100, &inc, None)
             .await
             .unwrap(),
         generator::Generated::Batch {
@@ -498,7 +498,7 @@ async fn generation_respects_max_and_queue_bound() {
         }
     ));
     assert_eq!(
-        generator::generate(&mut con, keys, &a, 100, 100, &inc)
+        generator::generate(&mut con, keys, &a, 100, 100, &inc, None)
             .await
             .unwrap(),
         generator::Generated::Finished
@@ -510,7 +510,7 @@ async fn generation_respects_max_and_queue_bound() {
         .query_async::<()>(&mut con)
         .await
         .unwrap();
-    let err = generator::generate(&mut con, keys, &a, 100, 100, &inc)
+    let err = generator::generate(&mut con, keys, &a, 100, 100, &inc, None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("next_id"), "{err}");

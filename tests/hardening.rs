@@ -469,7 +469,7 @@ async fn generation_stops_cleanly_at_the_end_of_the_id_space() {
         .query_async::<()>(&mut con)
         .await
         .unwrap();
-    let first = generator::generate(&mut con, keys, &lease, 100, 1000, &inc)
+    let first = generator::generate(&mut con, keys, &lease, 100, 1000, &inc, None)
         .await
         .unwrap();
     assert_eq!(
@@ -484,7 +484,7 @@ async fn generation_stops_cleanly_at_the_end_of_the_id_space() {
         }
     );
     assert_eq!(
-        generator::generate(&mut con, keys, &lease, 100, 1000, &inc)
+        generator::generate(&mut con, keys, &lease, 100, 1000, &inc, None)
             .await
             .unwrap(),
         Generated::IdSpaceUsedUp

@@ -17,6 +17,7 @@ use crate::conn::Conn;
 use crate::error::Error;
 use crate::node::lease;
 use crate::protocol::keys::Keys;
+use crate::protocol::message::Envelope;
 use crate::protocol::scripts;
 use std::io::Write;
 
@@ -56,38 +57,49 @@ impl ErrorEntry {
         }
     }
 
-    /// True for a message whose eventHandler failed or timed out (as opposed to garbage, a
+    /// True for a message whose handler failed or timed out (as opposed to garbage, a
     /// quarantined key or a poison message).
     pub fn is_failed_message(&self) -> bool {
-        matches!(self.reason.as_str(), "handler error" | "handler timeout")
+        Envelope::parse(&self.payload).is_ok() && !self.reason.starts_with("poison")
+    }
+
+    /// The message's id and data, when the payload is a message.
+    fn message(&self) -> Option<(u64, &[u8])> {
+        let (envelope, at) = Envelope::parse(&self.payload).ok()?;
+        Some((envelope.id, &self.payload[at..]))
     }
 
     /// The line `getErrors` prints: the message id for a failed message (the task's message is
-    /// `getMessage()`'s value), or the raw payload, newlines escaped, for anything else.
+    /// `getMessage()`'s value), then a tab and its data when it carries any; or the raw payload
+    /// for anything else. Data and raw payloads are printed with backslash, newline and carriage
+    /// return escaped, so one entry is always one line.
     pub fn line(&self) -> String {
-        let text = String::from_utf8_lossy(&self.payload);
-        match crate::protocol::message::Message::parse(&text) {
-            Ok(m) => m.id.to_string(),
-            Err(_) => text
-                .replace('\\', "\\\\")
-                .replace('\n', "\\n")
-                .replace('\r', "\\r"),
+        match self.message() {
+            Some((id, [])) => id.to_string(),
+            Some((id, data)) => format!("{id}\t{}", escaped(data)),
+            None => escaped(&self.payload),
         }
     }
 
-    /// The entry as one JSON object: `id` (null for anything but a failed message), `reason`,
-    /// `when` (RFC 3339 UTC from `time_us`, null when the entry carries no time) and, for
-    /// anything but a failed message, the raw `payload` (lossy UTF-8) so nothing is hidden.
+    /// The entry as one JSON object: `id` (null for anything but a message), `reason`, `when`
+    /// (RFC 3339 UTC from `time_us`, null when the entry carries no time), the message's `data`
+    /// when it carries any, and for anything but a message the raw `payload` (both lossy UTF-8)
+    /// so nothing is hidden.
     pub fn json(&self) -> serde_json::Value {
-        let text = String::from_utf8_lossy(&self.payload);
         let when = (self.time_us > 0).then(|| rfc3339_utc(self.time_us));
-        match crate::protocol::message::Message::parse(&text) {
-            Ok(m) => serde_json::json!({"id": m.id, "reason": self.reason, "when": when}),
-            Err(_) => serde_json::json!({
+        match self.message() {
+            Some((id, [])) => serde_json::json!({"id": id, "reason": self.reason, "when": when}),
+            Some((id, data)) => serde_json::json!({
+                "id": id,
+                "reason": self.reason,
+                "when": when,
+                "data": String::from_utf8_lossy(data),
+            }),
+            None => serde_json::json!({
                 "id": null,
                 "reason": self.reason,
                 "when": when,
-                "payload": text,
+                "payload": String::from_utf8_lossy(&self.payload),
             }),
         }
     }
@@ -99,6 +111,14 @@ impl ErrorEntry {
             LineFormat::Json => self.json().to_string(),
         }
     }
+}
+
+/// Bytes as one line of text: lossy UTF-8 with `\\`, `\n` and `\r` escaped.
+fn escaped(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
 }
 
 /// How `getErrors` prints an entry.
@@ -142,10 +162,45 @@ pub struct DrainConfig {
     pub lock_ms: u64,
     /// Unique token of this call.
     pub token: String,
-    /// How each entry is printed.
-    pub format: LineFormat,
     /// How long a step may keep failing with Redis unreachable before the drain gives up.
     pub retry_for: std::time::Duration,
+}
+
+/// Where a drain puts the entries it takes, a chunk at a time.
+///
+/// The drain deletes a chunk from Redis as soon as [`accept`](ErrorSink::accept) returns `Ok`,
+/// so `accept` must have made the entries durable by then (written and flushed, committed to a
+/// database); an `Err` stops the drain and leaves the chunk in Redis for the next one. A sink
+/// that dies between the two sees the chunk again from the next drain: at least once, never lost.
+pub trait ErrorSink {
+    /// Takes a chunk of entries, in store order.
+    fn accept(&mut self, entries: &[ErrorEntry]) -> std::io::Result<()>;
+}
+
+/// `getErrors`'s sink: each entry as one line in `format`, flushed after every chunk.
+#[derive(Debug)]
+pub struct Lines<W> {
+    /// Where the lines go.
+    pub out: W,
+    /// How each entry is printed.
+    pub format: LineFormat,
+}
+
+impl<W: Write> ErrorSink for Lines<W> {
+    fn accept(&mut self, entries: &[ErrorEntry]) -> std::io::Result<()> {
+        for entry in entries {
+            writeln!(self.out, "{}", entry.render(self.format))?;
+        }
+        self.out.flush()
+    }
+}
+
+/// Collects the entries in memory (for programs that handle them themselves, and tests).
+impl ErrorSink for Vec<ErrorEntry> {
+    fn accept(&mut self, entries: &[ErrorEntry]) -> std::io::Result<()> {
+        self.extend_from_slice(entries);
+        Ok(())
+    }
 }
 
 /// What a drain did.
@@ -157,13 +212,13 @@ pub struct Drained {
     pub bad: u64,
 }
 
-/// Prints every error entry to `out` (one line each) and deletes it: first what a killed earlier
-/// call left in the drain list, then the whole store as it is now.
+/// Hands every error entry to `sink` and deletes it: first what a killed earlier call left in the
+/// drain list, then the whole store as it is now.
 pub async fn drain(
     con: &mut Conn,
     keys: &Keys,
     config: &DrainConfig,
-    out: &mut impl Write,
+    sink: &mut impl ErrorSink,
 ) -> Result<Drained, Error> {
     let mut total = Drained::default();
     // Deleting needs the master: a read-only replica is refused with its name.
@@ -203,7 +258,7 @@ pub async fn drain(
                 tokio::time::sleep(LOCK_POLL).await;
                 continue;
             }
-            drain_list(con, keys, config, left as u64, out, &mut total).await?;
+            drain_list(con, keys, config, left as u64, sink, &mut total).await?;
             modes.next();
         }
         Ok(())
@@ -284,7 +339,7 @@ async fn drain_list(
     keys: &Keys,
     config: &DrainConfig,
     mut len: u64,
-    out: &mut impl Write,
+    sink: &mut impl ErrorSink,
     total: &mut Drained,
 ) -> Result<(), Error> {
     loop {
@@ -300,13 +355,9 @@ async fn drain_list(
         if raw.is_empty() {
             return Ok(());
         }
-        for entry in raw.iter().map(|r| ErrorEntry::parse(r)) {
-            writeln!(out, "{}", entry.render(config.format))?;
-            if !entry.is_failed_message() {
-                total.bad += 1;
-            }
-        }
-        out.flush()?;
+        let entries: Vec<ErrorEntry> = raw.iter().map(|r| ErrorEntry::parse(r)).collect();
+        sink.accept(&entries)?;
+        total.bad += entries.iter().filter(|e| !e.is_failed_message()).count() as u64;
         let printed = raw.len();
         let left: i64 = retrying(config, con, |mut con| async move {
             let mut call = scripts::ERRORS_ACK.prepare_invoke();

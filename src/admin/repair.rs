@@ -14,16 +14,18 @@ use crate::conn::Conn;
 use crate::error::Error;
 use crate::node::incarnation::HALTED_PREFIX;
 use crate::protocol::keys::Keys;
-use crate::protocol::message::Message;
+use crate::protocol::message::Envelope;
 
 /// What `repair` found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Repaired {
     /// `next_id` as found, and as set.
     pub next_id_before: Counter,
+    /// `next_id` as set.
     pub next_id_after: u64,
     /// The epoch counter as found, and as set.
     pub epoch_before: Counter,
+    /// The epoch counter as set.
     pub epoch_after: u64,
     /// The halt that was lifted, if any.
     pub lifted_halt: Option<String>,
@@ -107,9 +109,10 @@ pub async fn repair(con: &mut Conn, keys: &Keys) -> Result<Repaired, Error> {
         payloads.extend(members(con, &keys.inflight(&h)).await);
     }
     for p in &payloads {
-        let text = String::from_utf8_lossy(p);
-        let first = text.split('\t').next().unwrap_or_default();
-        if let Ok(m) = Message::parse(first) {
+        // An error entry is "<payload>\t<reason>\t<time>": the envelope's fields come before
+        // the first tab (data may hold more tabs; only the id matters here).
+        let head = p.split(|&b| b == b'\t').next().unwrap_or_default();
+        if let Ok((m, _)) = Envelope::parse(head) {
             next_id = next_id.max(m.id + 1);
         }
     }

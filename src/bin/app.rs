@@ -14,7 +14,7 @@ use leaderq::admin::status::{self, ShowOptions};
 use leaderq::node::generator::GeneratorConfig;
 use leaderq::node::handler::HandlerConfig;
 use leaderq::outcome::OutcomeModel;
-use leaderq::{conn, node, Config, Error, Keys};
+use leaderq::{conn, Config, Counter, Error, Failure, Handler, Keys, Message, Node, TaskHandler};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -305,7 +305,9 @@ async fn repair(common: Common) -> Result<(), Error> {
 }
 
 async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
-    let instance_id = f.instance_id.unwrap_or_else(default_instance_id);
+    let instance_id = f
+        .instance_id
+        .unwrap_or_else(leaderq::node::default_instance_id);
     let config = Config {
         redis: common.target()?,
         keys: Keys::new(&common.namespace)?,
@@ -324,12 +326,6 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
             heartbeat_ms: f.heartbeat_ms,
             redis_down_max_ms: f.redis_down_max_ms,
             handler_timeout_ms: f.handler_timeout_ms,
-            model: OutcomeModel {
-                seed: f.seed,
-                error_rate: f.error_rate,
-                delay_max_ms: f.handler_delay_max_ms,
-                crash_on_id: f.fault_crash_on_id,
-            },
         },
         max_messages: f.max_messages,
         connect_timeout_ms: common.connect_timeout_ms,
@@ -341,16 +337,43 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
             .unwrap_or(f.handler_delay_max_ms.min(f.handler_timeout_ms) + 5000),
     }
     .validate()?;
+    let handler = CrashOn {
+        inner: TaskHandler::new(OutcomeModel {
+            seed: f.seed,
+            error_rate: f.error_rate,
+            delay_max_ms: f.handler_delay_max_ms,
+        })?,
+        id: f.fault_crash_on_id,
+    };
+    let node = Node::from_config(config, handler, Counter)?;
     let stop = CancellationToken::new();
     {
         // So these lines, and the signal handler's, carry the instance like node::run's.
-        let _span = tracing::info_span!("node", instance = %config.instance_id).entered();
+        let _span = tracing::info_span!("node", instance = %node.config().instance_id).entered();
         if let Some(addr) = &f.metrics_addr {
             metrics::install(addr)?;
         }
         spawn_signal_handler(stop.clone());
     }
-    node::run(config, stop).await
+    node.run(stop).await
+}
+
+/// `--fault-crash-on-id`: the task's handler, except that handling one id aborts the process (a
+/// poison message, for the tests and `sim`). A wrapper here, so the library's handler path has no
+/// such hook.
+struct CrashOn<H> {
+    inner: H,
+    id: Option<u64>,
+}
+
+impl<H: Handler> Handler for CrashOn<H> {
+    async fn handle(&self, message: Message) -> Result<(), Failure> {
+        if self.id == Some(message.id) {
+            tracing::error!(id = message.id, "fault injection: crashing on this message");
+            std::process::abort();
+        }
+        self.inner.handle(message).await
+    }
 }
 
 async fn get_errors(
@@ -381,11 +404,11 @@ async fn get_errors(
     let config = DrainConfig {
         chunk: chunk as usize,
         lock_ms: 5_000,
-        token: default_instance_id(),
-        format,
+        token: leaderq::node::default_instance_id(),
         retry_for: Duration::from_millis(redis_down_max_ms),
     };
-    let drained = errors::drain(&mut con, &keys, &config, &mut out).await?;
+    let mut sink = errors::Lines { out, format };
+    let drained = errors::drain(&mut con, &keys, &config, &mut sink).await?;
     eprintln!(
         "getErrors: printed and deleted {} entries ({} failed messages, {} other)",
         drained.printed,
@@ -439,24 +462,4 @@ fn spawn_signal_handler(stop: CancellationToken) {
         }
     };
     tokio::spawn(task.in_current_span());
-}
-
-/// `host-pid-random`: unique per process, and readable in logs and Redis.
-fn default_instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| {
-            h.trim()
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .take(24)
-                .collect::<String>()
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "host".into());
-    format!(
-        "{host}-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
 }

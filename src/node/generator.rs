@@ -1,4 +1,6 @@
 //! The generator: `getMessage()` in batches, while and only while this process holds the lease.
+//! What goes into each message comes from the [`Source`]; ids, fencing and limits are the
+//! script's (generate.lua).
 
 use crate::conn::Conn;
 use crate::error::Error;
@@ -6,6 +8,7 @@ use crate::node::incarnation::Incarnation;
 use crate::node::lease::{self, Lease};
 use crate::protocol::keys::Keys;
 use crate::protocol::scripts;
+use crate::work::{Batch, Source, DATA_MAX_BYTES};
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -15,8 +18,11 @@ use tokio_util::sync::CancellationToken;
 pub enum Generated {
     /// Ids `first_id .. first_id + count` were appended at Redis time `time_us`.
     Batch {
+        /// The first id generated.
         first_id: u64,
+        /// How many.
         count: u64,
+        /// Redis `TIME` of the batch, µs.
         time_us: u64,
     },
     /// The queue holds `queue_max` messages: wait for the handlers.
@@ -27,10 +33,25 @@ pub enum Generated {
     IdSpaceUsedUp,
     /// The lease is not ours any more: step down.
     Fenced,
+    /// The data given was for other ids: the next id is `next_id` (ask the source again).
+    Misaligned {
+        /// The id the next message gets.
+        next_id: u64,
+    },
 }
 
-/// Runs generate.lua once: at most `batch_max` messages, only under `lease`, and only while
-/// Redis still holds `incarnation` and a next id no lower than any this copy has seen.
+/// The data for the messages that begin at `first_id`, one entry per message.
+#[derive(Debug, Clone, Copy)]
+pub struct Data<'a> {
+    /// The id the first entry is for.
+    pub first_id: u64,
+    /// One payload per message, in id order.
+    pub payloads: &'a [Vec<u8>],
+}
+
+/// Runs generate.lua once: at most `batch_max` messages (and at most one per entry of `data`,
+/// when given), only under `lease`, and only while Redis still holds `incarnation` and a next id
+/// no lower than any this copy has seen.
 pub async fn generate(
     con: &mut Conn,
     keys: &Keys,
@@ -38,9 +59,10 @@ pub async fn generate(
     batch_max: u64,
     queue_max: u64,
     incarnation: &Incarnation,
+    data: Option<Data<'_>>,
 ) -> Result<Generated, Error> {
-    let (status, first_id, count, time_us): (i64, u64, u64, u64) = scripts::GENERATE
-        .key(keys.lease())
+    let mut call = scripts::GENERATE.prepare_invoke();
+    call.key(keys.lease())
         .key(keys.next_id())
         .key(keys.max())
         .key(keys.queue())
@@ -55,10 +77,15 @@ pub async fn generate(
         .arg(queue_max)
         .arg(incarnation.token())
         .arg(incarnation.max_next_id())
-        .arg(crate::protocol::message::ID_MAX + 1)
-        .invoke_async(con)
-        .await
-        .map_err(|e| match e.code() {
+        .arg(crate::protocol::message::ID_MAX + 1);
+    if let Some(data) = data {
+        call.arg(data.first_id);
+        for payload in data.payloads {
+            call.arg(&payload[..]);
+        }
+    }
+    let (status, first_id, count, time_us): (i64, u64, u64, u64) =
+        call.invoke_async(con).await.map_err(|e| match e.code() {
             Some("ERR") if e.to_string().contains("generate:") => Error::Corrupt(e.to_string()),
             _ => Error::from(e),
         })?;
@@ -74,6 +101,7 @@ pub async fn generate(
         2 => Generated::QueueFull,
         3 => Generated::Finished,
         4 => Generated::IdSpaceUsedUp,
+        5 => Generated::Misaligned { next_id: first_id },
         _ => Generated::Fenced,
     })
 }
@@ -104,12 +132,13 @@ pub enum LeadEnd {
 ///
 /// Correctness does not depend on this loop noticing a lost lease quickly: generate.lua checks
 /// the lease on every call. Noticing only matters so the process goes back to handling.
-pub async fn lead(
+pub async fn lead<S: Source>(
     con: &mut Conn,
     keys: &Keys,
     lease: &Lease,
     config: &GeneratorConfig,
     incarnation: &Incarnation,
+    source: &S,
     stop: &CancellationToken,
 ) -> Result<LeadEnd, Error> {
     let renew_every = Duration::from_millis((config.lease_ms / 3).max(1));
@@ -124,6 +153,9 @@ pub async fn lead(
     let mut next_renew = renewed_at + renew_every;
     let mut next_generate = Instant::now();
     let mut failures = 0u32;
+    // The id the source is asked for next: a guess until generate.lua says (a wrong one costs one
+    // round trip: the script names the right one and generates nothing).
+    let mut next_id_guess = 0u64;
     loop {
         tokio::select! {
             biased;
@@ -152,12 +184,50 @@ pub async fn lead(
             }
             _ = sleep_until(next_generate) => {
                 let now = Instant::now();
-                next_generate = match generate(con, keys, lease, batch, config.queue_max, incarnation).await {
-                    Ok(Generated::Batch { count, .. }) => {
+                let asked = tokio::time::timeout(renew_every, source.batch(next_id_guess, batch as usize)).await;
+                let payloads = match asked {
+                    Ok(Ok(Batch::Ids)) => None,
+                    Ok(Ok(Batch::Payloads(list))) if list.is_empty() => {
+                        // Nothing to generate now: ask again after the interval.
+                        next_generate = now + interval.max(Duration::from_millis(100));
+                        continue;
+                    }
+                    Ok(Ok(Batch::Payloads(mut list))) => {
+                        list.truncate(batch as usize);
+                        if let Some((i, big)) = list.iter().enumerate().find(|(_, p)| p.len() > DATA_MAX_BYTES) {
+                            return Err(Error::Source(format!(
+                                "it gave message {} {} bytes of data; the most one message may carry is {DATA_MAX_BYTES}",
+                                next_id_guess + i as u64,
+                                big.len()
+                            )));
+                        }
+                        Some(list)
+                    }
+                    Ok(Err(failure)) => {
+                        failures += 1;
+                        tracing::warn!(reason = %failure, failures, "the message source failed; asking again");
+                        next_generate = now + Duration::from_millis(10 * u64::from(failures.min(50)));
+                        continue;
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        tracing::warn!(waited_ms = renew_every.as_millis() as u64, failures, "the message source did not answer within a third of the lease; asking again");
+                        next_generate = Instant::now();
+                        continue;
+                    }
+                };
+                let data = payloads.as_deref().map(|payloads| Data { first_id: next_id_guess, payloads });
+                next_generate = match generate(con, keys, lease, batch, config.queue_max, incarnation, data).await {
+                    Ok(Generated::Batch { first_id, count, .. }) => {
                         failures = 0;
+                        next_id_guess = first_id + count;
                         crate::admin::metrics::generated(count);
                         // Pace from the planned time, but never burst to catch up after a stall.
                         (next_generate + interval).max(now)
+                    }
+                    Ok(Generated::Misaligned { next_id }) => {
+                        next_id_guess = next_id;
+                        now
                     }
                     Ok(Generated::QueueFull) => now + Duration::from_millis(1),
                     Ok(Generated::Finished) => now + Duration::from_millis(100),

@@ -4,6 +4,7 @@
 //! Everything it logs runs inside a `node{instance=…}` span (lines written while generating add a
 //! `generator{epoch=…}` span), so every log line says which copy, and which epoch, wrote it.
 
+pub mod builder;
 pub mod generator;
 pub mod handler;
 pub mod incarnation;
@@ -18,6 +19,7 @@ use crate::error::Error;
 use crate::inspect;
 use crate::protocol::keys::Keys;
 use crate::protocol::scripts;
+use crate::work::{Handler, Source};
 use generator::{GeneratorConfig, LeadEnd};
 use handler::{HandlerShared, Role};
 use incarnation::Incarnation;
@@ -30,16 +32,31 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use builder::{default_instance_id, Node, NodeBuilder};
+
 /// Runs one copy until `stop` fires (then drains and returns `Ok`) or a fatal error.
 ///
 /// On a fatal error nothing is cleaned up on purpose: the lease and heartbeat expire in Redis and
 /// the in-flight messages are reclaimed, exactly as after a SIGKILL.
-pub async fn run(config: Config, stop: CancellationToken) -> Result<(), Error> {
+pub async fn run<H: Handler, S: Source>(
+    config: Config,
+    handler: Arc<H>,
+    source: Arc<S>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let config = config.validate()?;
     let span = tracing::info_span!("node", instance = %config.instance_id);
-    run_in_span(config, stop).instrument(span).await
+    run_in_span(config, handler, source, stop)
+        .instrument(span)
+        .await
 }
 
-async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Error> {
+async fn run_in_span<H: Handler, S: Source>(
+    config: Config,
+    handler: Arc<H>,
+    source: Arc<S>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
     let mut con = conn::connect_to(&config.redis, config.connect_timeout_ms).await?;
     let keys = config.keys.clone();
     for warning in crate::node::redis_config::check(&mut con, config.allow_eviction).await? {
@@ -81,10 +98,12 @@ async fn run_in_span(config: Config, stop: CancellationToken) -> Result<(), Erro
         incarnation.clone(),
         config.instance_id.clone(),
         config.generator.clone(),
+        source,
         role_tx,
         stop.clone(),
     ));
     let mut handling = spawn(handler::run(
+        handler,
         con.clone(),
         keys.clone(),
         incarnation.clone(),
@@ -251,12 +270,14 @@ fn joined(r: Result<Result<(), Error>, tokio::task::JoinError>) -> Result<(), Er
 }
 
 /// Competes for the lease every `lease_ms / 10` (5..100 ms); generates while holding it.
-async fn leader_loop(
+#[allow(clippy::too_many_arguments)]
+async fn leader_loop<S: Source>(
     mut con: Conn,
     keys: Keys,
     incarnation: Incarnation,
     instance: String,
     config: GeneratorConfig,
+    source: Arc<S>,
     role: watch::Sender<Role>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
@@ -269,9 +290,17 @@ async fn leader_loop(
                 tracing::info!(epoch = lease.epoch, "became the generator");
                 role.send_replace(Role::Generator { epoch: lease.epoch });
                 crate::admin::metrics::role(Role::Generator { epoch: lease.epoch });
-                let end = generator::lead(&mut con, &keys, &lease, &config, &incarnation, &stop)
-                    .instrument(tracing::info_span!("generator", epoch = lease.epoch))
-                    .await;
+                let end = generator::lead(
+                    &mut con,
+                    &keys,
+                    &lease,
+                    &config,
+                    &incarnation,
+                    &*source,
+                    &stop,
+                )
+                .instrument(tracing::info_span!("generator", epoch = lease.epoch))
+                .await;
                 role.send_replace(Role::Handler);
                 crate::admin::metrics::role(Role::Handler);
                 match end? {

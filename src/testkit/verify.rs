@@ -21,8 +21,11 @@ const MAX_MESSAGES: u64 = 1 << 32;
 pub struct Observed {
     /// N: the ids must be exactly `0..N`.
     pub messages: u64,
+    /// The apps' `--seed`: outcomes are a function of it and the id.
     pub seed: u64,
+    /// The apps' `--error-rate`.
     pub error_rate: f64,
+    /// The apps' `--handler-delay-max-ms`.
     pub delay_max_ms: u64,
     /// The apps' `--handler-timeout-ms`: a message whose drawn delay reaches it fails with a
     /// timeout. 0 = no timeout.
@@ -39,8 +42,11 @@ pub struct Observed {
     pub error_lines_killed: Vec<String>,
     /// One entry per generated batch, in append order.
     pub epoch_log: Vec<EpochBatch>,
+    /// The namespace's stats counters.
     pub counters: Counters,
+    /// Messages still queued (0 after a drained run).
     pub queue_len: u64,
+    /// Messages still in any in-flight set (0 after a drained run).
     pub in_flight: u64,
     /// Handlers SIGKILLed by the sim; 0 means every message must have run exactly once.
     pub worker_kills: u64,
@@ -95,16 +101,21 @@ pub struct Verdict {
     pub processed: u64,
     /// Integer error lines within `0..N`.
     pub errors: u64,
+    /// Ids in `0..N` with no outcome.
     pub missing: u64,
     /// Extra occurrences beyond the first (counted up to 255 per id).
     pub duplicates: u64,
     /// Error entries printed again after a killed `getErrors` (allowed: printed twice, never lost).
     pub reprinted: u64,
+    /// Outcomes other than the seeded handler's (and error lines that are not ids).
     pub unexpected: u64,
+    /// Outcomes for ids outside `0..N`.
     pub out_of_range: u64,
     /// `runs - messages`, saturating.
     pub reruns: u64,
+    /// What broke, one line each (capped).
     pub violations: Vec<String>,
+    /// No violations.
     pub pass: bool,
 }
 
@@ -147,8 +158,36 @@ fn slot(seen: &mut [u8], id: u64) -> Option<&mut u8> {
 /// Whether message `id` of the run described by `o` must end in the error store: its seeded
 /// handler fails, or its seeded delay reaches the handler timeout.
 pub fn predicted_failure(o: &Observed, id: u64) -> bool {
+    expected(o, id) == Expected::Fail
+}
+
+/// How close to the handler timeout a delay may be and still go either way: the timeout is judged
+/// on the clock, and a handler whose timer fires within a scheduling delay of the deadline can be
+/// seen finishing after it (never the reverse: a delay at or past the timeout always times out).
+pub const TIMEOUT_RACE_MS: u64 = 50;
+
+/// What message `id` of the run described by `o` must be recorded as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// Handled ok.
+    Ok,
+    /// In the error store: its seeded handler fails, or its delay reaches the timeout.
+    Fail,
+    /// Either: its handler succeeds, but its delay is within [`TIMEOUT_RACE_MS`] below the timeout.
+    Either,
+}
+
+/// The outcome the verdict demands for message `id`.
+pub fn expected(o: &Observed, id: u64) -> Expected {
     let outcome = seeded(o.seed, id, o.error_rate, o.delay_max_ms);
-    outcome.failed || (o.handler_timeout_ms > 0 && outcome.delay_ms >= o.handler_timeout_ms)
+    let t = o.handler_timeout_ms;
+    if outcome.failed || (t > 0 && outcome.delay_ms >= t) {
+        Expected::Fail
+    } else if t > 0 && outcome.delay_ms + TIMEOUT_RACE_MS >= t {
+        Expected::Either
+    } else {
+        Expected::Ok
+    }
 }
 
 /// Applies every rule of an exactly-once run to `o`; see the module tests for one case per rule.
@@ -156,7 +195,8 @@ pub fn check(o: &Observed) -> Verdict {
     let n = o.messages;
     let mut v = Violations::default();
     let mut r = Verdict::default();
-    let predicted_fail = |id: u64| predicted_failure(o, id);
+    let must_fail = |id: u64| expected(o, id) == Expected::Fail;
+    let must_succeed = |id: u64| expected(o, id) == Expected::Ok;
 
     // Occurrences per id (5 MB for 5 M messages); empty when N is over the limit.
     let mut seen: Vec<u8> = Vec::new();
@@ -203,7 +243,7 @@ pub fn check(o: &Observed) -> Verdict {
         }
         *count = count.saturating_add(1);
         r.errors += 1;
-        if !predicted_fail(id) {
+        if must_succeed(id) {
             r.unexpected += 1;
             v.push(|| format!("id {id} is in the error store but its handler succeeds"));
         }
@@ -218,7 +258,7 @@ pub fn check(o: &Observed) -> Verdict {
             r.duplicates += u64::from(count - 1);
             v.push(|| format!("id {id} has {count} outcomes (duplicate)"));
         }
-        if bit(&o.ok_bitmap, id) && predicted_fail(id) {
+        if bit(&o.ok_bitmap, id) && must_fail(id) {
             r.unexpected += 1;
             v.push(|| format!("id {id} is recorded ok but its handler fails"));
         }
@@ -439,6 +479,66 @@ mod tests {
         assert!(predicted_failure(&o, slow), "its delay reaches the timeout");
         o.handler_timeout_ms = 1000;
         assert!(!predicted_failure(&o, slow), "delays stay below 1000");
+        let delay = seeded(o.seed, slow, o.error_rate, o.delay_max_ms).delay_ms;
+        o.handler_timeout_ms = delay + 1;
+        assert_eq!(
+            expected(&o, slow),
+            Expected::Either,
+            "1 ms short of the timeout"
+        );
+        o.handler_timeout_ms = delay + TIMEOUT_RACE_MS + 1;
+        assert_eq!(expected(&o, slow), Expected::Ok, "clear of the race");
+    }
+
+    #[test]
+    fn a_message_racing_the_timeout_may_go_either_way_but_not_one_past_it() {
+        let mut o = clean();
+        (o.delay_max_ms, o.handler_timeout_ms) = (1000, 500);
+        let record = |o: &mut Observed, fails: &dyn Fn(u64) -> bool| {
+            o.error_lines.clear();
+            for id in 0..N {
+                set_ok(o, id, !fails(id));
+                if fails(id) {
+                    o.error_lines.push(id.to_string());
+                }
+            }
+            let errors = o.error_lines.len() as u64;
+            (o.counters.processed, o.counters.errors) = (N - errors, errors);
+        };
+        let o2 = o.clone();
+        let must_fail = move |id| expected(&o2, id) == Expected::Fail;
+        record(&mut o, &must_fail);
+        assert!(
+            check(&o).violations.is_empty(),
+            "{:?}",
+            check(&o).violations
+        );
+        let racing = (0..N)
+            .find(|&id| expected(&o, id) == Expected::Either)
+            .expect("some delay in 450..500");
+        let o3 = o.clone();
+        record(&mut o, &|id| {
+            id == racing || expected(&o3, id) == Expected::Fail
+        });
+        assert!(
+            check(&o).violations.is_empty(),
+            "timed out while racing: fine"
+        );
+        let late = (0..N)
+            .find(|&id| {
+                let s = seeded(o.seed, id, o.error_rate, o.delay_max_ms);
+                !s.failed && s.delay_ms >= 500
+            })
+            .expect("some delay past 500");
+        record(&mut o, &|id| {
+            id != late && expected(&o3, id) == Expected::Fail
+        });
+        let v = check(&o).violations;
+        assert!(
+            v.iter()
+                .any(|m| m.contains(&format!("id {late} is recorded ok"))),
+            "{v:?}"
+        );
     }
 
     #[test]

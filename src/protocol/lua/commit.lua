@@ -10,7 +10,7 @@
 -- ARGV[1]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
 -- ARGV[2..]: triples (kind, payload, extra):
 --   kind "o": handled ok,      extra = id
---   kind "e": handler error,   extra = id
+--   kind "e": handler error,   extra = id, or "<id>\t<reason>" (one line; "handler error" when none)
 --   kind "t": handler timeout (eventHandler did not call back in time), extra = id
 --   kind "b": unparseable message (never handled), extra = reason
 -- Returns: {time_us, refused_index, ...}: the Redis time of the commit, then the 1-based triple
@@ -25,8 +25,12 @@ end
 for i = 2, #ARGV, 3 do
   local kind = ARGV[i]
   if kind == 'o' or kind == 'e' or kind == 't' then
-    local id = tonumber(ARGV[i + 2])
-    if not id or id < 0 or id >= 4294967296 or id ~= math.floor(id) then
+    local digits = string.match(ARGV[i + 2], '^(%d+)$')
+    if kind == 'e' and not digits then
+      digits = string.match(ARGV[i + 2], '^(%d+)\t')
+    end
+    local id = tonumber(digits)
+    if not id or id >= 4294967296 then
       return redis.error_reply('ERR commit: bad id ' .. ARGV[i + 2])
     end
   elseif kind ~= 'b' then
@@ -41,6 +45,11 @@ local result = {now_us}
 local processed, errors, bad, duplicates, runs, timeouts = 0, 0, 0, 0, 0, 0
 for i = 2, #ARGV, 3 do
   local kind, payload, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local id, reason = extra, 'handler error'
+  if kind == 'e' then
+    local n, why = string.match(extra, '^(%d+)\t(.*)$')
+    if n then id, reason = n, why end
+  end
   if kind ~= 'b' then
     runs = runs + 1
   end
@@ -49,17 +58,17 @@ for i = 2, #ARGV, 3 do
   elseif kind == 'b' then
     redis.call('RPUSH', KEYS[4], payload .. '\t' .. extra .. '\t' .. now)
     bad = bad + 1
-  elseif redis.call('SETBIT', KEYS[2], extra, 1) == 1 then
+  elseif redis.call('SETBIT', KEYS[2], id, 1) == 1 then
     duplicates = duplicates + 1
   elseif kind == 'o' then
-    redis.call('SETBIT', KEYS[3], extra, 1)
+    redis.call('SETBIT', KEYS[3], id, 1)
     processed = processed + 1
   elseif kind == 't' then
     redis.call('RPUSH', KEYS[4], payload .. '\thandler timeout\t' .. now)
     errors = errors + 1
     timeouts = timeouts + 1
   else
-    redis.call('RPUSH', KEYS[4], payload .. '\thandler error\t' .. now)
+    redis.call('RPUSH', KEYS[4], payload .. '\t' .. reason .. '\t' .. now)
     errors = errors + 1
   end
 end

@@ -17,11 +17,17 @@
 --          means Redis went back in time (restored from an older copy): FORGOTTEN, nothing written.
 -- ARGV[7]: id_limit, integer >= 1: ids are 0 .. id_limit-1 (the outcome bitmaps' size); never
 --          generate past it.
+-- ARGV[8]: "" when the messages carry no data; otherwise the id the data below begins at (the
+--          caller asked its source for the ids it believes come next).
+-- ARGV[9..]: the data of the messages ARGV[8], ARGV[8]+1, …: at most this many are generated,
+--          each as "<id>:<epoch>:<time>:0:<data>".
 -- Returns: {status, first_id, count, time_us}
 --   status 1: generated ids first_id .. first_id+count-1 at Redis time time_us
 --   status 2: the queue is full (backpressure), nothing generated
 --   status 3: max messages reached, nothing generated
 --   status 4: the id space is used up (next_id = id_limit), nothing generated
+--   status 5: the data begins at another id than next_id (first_id is next_id): ask the source
+--             again for next_id on; nothing generated
 --   status -1: fenced: the lease is not ours (expired, or another epoch holds it); nothing generated
 -- Errors (nothing mutated): bad arguments; DAMAGED for a next_id or max that is not a
 -- non-negative integer (never reset: restarting at 0 would repeat ids); FORGOTTEN (see below).
@@ -37,6 +43,9 @@ end
 if not batch_max or batch_max < 1 or not queue_max or queue_max < 1 or not epoch
   or not min_next or min_next < 0 or not id_limit or id_limit < 1 then
   return redis.error_reply('ERR generate: bad arguments')
+end
+if ARGV[8] and ARGV[8] ~= '' and (not string.match(ARGV[8], '^%d+$') or #ARGV < 9) then
+  return redis.error_reply('ERR generate: data must follow the id it begins at')
 end
 local gone = forgotten(KEYS[8], ARGV[5])
 if gone then return gone end
@@ -55,6 +64,13 @@ if next_id >= id_limit then
   return {4, next_id, 0, now_us}
 end
 local n = math.min(batch_max, id_limit - next_id)
+local with_data = ARGV[8] ~= nil and ARGV[8] ~= ''
+if with_data then
+  if tonumber(ARGV[8]) ~= next_id then
+    return {5, next_id, 0, now_us}
+  end
+  n = math.min(n, #ARGV - 8)
+end
 local raw_max = redis.call('GET', KEYS[3])
 if raw_max then
   local max = tonumber(raw_max)
@@ -72,7 +88,11 @@ n = math.min(n, room)
 local suffix = ':' .. ARGV[2] .. ':' .. now
 local chunk = {}
 for i = 0, n - 1 do
-  chunk[#chunk + 1] = (next_id + i) .. suffix
+  if with_data then
+    chunk[#chunk + 1] = (next_id + i) .. suffix .. ':0:' .. ARGV[9 + i]
+  else
+    chunk[#chunk + 1] = (next_id + i) .. suffix
+  end
   if #chunk == 1000 then
     redis.call('RPUSH', KEYS[4], unpack(chunk))
     chunk = {}

@@ -44,6 +44,22 @@ guard('reclaim', now, KEYS[4], KEYS[5], {
   {KEYS[1], 'set'}, {KEYS[2], 'set'}, {KEYS[3], 'string'},
   {KEYS[6], 'list'}, {KEYS[7], 'list'}, {KEYS[8], 'list'}, {KEYS[9], 'list'}, {KEYS[10], 'list'},
 })
+-- The envelope of a payload, as src/protocol/message.rs reads it: id, epoch, time, reclaims
+-- (0 when absent) and the data with its leading colon ('' when none); nil for garbage.
+local function envelope(p)
+  local id, epoch, gen, rest = string.match(p, '^(%d+):(%d+):(%d+)(.*)$')
+  if not id or tonumber(id) > 4294967295 then
+    return nil
+  end
+  if rest == '' then
+    return id, epoch, gen, 0, ''
+  end
+  local n, data = string.match(rest, '^:(%d+)(.*)$')
+  if not n or (data ~= '' and string.sub(data, 1, 1) ~= ':') then
+    return nil
+  end
+  return id, epoch, gen, tonumber(n), data
+end
 local dead, moved, poisoned, duplicates = 0, 0, 0, 0
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', prefix .. 'hb:' .. h) == 0 then
@@ -51,12 +67,12 @@ for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     guard('reclaim', now, KEYS[4], KEYS[5], {{set, 'set'}})
     local retry, suspects = {}, {}
     for _, p in ipairs(redis.call('SMEMBERS', set)) do
-      local id, epoch, gen, n = string.match(p, '^(%d+):(%d+):(%d+):?(%d*)$')
+      local id, epoch, gen, n, data = envelope(p)
       if not id then
         retry[#retry + 1] = p -- garbage: the next handler commits it as bad
       else
-        local reclaims = (tonumber(n) or 0) + 1
-        local again = id .. ':' .. epoch .. ':' .. gen .. ':' .. reclaims
+        local reclaims = n + 1
+        local again = id .. ':' .. epoch .. ':' .. gen .. ':' .. reclaims .. data
         if reclaims >= max_reclaims then
           if redis.call('SETBIT', KEYS[3], id, 1) == 1 then
             duplicates = duplicates + 1

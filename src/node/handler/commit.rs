@@ -1,0 +1,148 @@
+//! The commit side of a handler: outcomes in batches through commit.lua, retried while Redis is
+//! away, then released from what the handler holds.
+
+use super::{release, Done, HandlerConfig, HandlerShared, Holdings, Verdict};
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::node::incarnation::Incarnation;
+use crate::protocol::keys::Keys;
+use crate::protocol::scripts;
+use crate::stats;
+use crate::work::HANDLER_ERROR;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Runs commit.lua for `items`, which must all have the same owner.
+/// Returns the Redis time of the commit (µs) and the indexes of the items it refused.
+pub async fn commit(
+    con: &mut Conn,
+    keys: &Keys,
+    items: &[Done],
+    incarnation: &Incarnation,
+) -> Result<(u64, Vec<usize>), Error> {
+    let Some(first) = items.first() else {
+        return Ok((0, Vec::new()));
+    };
+    let mut call = scripts::COMMIT.prepare_invoke();
+    call.key(keys.inflight(&first.owner))
+        .key(keys.done())
+        .key(keys.ok())
+        .key(keys.errors())
+        .key(keys.stats())
+        .key(keys.incarnation())
+        .arg(incarnation.token());
+    for d in items {
+        debug_assert!(Arc::ptr_eq(&d.owner, &first.owner) || d.owner == first.owner);
+        match &d.verdict {
+            Verdict::Ok => call.arg("o").arg(&d.payload[..]).arg(d.envelope.id),
+            Verdict::Failed(reason) if reason == HANDLER_ERROR => {
+                call.arg("e").arg(&d.payload[..]).arg(d.envelope.id)
+            }
+            Verdict::Failed(reason) => call
+                .arg("e")
+                .arg(&d.payload[..])
+                .arg(format!("{}\t{reason}", d.envelope.id)),
+            Verdict::TimedOut => call.arg("t").arg(&d.payload[..]).arg(d.envelope.id),
+            Verdict::Bad(reason) => call.arg("b").arg(&d.payload[..]).arg(reason.as_str()),
+        };
+    }
+    let reply: Vec<u64> = call.invoke_async(con).await?;
+    let time_us = reply.first().copied().unwrap_or(0);
+    let refused = reply
+        .iter()
+        .skip(1)
+        .map(|&i| (i as usize).saturating_sub(1))
+        .collect();
+    Ok((time_us, refused))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn commit_loop(
+    mut con: Conn,
+    keys: &Keys,
+    incarnation: &Incarnation,
+    config: &HandlerConfig,
+    permits: &Arc<Semaphore>,
+    shared: &HandlerShared,
+    holdings: &Mutex<Holdings>,
+    commit_gate: &tokio::sync::Mutex<()>,
+    mut done_rx: mpsc::UnboundedReceiver<Done>,
+) -> Result<(), Error> {
+    let mut batch: Vec<Done> = Vec::with_capacity(config.commit_max);
+    while let Some(first) = done_rx.recv().await {
+        batch.push(first);
+        while batch.len() < config.commit_max {
+            match done_rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        // One owner per process (`<instance>.0`), so the whole batch is one commit.
+        let gate = commit_gate.lock().await;
+        let (time_us, refused) =
+            commit_with_retry(&mut con, keys, incarnation, config, &batch).await?;
+        if !refused.is_empty() {
+            tracing::warn!(refused = refused.len(), "outcomes refused: those messages were reclaimed while we held them and are handled elsewhere");
+        }
+        let mut lat = shared.latencies.lock().expect("latency lock poisoned");
+        let mut refused = refused.into_iter().peekable();
+        let (mut processed, mut errors) = (0, 0);
+        for (i, d) in batch.iter().enumerate() {
+            if refused.peek() == Some(&i) {
+                refused.next();
+                continue;
+            }
+            match d.verdict {
+                Verdict::Ok => processed += 1,
+                Verdict::Failed(_) | Verdict::TimedOut => errors += 1,
+                Verdict::Bad(_) => continue,
+            }
+            let latency_us = time_us.saturating_sub(d.envelope.generated_us);
+            stats::record(&mut lat.end_to_end_us, latency_us);
+            let overhead_us = latency_us.saturating_sub(d.handled_us);
+            stats::record(&mut lat.overhead_us, overhead_us);
+            crate::admin::metrics::end_to_end_us(latency_us);
+        }
+        drop(lat);
+        crate::admin::metrics::committed(processed, errors);
+        shared
+            .in_flight
+            .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        release(&batch, shared, holdings);
+        drop(gate);
+        permits.add_permits(batch.len());
+        batch.clear();
+    }
+    Ok(())
+}
+
+/// Commits, retrying while Redis is unreachable or loading (a lost reply is safe to retry: a
+/// commit that did land makes the retry's SREM find nothing, so nothing is recorded twice). Any other failure is a
+/// bug or corrupt data, and fatal: the process exits, its heartbeat expires, and its messages are
+/// reclaimed by the others.
+async fn commit_with_retry(
+    con: &mut Conn,
+    keys: &Keys,
+    incarnation: &Incarnation,
+    config: &HandlerConfig,
+    group: &[Done],
+) -> Result<(u64, Vec<usize>), Error> {
+    let started = tokio::time::Instant::now();
+    let mut failures = 0u32;
+    loop {
+        match commit(con, keys, group, incarnation).await {
+            Ok(r) => return Ok(r),
+            Err(e)
+                if e.is_transient()
+                    && started.elapsed() < Duration::from_millis(config.redis_down_max_ms) =>
+            {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "commit failed; retrying");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(failures.min(50)))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The handler: fetch in batches, run the [`Handler`] on up to `max_in_flight` messages at once,
+//! commit outcomes in batches.
+//!
+//! Three tasks joined by channels, so no Redis round trip is ever per message:
+//! - the fetcher ([`mod@fetch`]) moves up to `batch` messages into this handler's in-flight set
+//!   (fetch.lua), once it holds that many permits of the in-flight semaphore;
+//! - the runner ([`runner`]) runs the handler on each message, all of them concurrently in one
+//!   task (not one task per message, so 50k+ concurrent messages cost little), each under the
+//!   handler timeout;
+//! - the committer ([`mod@commit`]) takes whatever outcomes are ready (up to `commit_max`) and records them in one
+//!   commit.lua call, then returns the permits. While one commit is in flight the next batch
+//!   accumulates, so batches grow with load.
+//!
+//! The channels are unbounded in type but bounded in fact: every message in them holds a permit.
+//!
+//! The fetcher also keeps this handler's in-flight set in Redis and what it holds in memory in
+//! step (docs/PROTOCOL.md, invariant 5): after a fetch whose outcome it could not see, after its
+//! heartbeat lapsed, and at least every [`RECONCILE_EVERY`] in any role, it compares the two and
+//! adopts any message the set holds that it does not, so no message is stranded in a live
+//! process.
+
+pub mod commit;
+pub mod fetch;
+pub mod runner;
+
+pub use commit::commit;
+pub use fetch::{fetch, fetch_limited, FetchLimits, Fetched};
+
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::node::incarnation::Incarnation;
+use crate::protocol::keys::Keys;
+use crate::protocol::message::Envelope;
+use crate::stats::{self, Latencies};
+use crate::work::{Handler, Message};
+use bytes::Bytes;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// The role of a process, published by the leader loop and watched by the fetcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Fetch and handle messages.
+    Handler,
+    /// Generate (holding the lease under `epoch`); do not fetch.
+    Generator {
+        /// The fencing epoch of our lease.
+        epoch: u64,
+    },
+}
+
+/// How a handler fetches, runs and commits.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// This process's instance id; its handler id is `<instance>.0`.
+    pub instance_id: String,
+    /// Messages per fetch.
+    pub batch: u64,
+    /// Messages fetched and not yet committed, at most.
+    pub max_in_flight: usize,
+    /// Outcomes per commit call, at most.
+    pub commit_max: usize,
+    /// Heartbeat TTL (a fetch refreshes it too).
+    pub heartbeat_ms: u64,
+    /// Give up (fatal error) when Redis keeps failing a commit for this long.
+    pub redis_down_max_ms: u64,
+    /// A handler still running after this long is given up on: the message gets the outcome
+    /// "error, handler timeout" (recorded exactly once like any other) and its slot is freed, so a
+    /// stuck handler cannot hold messages forever. One that finishes but took this long or more
+    /// times out too, so the rule is exact: handling time >= timeout fails.
+    pub handler_timeout_ms: u64,
+}
+
+/// What the handler decided about one message, ready to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handled without error (also the verdict of a message waiting to be handled).
+    Ok,
+    /// The handler failed it, with this reason (one line, as stored).
+    Failed(String),
+    /// The handler did not finish within `handler_timeout_ms`.
+    TimedOut,
+    /// The payload could not be parsed; the reason goes to the error store.
+    Bad(String),
+}
+
+/// One message on its way from fetch to commit.
+#[derive(Debug, Clone)]
+pub struct Done {
+    /// The payload exactly as fetched: commit.lua finds it in the in-flight set by value.
+    pub payload: Bytes,
+    /// The handler id whose in-flight set holds the payload.
+    pub owner: Arc<str>,
+    /// Parsed id and generation time (zeros for a bad payload).
+    pub envelope: Envelope,
+    /// Where the message's data begins in `payload`.
+    pub data_at: usize,
+    /// The outcome to record.
+    pub verdict: Verdict,
+    /// How long the handler ran, µs (0 until it has): end-to-end latency minus this is what the
+    /// queue itself cost.
+    pub handled_us: u64,
+}
+
+impl Done {
+    /// The message as the handler receives it.
+    pub fn message(&self) -> Message {
+        Message {
+            id: self.envelope.id,
+            payload: self.payload.slice(self.data_at.min(self.payload.len())..),
+            epoch: self.envelope.epoch,
+            generated_us: self.envelope.generated_us,
+            delivery: self.envelope.reclaims + 1,
+        }
+    }
+}
+
+/// Shared state the node reads: the in-flight gauge and the latency histograms.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerShared {
+    /// Messages fetched and not yet committed.
+    pub in_flight: Arc<AtomicU64>,
+    /// Latencies measured by this process.
+    pub latencies: Arc<Mutex<Latencies>>,
+    /// Suspects (messages reclaimed twice or more) held now, all of one level (see reclaim.lua).
+    pub suspects: Arc<Mutex<SuspectHold>>,
+    /// Signalled by the wake-up channel listener when the generator has queued messages.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// Set when this handler's heartbeat was found expired (by the heartbeat task or a fetch):
+    /// reclaim.lua may have taken its in-flight set, so the fetcher reconciles in full.
+    pub heartbeat_lapsed: Arc<AtomicBool>,
+}
+
+/// Suspects a handler holds: all of one level at a time, so that if it dies the group that climbs
+/// is exactly the group it held (see reclaim.lua and fetch.lua).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SuspectHold {
+    /// Their reclaim count (2 or more), or 0 when none are held.
+    pub level: u64,
+    /// How many are held.
+    pub count: u64,
+}
+
+/// Reclaim counts that make a message a suspect with its own list; one more is poison
+/// (`liveness::MAX_RECLAIMS`).
+pub const SUSPECT_LEVELS: std::ops::RangeInclusive<u64> = 2..=6;
+
+/// What this handler believes its in-flight set holds: every payload it fetched (and saw the
+/// reply of) or adopted, minus those it committed (and saw the reply of), minus those a
+/// reconciliation found reclaimed. Exact payload bytes, so that a reconciliation can tell any
+/// member of the set it never saw, even one that repeats another's id.
+#[derive(Debug, Default)]
+struct Holdings {
+    payloads: HashSet<Bytes>,
+}
+
+/// How often the fetcher checks, in every role, that its in-flight set holds exactly what it
+/// holds in memory (one `SCARD`, and a `SMEMBERS` only when they differ): the backstop that
+/// bounds how long any message can sit unseen in a live handler's set (docs/PROTOCOL.md,
+/// invariant 5).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs the three tasks until `stop` fires, then drains: no new fetches, every fetched message is
+/// still handled and committed. Publishes the current handler id on `owner_tx` (the heartbeat
+/// task keeps that one alive).
+#[allow(clippy::too_many_arguments)]
+pub async fn run<H: Handler>(
+    handler: Arc<H>,
+    con: Conn,
+    keys: Keys,
+    incarnation: Incarnation,
+    config: HandlerConfig,
+    role: watch::Receiver<Role>,
+    owner_tx: watch::Sender<Arc<str>>,
+    shared: HandlerShared,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let permits = Arc::new(Semaphore::new(config.max_in_flight));
+    let (work_tx, work_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let holdings = Mutex::new(Holdings::default());
+    // Held by the committer from sending a commit until it has applied the reply, and by a
+    // reconciliation while it compares: so a reconciliation never sees a commit half-applied.
+    let commit_gate = tokio::sync::Mutex::new(());
+    let owner: Arc<str> = Arc::from(format!("{}.0", config.instance_id));
+    owner_tx.send_replace(owner.clone());
+    let fetcher = fetch::Fetcher {
+        con: con.clone(),
+        keys: &keys,
+        incarnation: &incarnation,
+        config: &config,
+        owner,
+        permits: &permits,
+        shared: &shared,
+        holdings: &holdings,
+        commit_gate: &commit_gate,
+        work_tx,
+        stop: &stop,
+    };
+    let timeout = Duration::from_millis(config.handler_timeout_ms);
+    let runner = runner::run(handler, timeout, work_rx, done_tx);
+    let committer = commit::commit_loop(
+        con,
+        &keys,
+        &incarnation,
+        &config,
+        &permits,
+        &shared,
+        &holdings,
+        &commit_gate,
+        done_rx,
+    );
+    tokio::try_join!(fetcher.run(role), runner, committer)?;
+    Ok(())
+}
+
+/// Turns payloads into work items: parses them (a bad one is committed as such), records the
+/// queue wait (when the fetch time is known), and adds them to the holdings.
+fn admit(
+    payloads: Vec<Bytes>,
+    fetched_us: Option<u64>,
+    owner: &Arc<str>,
+    shared: &HandlerShared,
+    holdings: &Mutex<Holdings>,
+) -> Vec<Done> {
+    shared
+        .in_flight
+        .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+    let mut items = Vec::with_capacity(payloads.len());
+    let mut lat = shared.latencies.lock().expect("latency lock poisoned");
+    let mut held = holdings.lock().expect("holdings lock poisoned");
+    let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
+    for payload in payloads {
+        let (envelope, data_at, verdict) = match Envelope::parse(&payload) {
+            Ok((m, data_at)) => {
+                if let Some(t) = fetched_us {
+                    stats::record(&mut lat.queue_wait_us, t.saturating_sub(m.generated_us));
+                }
+                if m.reclaims >= 2 {
+                    suspects.level = m.reclaims;
+                    suspects.count += 1;
+                }
+                (m, data_at, Verdict::Ok)
+            }
+            Err(reason) => {
+                tracing::warn!(payload = %String::from_utf8_lossy(&payload), %reason, "bad message; moving it to the error store");
+                (Envelope::default(), payload.len(), Verdict::Bad(reason))
+            }
+        };
+        held.payloads.insert(payload.clone());
+        items.push(Done {
+            payload,
+            owner: owner.clone(),
+            envelope,
+            data_at,
+            verdict,
+            handled_us: 0,
+        });
+    }
+    items
+}
+
+/// Forgets committed messages: no longer held.
+fn release(batch: &[Done], shared: &HandlerShared, holdings: &Mutex<Holdings>) {
+    let mut held = holdings.lock().expect("holdings lock poisoned");
+    let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
+    for d in batch {
+        held.payloads.remove(&d.payload);
+        if d.envelope.reclaims >= 2 {
+            suspects.count = suspects.count.saturating_sub(1);
+        }
+    }
+    if suspects.count == 0 {
+        suspects.level = 0;
+    }
+}

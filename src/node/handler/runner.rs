@@ -1,0 +1,86 @@
+//! The runner: the [`Handler`] on every admitted message, all of them concurrently in one task,
+//! each under the handler timeout, each outcome passed on to the committer as it finishes.
+
+use super::{Done, Verdict};
+use crate::error::Error;
+use crate::work::Handler;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Runs `handler` on every message that arrives on `work_rx` (a bad payload passes straight
+/// through with its verdict), and sends each outcome on `done_tx`. Ends when `work_rx` is closed
+/// and every message has its outcome (the drain), or when the committer is gone.
+///
+/// The number running at once is bounded by the in-flight permits the fetcher took for them.
+pub(super) async fn run<H: Handler>(
+    handler: Arc<H>,
+    timeout: Duration,
+    mut work_rx: mpsc::UnboundedReceiver<Vec<Done>>,
+    done_tx: mpsc::UnboundedSender<Done>,
+) -> Result<(), Error> {
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
+            batch = work_rx.recv(), if open => {
+                let Some(batch) = batch else { open = false; continue };
+                for d in batch {
+                    if d.verdict != Verdict::Ok {
+                        if done_tx.send(d).is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    running.push(handle_one(handler.clone(), d, timeout));
+                }
+            }
+            Some(d) = running.next(), if !running.is_empty() => {
+                if done_tx.send(d).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the handler on one message and sets its verdict: the handler's own, unless it ran for
+/// `timeout` or longer (then [`Verdict::TimedOut`], whether it was abandoned at the deadline or
+/// finished late), or panicked (a failure naming the panic; the copy goes on).
+///
+/// The clock starts when this future is first polled, just before the handler's is: so a
+/// handler that takes `timeout` or more always times out, whatever the scheduling, and only one
+/// that finishes within a scheduling delay of the deadline can be judged late.
+async fn handle_one<H: Handler>(handler: Arc<H>, mut d: Done, timeout: Duration) -> Done {
+    let message = d.message();
+    let started = Instant::now();
+    let handled = AssertUnwindSafe(handler.handle(message)).catch_unwind();
+    let result = tokio::time::timeout(timeout, handled).await;
+    let took = started.elapsed();
+    d.verdict = match result {
+        _ if took >= timeout => Verdict::TimedOut,
+        Err(_elapsed) => Verdict::TimedOut,
+        Ok(Ok(Ok(()))) => Verdict::Ok,
+        Ok(Ok(Err(failure))) => Verdict::Failed(failure.stored_reason()),
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string payload".into());
+            tracing::error!(id = d.envelope.id, panic = %what, "the handler panicked; the message fails");
+            Verdict::Failed(
+                crate::work::Failure::new(format!("handler panicked: {what}")).stored_reason(),
+            )
+        }
+    };
+    let took = took.min(timeout);
+    d.handled_us = took.as_micros() as u64;
+    crate::admin::metrics::handler_time(took);
+    d
+}
