@@ -31,9 +31,13 @@ impl Handler for AppendToFile {
         if message.id % 10 == 9 {
             return Err(Failure::new(format!("id {} ends in 9", message.id)));
         }
-        // A short write under a std mutex; slow work would go to spawn_blocking.
+        // One write(2) per line on an O_APPEND file, so lines from the three copies (each with
+        // its own handle) never interleave; a short write under a std mutex, where slow work
+        // would go to spawn_blocking.
+        let line = format!("{}\n", message.id);
         let mut file = self.file.lock().expect("file lock");
-        writeln!(file, "{}", message.id).map_err(|e| Failure::new(e.to_string()))
+        file.write_all(line.as_bytes())
+            .map_err(|e| Failure::new(e.to_string()))
     }
 }
 

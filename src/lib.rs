@@ -61,4 +61,4 @@ pub use error::Error;
 pub use node::{Node, NodeBuilder};
 pub use protocol::keys::Keys;
 pub use tokio_util::sync::CancellationToken;
-pub use work::{Batch, Bytes, Counter, Failure, Handler, Message, Source, TaskHandler};
+pub use work::{Batch, Bytes, Counter, Failure, Handler, Message, Planned, Source, TaskHandler};

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use std::collections::HashMap;
 
 /// The counters in `{ns}:stats`; absent fields are 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Messages generated (ids handed out).
     pub generated: u64,
@@ -38,25 +38,45 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// The hash fields of `{ns}:stats`, as the scripts name them (`HINCRBY`), in struct order.
+    pub const FIELDS: [&'static str; 10] = [
+        "generated",
+        "processed",
+        "errors",
+        "duplicates",
+        "runs",
+        "reclaimed",
+        "refused",
+        "bad",
+        "poisoned",
+        "timeouts",
+    ];
+
+    /// The counters from a lookup by field name (absent = 0).
+    pub fn from_fields(mut get: impl FnMut(&str) -> u64) -> Counters {
+        let [generated, processed, errors, duplicates, runs, reclaimed, refused, bad, poisoned, timeouts] =
+            Counters::FIELDS.map(&mut get);
+        Counters {
+            generated,
+            processed,
+            errors,
+            duplicates,
+            runs,
+            reclaimed,
+            refused,
+            bad,
+            poisoned,
+            timeouts,
+        }
+    }
+
     /// Reads `{ns}:stats`.
     pub async fn read(con: &mut Conn, keys: &Keys) -> Result<Counters, Error> {
         let map: HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(keys.stats())
             .query_async(con)
             .await?;
-        let get = |k: &str| map.get(k).copied().unwrap_or(0);
-        Ok(Counters {
-            generated: get("generated"),
-            processed: get("processed"),
-            errors: get("errors"),
-            duplicates: get("duplicates"),
-            runs: get("runs"),
-            reclaimed: get("reclaimed"),
-            refused: get("refused"),
-            bad: get("bad"),
-            poisoned: get("poisoned"),
-            timeouts: get("timeouts"),
-        })
+        Ok(Counters::from_fields(|k| map.get(k).copied().unwrap_or(0)))
     }
 }
 

@@ -253,3 +253,79 @@ fn the_examples_run_exactly_once() {
         );
     }
 }
+
+/// Never returns for ids divisible by 3, panics for ids 1 mod 3, succeeds otherwise.
+struct Unruly;
+
+impl Handler for Unruly {
+    async fn handle(&self, message: Message) -> Result<(), Failure> {
+        match message.id % 3 {
+            0 => std::future::pending().await,
+            1 => panic!("unruly {}", message.id),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A handler future that never finishes fails its message with "handler timeout" once the
+/// timeout passes, and one that panics fails it with the panic's text; the copy goes on and
+/// every message gets exactly one outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_and_panicking_handlers_fail_their_messages_once() {
+    let redis = RedisServer::start().expect("start redis-server");
+    let stop = CancellationToken::new();
+    let node = Node::builder(redis.url())
+        .namespace("unruly")
+        .interval_ms(0)
+        .max_messages(60)
+        .handler_timeout_ms(300)
+        .handler(Unruly)
+        .build()
+        .unwrap();
+    let copy = tokio::spawn(node.run(stop.clone()));
+    let second = Node::builder(redis.url())
+        .namespace("unruly")
+        .handler(Unruly)
+        .handler_timeout_ms(300)
+        .build()
+        .unwrap();
+    let copy2 = tokio::spawn(second.run(stop.clone()));
+    let keys = Keys::new("unruly").unwrap();
+    let mut con = conn::connect(&redis.url(), 5000).await.unwrap();
+    let mut c = Counters::default();
+    for _ in 0..300 {
+        c = Counters::read(&mut con, &keys).await.unwrap();
+        if c.processed + c.errors >= 60 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    copy.await.unwrap().expect("clean stop");
+    copy2.await.unwrap().expect("clean stop");
+    let c2 = Counters::read(&mut con, &keys).await.unwrap();
+    assert_eq!(c, c2, "nothing more after the stop");
+    assert_eq!((c.processed, c.errors, c.timeouts), (20, 40, 20), "{c:?}");
+    assert_eq!(c.duplicates, 0);
+    let config = DrainConfig {
+        chunk: 100,
+        lock_ms: 5000,
+        token: "test".into(),
+        retry_for: Duration::from_secs(5),
+    };
+    let mut failed: Vec<ErrorEntry> = Vec::new();
+    errors::drain(&mut con, &keys, &config, &mut failed)
+        .await
+        .unwrap();
+    let mut ids: Vec<u64> = failed.iter().map(|e| e.line().parse().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..60).filter(|i| i % 3 != 2).collect::<Vec<_>>());
+    for e in &failed {
+        let id: u64 = e.line().parse().unwrap();
+        let want = match id % 3 {
+            0 => "handler timeout".to_string(),
+            _ => format!("handler panicked: unruly {id}"),
+        };
+        assert_eq!(e.reason, want);
+    }
+}

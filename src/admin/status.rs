@@ -131,30 +131,8 @@ pub struct InstanceStatus {
     pub heartbeat_ms: u64,
 }
 
-/// The counters; absent fields are 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Totals {
-    /// Messages generated.
-    pub generated: u64,
-    /// Successful outcomes recorded.
-    pub processed: u64,
-    /// Failed outcomes recorded.
-    pub errors: u64,
-    /// Second outcomes refused for an id (must stay 0).
-    pub duplicates: u64,
-    /// Messages re-queued from dead handlers.
-    pub reclaimed: u64,
-    /// eventHandler runs whose outcome reached a commit.
-    pub runs: u64,
-    /// Commits refused because the handler no longer owned the message.
-    pub refused: u64,
-    /// Unparseable messages or keys moved to the error store.
-    pub bad: u64,
-    /// Messages set aside as poison after killing a handler at every delivery.
-    pub poisoned: u64,
-    /// Failed outcomes that were handler timeouts.
-    pub timeouts: u64,
-}
+/// The counters of `{ns}:stats` (one struct with `stats`, the field names in one place).
+pub use crate::stats::Counters as Totals;
 
 /// Per-second rates between two history samples.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -477,18 +455,7 @@ fn totals(stats: &HashMap<String, String>, warnings: &mut Vec<String>) -> Totals
             0
         }
     };
-    Totals {
-        generated: get("generated"),
-        processed: get("processed"),
-        errors: get("errors"),
-        duplicates: get("duplicates"),
-        reclaimed: get("reclaimed"),
-        runs: get("runs"),
-        refused: get("refused"),
-        bad: get("bad"),
-        poisoned: get("poisoned"),
-        timeouts: get("timeouts"),
-    }
+    Totals::from_fields(&mut get)
 }
 
 /// Which of `ids` are connected now (`CLIENT LIST ID …`); `None` when Redis will not say (an

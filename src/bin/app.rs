@@ -14,7 +14,9 @@ use leaderq::admin::status::{self, ShowOptions};
 use leaderq::node::generator::GeneratorConfig;
 use leaderq::node::handler::HandlerConfig;
 use leaderq::outcome::OutcomeModel;
-use leaderq::{conn, Config, Counter, Error, Failure, Handler, Keys, Message, Node, TaskHandler};
+use leaderq::{
+    conn, Config, Counter, Error, Failure, Handler, Keys, Message, Node, Planned, TaskHandler,
+};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -373,6 +375,14 @@ impl<H: Handler> Handler for CrashOn<H> {
             std::process::abort();
         }
         self.inner.handle(message).await
+    }
+
+    fn planned(&self, message: &Message) -> Option<Planned> {
+        if self.id == Some(message.id) {
+            tracing::error!(id = message.id, "fault injection: crashing on this message");
+            std::process::abort();
+        }
+        self.inner.planned(message)
     }
 }
 
