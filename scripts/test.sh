@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 . scripts/ensure-redis.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# The examples' binaries, which tests/library.rs runs as a user would (`cargo test` alone builds
+# them in test mode only, under another name).
+cargo build --release --examples
 cargo test --release --all-targets "$@" 2>&1 | tee "$log"
 if [ $# -eq 0 ]; then
   # The crate root's example (the README's), and the library's docs without a warning.

@@ -243,7 +243,13 @@ fn the_examples_run_exactly_once() {
         let output = std::process::Command::new(examples.join(name))
             .args(&args)
             .output()
-            .unwrap_or_else(|e| panic!("run example {name}: {e}"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "run example {name} from {}: {e} (scripts/test.sh builds them first: \
+                     cargo build --release --examples)",
+                    examples.display()
+                )
+            });
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success() && stdout.contains(", 0 problems"),
