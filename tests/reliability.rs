@@ -465,6 +465,97 @@ async fn redis_configuration_is_checked_at_start() {
     assert!(!stderr.contains("no persistence"), "{stderr}");
 }
 
+/// A proxy in front of `upstream` that cuts its first connection right after relaying the first
+/// reply (the one to the connect's PING), and relays every later connection untouched. The
+/// accepting thread lives as long as the test binary.
+fn cut_first_connection_after_one_reply(upstream: std::net::SocketAddr) -> u16 {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(upstream) else {
+                return;
+            };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut s_out);
+                let _ = s_out.shutdown(Shutdown::Write);
+            });
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(len @ 1..) = s_in.read(&mut buf) {
+                    if c_out.write_all(&buf[..len]).is_err() {
+                        break;
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = c_out.shutdown(Shutdown::Both);
+                let _ = s_in.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+/// A copy whose connection breaks in the middle of starting (here right after its first PING,
+/// so inside the Redis configuration check) retries within its connect bound and joins. Found
+/// by the soak (`all` mode, seed 2): a replacement copy started while the proxy cut connections
+/// exited "app: broken pipe", and the sim stopped with exit 4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_broken_during_start_up_is_retried() {
+    let mut fx = Fixture::new();
+    let upstream: std::net::SocketAddr = fx
+        .url()
+        .trim_start_matches("redis://")
+        .parse()
+        .expect("the fixture's URL is redis://ip:port");
+    let port = cut_first_connection_after_one_reply(upstream);
+    let log = fx.logs.path().join("cut.log");
+    let args: Vec<String> = [
+        "--redis-url",
+        &format!("redis://127.0.0.1:{port}"),
+        "--namespace",
+        common::NS,
+        "--interval-ms",
+        "0",
+        "--max-messages",
+        "50",
+        "--handler-delay-max-ms",
+        "10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let app =
+        leaderq::testkit::procs::AppProcess::spawn(&common::app_bin(), "cut", &args, Some(&log))
+            .expect("spawn app");
+    fx.apps.push(app);
+    // One copy generates; a second, connected directly, handles.
+    fx.spawn(
+        "direct",
+        &[
+            "--interval-ms",
+            "0",
+            "--max-messages",
+            "50",
+            "--handler-delay-max-ms",
+            "10",
+        ],
+    );
+    let done = fx.wait_outcomes(50, Duration::from_secs(30)).await;
+    let text = fx.log("cut");
+    assert!(done.is_some(), "no 50 outcomes; the copy's log:\n{text}");
+    assert!(fx.apps[0].is_running(), "the copy exited:\n{text}");
+    assert!(text.contains("start-up failed; retrying"), "{text}");
+    assert_eq!(fx.stop_all(), vec![Some(0), Some(0)], "{text}");
+}
+
 /// `sim --wipe-redis` and `--rollback-redis`: the run passes only when every copy halts with
 /// exit code 5 and nothing is generated after Redis lost data.
 fn halted_sim(name: &str, args: &[&str]) -> serde_json::Value {

@@ -59,15 +59,25 @@ async fn run_in_span<H: Handler, S: Source>(
 ) -> Result<(), Error> {
     let mut con = conn::connect_to(&config.redis, config.connect_timeout_ms).await?;
     let keys = config.keys.clone();
-    for warning in crate::node::redis_config::check(&mut con, config.allow_eviction).await? {
-        tracing::warn!("{}", warning.0);
-    }
-    // The start-up steps are idempotent: retry them while Redis is briefly away (a dropped
-    // connection, a restart still loading its AOF), within the connect bound.
+    // The start-up steps, the Redis configuration check among them, are idempotent: retry them
+    // while Redis is briefly away (a dropped connection, a lost reply, a restart still loading
+    // its AOF), within the connect bound. (A copy started during a sim fault once exited with
+    // "broken pipe" from the configuration check alone.)
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
     let (started_us, incarnation) = loop {
-        match start_up(&mut con, &keys, &config).await {
-            Ok(joined) => break joined,
+        let joined = match crate::node::redis_config::check(&mut con, config.allow_eviction).await {
+            Ok(warnings) => start_up(&mut con, &keys, &config)
+                .await
+                .map(|joined| (joined, warnings)),
+            Err(e) => Err(e),
+        };
+        match joined {
+            Ok((joined, warnings)) => {
+                for warning in warnings {
+                    tracing::warn!("{}", warning.0);
+                }
+                break joined;
+            }
             Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "start-up failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
