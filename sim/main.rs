@@ -45,8 +45,8 @@ pub struct Flags {
     /// SIGKILL the generator at seeded points of the run (and start a replacement copy).
     #[arg(long)]
     pub kill_leader: bool,
-    /// How many generator kills with --kill-leader.
-    #[arg(long, default_value_t = 3)]
+    /// How many generator kills with --kill-leader (an error without it).
+    #[arg(long, default_value_t = 3, requires = "kill_leader")]
     pub kills: u32,
     /// SIGSTOP the generator this many times, each for twice --lease-ms plus 500 ms, then
     /// SIGCONT it: it must not generate again (fencing) and must step down.
@@ -283,6 +283,16 @@ mod tests {
             replay_command(args("sim --redis-url redis://u:secret@h:1"), 3),
             "sim --redis-url redis://***@h:1 --seed 3"
         );
+    }
+
+    #[test]
+    fn kills_without_kill_leader_is_refused() {
+        let refused = Flags::command().try_get_matches_from(["sim", "--kills", "2"]);
+        assert!(refused.unwrap_err().to_string().contains("--kill-leader"));
+        let matches = Flags::command()
+            .try_get_matches_from(["sim", "--kill-leader", "--kills", "2"])
+            .unwrap();
+        assert_eq!(Flags::from_arg_matches(&matches).unwrap().kills, 2);
     }
 
     #[test]
