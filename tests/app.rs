@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{wait_for, Fixture};
+use common::{wait_for, Fixture, Workload};
 use leaderq::inspect;
 use leaderq::node::incarnation::Incarnation;
 use leaderq::node::{generator, lease};
@@ -14,21 +14,14 @@ use std::time::{Duration, Instant};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_handle_every_message_once_under_one_generator() {
     let mut fx = Fixture::new();
-    let flags = [
-        "--interval-ms",
-        "0",
-        "--max-messages",
-        "20000",
-        "--seed",
-        "7",
-        "--handler-delay-max-ms",
-        "50",
-        "--heartbeat-ms",
-        "3000",
-        // One generator is asserted: a lease that outlives any CPU starvation on a loaded machine.
-        "--lease-ms",
-        "5000",
-    ];
+    // One generator is asserted: a lease that outlives any CPU starvation on a loaded machine.
+    let work = Workload::new(
+        20000,
+        7,
+        50,
+        &["--heartbeat-ms", "3000", "--lease-ms", "5000"],
+    );
+    let flags = work.flags();
     fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
@@ -40,7 +33,7 @@ async fn copies_handle_every_message_once_under_one_generator() {
     );
     let codes = fx.stop_all();
     assert_eq!(codes, vec![Some(0); 3], "every copy exits 0 on SIGTERM");
-    let (verdict, observed) = fx.verdict(20000, 7, 0.15, 50, 0).await;
+    let (verdict, observed) = fx.verdict(&work, 0).await;
     assert!(verdict.pass, "{:?}", verdict.violations);
     assert_eq!(
         observed.epoch_log.len(),
@@ -58,22 +51,20 @@ async fn copies_handle_every_message_once_under_one_generator() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generator_sigkill_fails_over_and_ids_continue_without_gap_or_repeat() {
     let mut fx = Fixture::new();
-    let flags = [
-        "--interval-ms",
-        "0",
-        "--max-messages",
-        "40000",
-        "--seed",
-        "11",
-        "--handler-delay-max-ms",
-        "20",
-        "--gen-batch",
-        "200",
-        "--queue-max",
-        "2000",
-        "--heartbeat-ms",
-        "3000",
-    ];
+    let work = Workload::new(
+        40000,
+        11,
+        20,
+        &[
+            "--gen-batch",
+            "200",
+            "--queue-max",
+            "2000",
+            "--heartbeat-ms",
+            "3000",
+        ],
+    );
+    let flags = work.flags();
     fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
@@ -124,7 +115,7 @@ async fn generator_sigkill_fails_over_and_ids_continue_without_gap_or_repeat() {
     let done = fx.wait_outcomes(40000, Duration::from_secs(90)).await;
     assert!(done.is_some(), "run did not complete after failover");
     fx.stop_all();
-    let (verdict, observed) = fx.verdict(40000, 11, 0.15, 20, u64::from(held > 0)).await;
+    let (verdict, observed) = fx.verdict(&work, u64::from(held > 0)).await;
     assert!(verdict.pass, "{:?}", verdict.violations);
     assert!(
         observed.epoch_log.len() >= 2,
@@ -136,20 +127,13 @@ async fn generator_sigkill_fails_over_and_ids_continue_without_gap_or_repeat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_sigkill_mid_flight_loses_nothing() {
     let mut fx = Fixture::new();
-    let flags = [
-        "--interval-ms",
-        "0",
-        "--max-messages",
-        "20000",
-        "--seed",
-        "3",
-        "--handler-delay-max-ms",
-        "400",
-        "--heartbeat-ms",
-        "500",
-        "--max-in-flight",
-        "3000",
-    ];
+    let work = Workload::new(
+        20000,
+        3,
+        400,
+        &["--heartbeat-ms", "500", "--max-in-flight", "3000"],
+    );
+    let flags = work.flags();
     fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
@@ -178,7 +162,7 @@ async fn handler_sigkill_mid_flight_loses_nothing() {
         "run did not complete after a handler's SIGKILL"
     );
     fx.stop_all();
-    let (verdict, observed) = fx.verdict(20000, 3, 0.15, 400, 1).await;
+    let (verdict, observed) = fx.verdict(&work, 1).await;
     assert!(verdict.pass, "{:?}", verdict.violations);
     assert!(
         observed.counters.reclaimed >= held,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{wait_for, Fixture};
+use common::{wait_for, Fixture, Workload};
 use leaderq::stats::Counters;
 use std::time::Duration;
 
@@ -153,20 +153,13 @@ fn all_faults_combined() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_goes_to_the_error_store_after_bounded_deliveries() {
     let mut fx = Fixture::new();
-    let flags = [
-        "--interval-ms",
-        "0",
-        "--max-messages",
-        "3000",
-        "--seed",
-        "8",
-        "--handler-delay-max-ms",
-        "50",
-        "--heartbeat-ms",
-        "300",
-        "--fault-crash-on-id",
-        "77",
-    ];
+    let work = Workload::new(
+        3000,
+        8,
+        50,
+        &["--heartbeat-ms", "300", "--fault-crash-on-id", "77"],
+    );
+    let flags = work.flags();
     fx.spawn_all(&["a", "b", "c"], &flags);
     let mut con = fx.con().await;
     let keys = fx.keys.clone();
@@ -220,7 +213,7 @@ async fn a_poison_message_goes_to_the_error_store_after_bounded_deliveries() {
     assert_eq!(poison.len(), 1, "{poison:?}");
     assert!(poison[0].starts_with("77:"), "{poison:?}");
     fx.stop_all();
-    let (verdict, _) = fx.verdict(3000, 8, 0.15, 50, 1).await;
+    let (verdict, _) = fx.verdict(&work, 1).await;
     assert_eq!(
         (verdict.missing, verdict.duplicates),
         (0, 0),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{wait_for, Fixture};
+use common::{wait_for, Fixture, Workload};
 use leaderq::conn::Conn;
 use std::time::Duration;
 
@@ -225,22 +225,20 @@ async fn every_key_of_the_wrong_type_is_set_aside_and_nothing_is_lost() {
 async fn a_damaged_next_id_halts_the_group_and_repair_recomputes_it() {
     let mut fx = Fixture::new();
     let n = 20_000u64;
-    let flags = [
-        "--interval-ms",
-        "0",
-        "--max-messages",
-        "20000",
-        "--seed",
-        "13",
-        "--handler-delay-max-ms",
-        "50",
-        "--heartbeat-ms",
-        "3000",
-        "--gen-batch",
-        "100",
-        "--queue-max",
-        "1000",
-    ];
+    let work = Workload::new(
+        20000,
+        13,
+        50,
+        &[
+            "--heartbeat-ms",
+            "3000",
+            "--gen-batch",
+            "100",
+            "--queue-max",
+            "1000",
+        ],
+    );
+    let flags = work.flags();
     fx.spawn_all(&["a", "b"], &flags);
     let mut con = fx.con().await;
     assert!(fx
@@ -288,7 +286,7 @@ async fn a_damaged_next_id_halts_the_group_and_repair_recomputes_it() {
         "after the repair the group finishes"
     );
     fx.stop_all();
-    let (verdict, _) = fx.verdict(n, 13, 0.15, 50, 1).await;
+    let (verdict, _) = fx.verdict(&work, 1).await;
     assert!(verdict.pass, "{:?}", verdict.violations);
 }
 

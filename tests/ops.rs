@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, http_get, outcomes, parse_prometheus, wait_for, Fixture};
+use common::{free_port, http_get, outcomes, parse_prometheus, wait_for, Fixture, Workload};
 use leaderq::inspect;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -261,20 +261,13 @@ async fn generator_sigterm_hands_over_without_waiting_for_the_lease_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_sigterm_exits_0_and_nothing_is_reclaimed_or_rerun() {
     let mut fx = Fixture::new();
-    let flags = [
-        "--interval-ms",
-        "0",
-        "--max-messages",
-        "20000",
-        "--seed",
-        "9",
-        "--handler-delay-max-ms",
-        "300",
-        "--max-in-flight",
-        "2000",
-        "--lease-ms",
-        "5000",
-    ];
+    let work = Workload::new(
+        20000,
+        9,
+        300,
+        &["--max-in-flight", "2000", "--lease-ms", "5000"],
+    );
+    let flags = work.flags();
     // The others get a heartbeat that outlives CPU starvation on a loaded machine, so any
     // reclaim can only be of the victim's messages; the victim's is short, so a stop that left
     // messages behind would see them reclaimed within the test.
@@ -325,7 +318,7 @@ async fn handler_sigterm_exits_0_and_nothing_is_reclaimed_or_rerun() {
     );
     assert_eq!(c.duplicates, 0, "{c:?}");
     assert_eq!(snap.in_flight, 0);
-    let (verdict, _) = fx.verdict(20000, 9, 0.15, 300, 0).await;
+    let (verdict, _) = fx.verdict(&work, 0).await;
     assert!(verdict.pass, "{:?}", verdict.violations);
 }
 

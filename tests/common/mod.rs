@@ -14,6 +14,50 @@ pub fn app_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_app"))
 }
 
+/// One workload, written once: the flags every copy gets and, from the same values, what the
+/// verifier predicts (so the two cannot drift apart). Messages come as fast as they are taken
+/// (`--interval-ms 0`), with the task's 15 % error rate.
+pub struct Workload {
+    pub messages: u64,
+    pub seed: u64,
+    pub error_rate: f64,
+    pub delay_max_ms: u64,
+    rendered: Vec<String>,
+}
+
+impl Workload {
+    /// `messages` messages, the handler seeded with `seed` and delayed 0..`delay_max_ms`, plus
+    /// `extra` flags for every copy.
+    pub fn new(messages: u64, seed: u64, delay_max_ms: u64, extra: &[&str]) -> Workload {
+        let error_rate = 0.15;
+        let mut rendered: Vec<String> = vec![
+            "--interval-ms".into(),
+            "0".into(),
+            "--max-messages".into(),
+            messages.to_string(),
+            "--seed".into(),
+            seed.to_string(),
+            "--error-rate".into(),
+            error_rate.to_string(),
+            "--handler-delay-max-ms".into(),
+            delay_max_ms.to_string(),
+        ];
+        rendered.extend(extra.iter().map(|s| s.to_string()));
+        Workload {
+            messages,
+            seed,
+            error_rate,
+            delay_max_ms,
+            rendered,
+        }
+    }
+
+    /// The app flags, for [`Fixture::spawn`] and friends.
+    pub fn flags(&self) -> Vec<&str> {
+        self.rendered.iter().map(String::as_str).collect()
+    }
+}
+
 /// A Redis for this test only, plus the app processes it starts; all killed on drop.
 pub struct Fixture {
     pub redis: RedisServer,
@@ -131,14 +175,9 @@ impl Fixture {
     }
 
     /// Drains the error store and checks everything the verifier checks.
-    pub async fn verdict(
-        &self,
-        messages: u64,
-        seed: u64,
-        error_rate: f64,
-        delay_max_ms: u64,
-        worker_kills: u64,
-    ) -> (Verdict, Observed) {
+    /// The verdict on what Redis and `getErrors` hold after `work` ran, with `worker_kills`
+    /// disruptions allowed to re-run messages.
+    pub async fn verdict(&self, work: &Workload, worker_kills: u64) -> (Verdict, Observed) {
         let error_lines = self.get_errors();
         let mut con = self.con().await;
         let snap = leaderq::testkit::snapshot::snapshot(&mut con, &self.keys)
@@ -146,10 +185,10 @@ impl Fixture {
             .expect("snapshot");
         let observed = Observed::from_snapshot(
             &snap,
-            messages,
-            seed,
-            error_rate,
-            delay_max_ms,
+            work.messages,
+            work.seed,
+            work.error_rate,
+            work.delay_max_ms,
             error_lines,
             worker_kills,
         )
