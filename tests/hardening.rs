@@ -224,9 +224,8 @@ async fn every_key_of_the_wrong_type_is_set_aside_and_nothing_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_next_id_halts_the_group_and_repair_recomputes_it() {
     let mut fx = Fixture::new();
-    let n = 20_000u64;
     let work = Workload::new(
-        20000,
+        20_000,
         13,
         50,
         &[
@@ -280,7 +279,7 @@ async fn a_damaged_next_id_halts_the_group_and_repair_recomputes_it() {
     assert!(next_id.parse::<u64>().is_ok(), "{next_id}");
     fx.spawn_all(&["c", "d"], &flags);
     assert!(
-        fx.wait_outcomes(n, Duration::from_secs(120))
+        fx.wait_outcomes(work.messages, Duration::from_secs(120))
             .await
             .is_some(),
         "after the repair the group finishes"
