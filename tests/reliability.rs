@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{wait_for, Fixture};
+use common::{wait_for, Fixture, Workload};
 use leaderq::stats::Counters;
 use leaderq::testkit::procs::RedisServer;
 use std::time::{Duration, Instant};
@@ -517,43 +517,27 @@ async fn a_connection_broken_during_start_up_is_retried() {
         .expect("the fixture's URL is redis://ip:port");
     let port = cut_first_connection_after_one_reply(upstream);
     let log = fx.logs.path().join("cut.log");
-    let args: Vec<String> = [
-        "--redis-url",
-        &format!("redis://127.0.0.1:{port}"),
-        "--namespace",
-        common::NS,
-        "--interval-ms",
-        "0",
-        "--max-messages",
-        "50",
-        "--handler-delay-max-ms",
-        "10",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let work = Workload::new(50, 1, 10, &[]);
+    let proxied = format!("redis://127.0.0.1:{port}");
+    let args: Vec<String> = ["--redis-url", &proxied, "--namespace", common::NS]
+        .into_iter()
+        .chain(work.flags())
+        .map(str::to_string)
+        .collect();
     let app =
         leaderq::testkit::procs::AppProcess::spawn(&common::app_bin(), "cut", &args, Some(&log))
             .expect("spawn app");
     fx.apps.push(app);
     // One copy generates; a second, connected directly, handles.
-    fx.spawn(
-        "direct",
-        &[
-            "--interval-ms",
-            "0",
-            "--max-messages",
-            "50",
-            "--handler-delay-max-ms",
-            "10",
-        ],
-    );
+    fx.spawn("direct", &work.flags());
     let done = fx.wait_outcomes(50, Duration::from_secs(30)).await;
     let text = fx.log("cut");
     assert!(done.is_some(), "no 50 outcomes; the copy's log:\n{text}");
     assert!(fx.apps[0].is_running(), "the copy exited:\n{text}");
     assert!(text.contains("start-up failed; retrying"), "{text}");
     assert_eq!(fx.stop_all(), vec![Some(0), Some(0)], "{text}");
+    let (verdict, _) = fx.verdict(&work, 0).await;
+    assert!(verdict.pass, "{:?}", verdict.violations);
 }
 
 /// `sim --wipe-redis` and `--rollback-redis`: the run passes only when every copy halts with
