@@ -2,17 +2,17 @@
 //! run to complete (bounded), collects what Redis recorded, and hands it to the checker and the
 //! report writer. It judges nothing itself.
 
+use crate::faults::{self, Fault, FaultKind};
+use crate::progress::Progress;
 use crate::report::{self, KillEvent, Percentiles, Summary, Timeline};
 use crate::Flags;
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
 use leaderq::inspect;
 use leaderq::stats::Latencies;
 use leaderq::testkit::procs::{self, AppProcess, RedisServer};
 use leaderq::testkit::verify::{self, Observed};
 use leaderq::{conn, Keys};
 use rand::{Rng, SeedableRng};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,137 +42,6 @@ const STALL_CHECK_AFTER: Duration = Duration::from_secs(1);
 const STALL_NOWHERE_FOR: Duration = Duration::from_secs(5);
 /// How long the driver watches a killed handler's in-flight sets for the reclaim.
 const RECLAIM_WATCH_MAX: Duration = Duration::from_secs(30);
-
-/// The faults `sim` can inject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FaultKind {
-    KillLeader,
-    PauseLeader,
-    /// The proxy holds the generator's requests past its lease: they reach Redis after a
-    /// successor took over (fencing must refuse them).
-    PartitionLeader,
-    /// Plant a copy of one handler's in-flight message in another live handler's set, as a buggy
-    /// reclaim could: the duplicate defence (`done` bitmap) must record one outcome and count
-    /// one duplicate.
-    InjectDuplicate,
-    KillWorker,
-    PauseWorker,
-    DropConnections,
-    LoseReplies,
-    RestartRedis,
-    /// Take the RDB snapshot a later `RollbackRedis` restores (planned at half its trigger).
-    SnapshotRedis,
-    /// Restart Redis from that older snapshot: Redis goes back in time; the group must halt.
-    RollbackRedis,
-    /// `FLUSHALL`: Redis forgets everything; the group must halt.
-    WipeRedis,
-    /// Start an `app getErrors` (or two) that may be SIGKILLed mid-drain.
-    DrainErrors,
-}
-
-impl FaultKind {
-    /// The label in logs and plots.
-    fn label(self) -> &'static str {
-        match self {
-            FaultKind::KillLeader => "leader kill",
-            FaultKind::PauseLeader => "leader pause",
-            FaultKind::PartitionLeader => "leader partition",
-            FaultKind::InjectDuplicate => "duplicate delivery",
-            FaultKind::KillWorker => "worker kill",
-            FaultKind::PauseWorker => "worker pause",
-            FaultKind::DropConnections => "connection drop",
-            FaultKind::LoseReplies => "lost replies",
-            FaultKind::RestartRedis => "redis restart",
-            FaultKind::SnapshotRedis => "redis snapshot",
-            FaultKind::RollbackRedis => "redis rollback",
-            FaultKind::WipeRedis => "redis wipe",
-            FaultKind::DrainErrors => "getErrors drain",
-        }
-    }
-
-    /// Generator faults trigger on generated ids (so a failover is measured while there is work
-    /// to generate); the others on recorded outcomes (so handlers are busy).
-    fn on_generated(self) -> bool {
-        matches!(
-            self,
-            FaultKind::KillLeader | FaultKind::PauseLeader | FaultKind::PartitionLeader
-        )
-    }
-
-    /// Faults that can depose the generator (each at most twice: a takeover, and a second one
-    /// if the first successor is hit by the same event).
-    fn can_depose(self) -> bool {
-        matches!(
-            self,
-            FaultKind::KillLeader
-                | FaultKind::PauseLeader
-                | FaultKind::PartitionLeader
-                | FaultKind::DropConnections
-                | FaultKind::LoseReplies
-                | FaultKind::RestartRedis
-        )
-    }
-}
-
-/// One planned (then executed) fault.
-struct Fault {
-    kind: FaultKind,
-    /// Trigger once this many ids are generated (generator faults) or outcomes recorded (others).
-    at: u64,
-    /// Executed yet?
-    done: bool,
-    /// Seconds since the start when it happened.
-    t_s: f64,
-    /// The epoch of the generator it hit (generator faults).
-    epoch: u64,
-    /// Redis time just before the fault, µs.
-    redis_us: u64,
-}
-
-/// The seeded fault plan: for each kind, `count` trigger points drawn uniformly from 10 %..90 %
-/// of the run, each kind from its own stream so adding one kind does not move the others.
-fn fault_plan(seed: u64, messages: u64, counts: &[(FaultKind, u32)]) -> Vec<Fault> {
-    let mut plan = Vec::new();
-    for (salt, &(kind, count)) in counts.iter().enumerate() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (0x6b69_6c6c + salt as u64));
-        let mut points: Vec<u64> = (0..count)
-            .map(|_| (messages as f64 * rng.random_range(0.1..0.9)) as u64)
-            .collect();
-        points.sort_unstable();
-        for at in points {
-            if kind == FaultKind::RollbackRedis {
-                // The state it goes back to: taken between halfway to the rollback and just
-                // before it (a restore from a backup, or a failover to a replica lagging by a few
-                // batches: then the restored lease may still be the live generator's, and only
-                // its own high-water mark stops it from generating ids again).
-                let lag = if rng.random_bool(0.5) {
-                    rng.random_range(0.5..0.9)
-                } else {
-                    rng.random_range(0.97..0.995)
-                };
-                plan.push(Fault::new(
-                    FaultKind::SnapshotRedis,
-                    (at as f64 * lag) as u64,
-                ));
-            }
-            plan.push(Fault::new(kind, at));
-        }
-    }
-    plan
-}
-
-impl Fault {
-    fn new(kind: FaultKind, at: u64) -> Fault {
-        Fault {
-            kind,
-            at,
-            done: false,
-            t_s: 0.0,
-            epoch: 0,
-            redis_us: 0,
-        }
-    }
-}
 
 /// After a fault that makes Redis lose data: what the run waits for (every copy exiting with
 /// code 5) and what must hold afterwards (nothing generated after the loss).
@@ -281,25 +150,7 @@ pub async fn run(flags: &Flags, seed: u64) -> anyhow::Result<End> {
         None => procs::sibling_app_binary()
             .context("cannot find the app binary next to sim; pass --app-bin")?,
     };
-    let kills = if flags.kill_leader { flags.kills } else { 0 };
-    let mut faults = fault_plan(
-        seed,
-        flags.messages,
-        &[
-            (FaultKind::KillLeader, kills),
-            (FaultKind::PauseLeader, flags.pause_leader),
-            (FaultKind::PartitionLeader, flags.partition_leader),
-            (FaultKind::InjectDuplicate, flags.inject_duplicates),
-            (FaultKind::KillWorker, flags.kill_workers),
-            (FaultKind::PauseWorker, flags.pause_workers),
-            (FaultKind::DropConnections, flags.drop_connections),
-            (FaultKind::LoseReplies, flags.lose_replies),
-            (FaultKind::RestartRedis, flags.restart_redis),
-            (FaultKind::RollbackRedis, u32::from(flags.rollback_redis)),
-            (FaultKind::WipeRedis, u32::from(flags.wipe_redis)),
-            (FaultKind::DrainErrors, flags.drain_errors),
-        ],
-    );
+    let mut faults = faults::plan_for(flags, seed);
     let plan: Vec<String> = faults
         .iter()
         .map(|f| format!("{}@{}", f.kind.label(), f.at))
@@ -1301,66 +1152,4 @@ fn print_summary(s: &Summary, dir: &Path) {
         println!("violation: {v}");
     }
     println!("report: {}", dir.display());
-}
-
-/// A progress bar on a terminal, a plain line every 2 s otherwise, nothing with --quiet.
-struct Progress {
-    bar: Option<ProgressBar>,
-    plain: bool,
-    total: u64,
-    last_line: std::cell::Cell<Option<Instant>>,
-}
-
-impl Progress {
-    fn new(total: u64, quiet: bool) -> Progress {
-        let terminal = std::io::stderr().is_terminal();
-        let bar = (!quiet && terminal).then(|| {
-            let b = ProgressBar::new(total);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} ETA {eta} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b
-        });
-        Progress {
-            bar,
-            plain: !quiet && !terminal,
-            total,
-            last_line: std::cell::Cell::new(None),
-        }
-    }
-
-    fn update(&self, done: u64, kills_done: usize, kills: usize) {
-        if let Some(b) = &self.bar {
-            b.set_position(done);
-            b.set_message(format!("faults {kills_done}/{kills}"));
-        } else if self.plain
-            && self
-                .last_line
-                .get()
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
-        {
-            self.last_line.set(Some(Instant::now()));
-            eprintln!(
-                "sim: {done}/{} outcomes, faults {kills_done}/{kills}",
-                self.total
-            );
-        }
-    }
-
-    fn note(&self, msg: &str) {
-        match &self.bar {
-            Some(b) => b.println(format!("sim: {msg}")),
-            None if self.plain => eprintln!("sim: {msg}"),
-            None => {}
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish();
-        }
-    }
 }

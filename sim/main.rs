@@ -7,7 +7,9 @@
 
 mod drains;
 mod driver;
+mod faults;
 mod plot;
+mod progress;
 mod proxy;
 mod report;
 
