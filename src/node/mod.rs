@@ -65,13 +65,12 @@ async fn run_in_span<H: Handler, S: Source>(
     // "broken pipe" from the configuration check alone.)
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
     let (started_us, incarnation) = loop {
-        let joined = match crate::node::redis_config::check(&mut con, config.allow_eviction).await {
-            Ok(warnings) => start_up(&mut con, &keys, &config)
-                .await
-                .map(|joined| (joined, warnings)),
-            Err(e) => Err(e),
+        let attempt = async {
+            let warnings =
+                crate::node::redis_config::check(&mut con, config.allow_eviction).await?;
+            Ok::<_, Error>((start_up(&mut con, &keys, &config).await?, warnings))
         };
-        match joined {
+        match attempt.await {
             Ok((joined, warnings)) => {
                 for warning in warnings {
                     tracing::warn!("{}", warning.0);
