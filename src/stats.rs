@@ -31,7 +31,7 @@ pub struct Counters {
     pub refused: u64,
     /// Unparseable messages or keys moved to the error store.
     pub bad: u64,
-    /// Poison messages moved to the error store after `MAX_RECLAIMS` handler deaths.
+    /// Poison messages moved to the error store after [`MAX_RECLAIMS`](crate::protocol::MAX_RECLAIMS) handler deaths.
     pub poisoned: u64,
     /// Error outcomes that were handler timeouts (also counted in `errors`).
     pub timeouts: u64,

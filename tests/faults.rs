@@ -195,7 +195,7 @@ async fn a_poison_message_goes_to_the_error_store_after_bounded_deliveries() {
     let c = Counters::read(&mut con, &keys).await.unwrap();
     assert_eq!(c.poisoned, 1, "{c:?}");
     assert!(
-        restarts >= leaderq::node::liveness::MAX_RECLAIMS as usize - 1,
+        restarts >= leaderq::protocol::MAX_RECLAIMS as usize - 1,
         "the message crashed its handler each time: {restarts}"
     );
     assert!(

@@ -11,7 +11,6 @@
 //! copies that have since exited counted.
 
 use crate::error::Error;
-use crate::node::handler::Role;
 use ::metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
     Gauge, Histogram, Unit,
@@ -195,12 +194,13 @@ pub fn in_flight(count: u64) {
     }
 }
 
-/// The role and epoch gauges.
-pub fn role(role: Role) {
+/// The role and epoch gauges: `Some(epoch)` while this copy is the generator under `epoch`,
+/// `None` while it handles. Plain values, so that the metrics module does not depend on the node.
+pub fn role(generator_epoch: Option<u64>) {
     if let Some(h) = HANDLES.get() {
-        let (generator, epoch) = match role {
-            Role::Generator { epoch } => (1.0, epoch as f64),
-            Role::Handler => (0.0, 0.0),
+        let (generator, epoch) = match generator_epoch {
+            Some(epoch) => (1.0, epoch as f64),
+            None => (0.0, 0.0),
         };
         h.role.set(generator);
         h.epoch.set(epoch);

@@ -12,9 +12,9 @@
 
 use crate::conn::Conn;
 use crate::error::Error;
-use crate::node::incarnation::HALTED_PREFIX;
 use crate::protocol::keys::Keys;
 use crate::protocol::message::Envelope;
+use crate::protocol::HALTED_PREFIX;
 
 /// What `repair` found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,7 +100,7 @@ pub async fn repair(con: &mut Conn, keys: &Keys) -> Result<Repaired, Error> {
     let mut payloads = list(con, &keys.queue()).await;
     payloads.extend(list(con, &keys.errors()).await);
     payloads.extend(list(con, &keys.errors_drain()).await);
-    for level in crate::node::handler::SUSPECT_LEVELS {
+    for level in crate::protocol::SUSPECT_LEVELS {
         payloads.extend(list(con, &keys.suspects(level)).await);
     }
     payloads.extend(members(con, &keys.retry()).await);

@@ -15,11 +15,9 @@
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::protocol::keys::Keys;
+use crate::protocol::HALTED_PREFIX;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// The incarnation key's value once a copy has halted the namespace: `halted:<why>`.
-pub const HALTED_PREFIX: &str = "halted:";
 
 /// The incarnation this copy joined, and the highest counters it has seen since.
 #[derive(Debug, Clone)]

@@ -17,6 +17,7 @@ use crate::node::handler::Role;
 use crate::node::incarnation::Incarnation;
 use crate::protocol::keys::Keys;
 use crate::protocol::scripts;
+use crate::protocol::MAX_RECLAIMS;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,7 +184,7 @@ pub async fn reclaim(
         .key(keys.done())
         .key(keys.errors())
         .key(keys.stats());
-    for level in crate::node::handler::SUSPECT_LEVELS {
+    for level in crate::protocol::SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
     call.key(keys.incarnation());
@@ -198,12 +199,6 @@ pub async fn reclaim(
     }
     Ok((dead, moved))
 }
-
-/// A message reclaimed this many times is poison: it goes to the error store instead of killing
-/// handlers forever. From its second reclaim on, a message is handled in a group of suspects of
-/// its level only, groups shrinking tenfold per level down to one (reclaim.lua), so reaching 7
-/// means it was alone in its group when its handler died.
-pub const MAX_RECLAIMS: u64 = 7;
 
 /// Whose heartbeat this process keeps, and where it reports a lapse.
 #[derive(Debug, Clone)]

@@ -298,7 +298,7 @@ async fn leader_loop<S: Source>(
                 failures = 0;
                 tracing::info!(epoch = lease.epoch, "became the generator");
                 role.send_replace(Role::Generator { epoch: lease.epoch });
-                crate::admin::metrics::role(Role::Generator { epoch: lease.epoch });
+                crate::admin::metrics::role(Some(lease.epoch));
                 let end = generator::lead(
                     &mut con,
                     &keys,
@@ -311,7 +311,7 @@ async fn leader_loop<S: Source>(
                 .instrument(tracing::info_span!("generator", epoch = lease.epoch))
                 .await;
                 role.send_replace(Role::Handler);
-                crate::admin::metrics::role(Role::Handler);
+                crate::admin::metrics::role(None);
                 match end? {
                     LeadEnd::Stopped => return Ok(()),
                     LeadEnd::Lost => {

@@ -41,7 +41,7 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         .arg(keys.queue())
         .cmd("SCARD")
         .arg(keys.retry());
-    for level in crate::node::handler::SUSPECT_LEVELS {
+    for level in crate::protocol::SUSPECT_LEVELS {
         pipe.cmd("LLEN").arg(keys.suspects(level));
     }
     let waiting: Vec<u64> = pipe.query_async(con).await?;

@@ -264,7 +264,7 @@ async fn read(
         .arg(keys.queue())
         .cmd("SCARD")
         .arg(keys.retry());
-    for level in crate::node::handler::SUSPECT_LEVELS {
+    for level in crate::protocol::SUSPECT_LEVELS {
         pipe.cmd("LLEN").arg(keys.suspects(level));
     }
     pipe.cmd("LLEN")
@@ -328,7 +328,7 @@ fn interpret(
     };
     let queue_depth = len(keys.queue());
     let mut reclaimed_waiting = len(keys.retry());
-    for level in crate::node::handler::SUSPECT_LEVELS {
+    for level in crate::protocol::SUSPECT_LEVELS {
         reclaimed_waiting += len(keys.suspects(level));
     }
     let error_store = len(keys.errors());
@@ -348,7 +348,7 @@ fn interpret(
     let incarnation: Option<String> =
         next(&keys.incarnation()).and_then(|v| redis::from_redis_value(v).ok());
     let halted = incarnation.and_then(|v| {
-        v.strip_prefix(crate::node::incarnation::HALTED_PREFIX)
+        v.strip_prefix(crate::protocol::HALTED_PREFIX)
             .map(str::to_string)
     });
     let next_id: Option<String> =

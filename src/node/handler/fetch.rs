@@ -4,13 +4,13 @@
 
 use super::{
     admit, Done, HandlerConfig, HandlerShared, Holdings, Role, SuspectHold, RECONCILE_EVERY,
-    SUSPECT_LEVELS,
 };
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::node::incarnation::Incarnation;
 use crate::protocol::keys::Keys;
 use crate::protocol::scripts;
+use crate::protocol::SUSPECT_LEVELS;
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;

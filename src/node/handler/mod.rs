@@ -145,10 +145,6 @@ pub struct SuspectHold {
     pub count: u64,
 }
 
-/// Reclaim counts that make a message a suspect with its own list; one more is poison
-/// (`liveness::MAX_RECLAIMS`).
-pub const SUSPECT_LEVELS: std::ops::RangeInclusive<u64> = 2..=6;
-
 /// What this handler believes its in-flight set holds: every payload it fetched (and saw the
 /// reply of) or adopted, minus those it committed (and saw the reply of), minus those a
 /// reconciliation found reclaimed. Exact payload bytes, so that a reconciliation can tell any
