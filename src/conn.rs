@@ -6,17 +6,131 @@
 //! (a private CA, a client certificate and key for mutual TLS). It never prints its password:
 //! every message, log line and report shows [`redact`]ed URLs only.
 //!
+//! A Redis Cluster is named `redis+cluster://[user:password@]host:port[,host:port…]` (or
+//! `rediss+cluster://` for TLS): seed nodes, from which redis-rs learns the slot map and follows
+//! `MOVED`/`ASK` on its own. A namespace's keys all carry the hash tag `{ns}`, so they live in one
+//! slot, on one master: [`Conn::pinned`] sends every command of a namespace there, also those with
+//! no key (`CLIENT ID`, `INFO`, `TIME`, `SCAN`, `SCRIPT LOAD`), so the protocol runs on a cluster
+//! exactly as on one Redis — a master failover in the cluster looks like a Redis restart to it.
+//!
 //! Failures that retrying cannot cure — a wrong password, a user without permission, a TLS
 //! handshake refused — fail at once with [`Error::Auth`] or [`Error::Tls`] instead of retrying
 //! for the whole connect bound.
 
 use crate::error::Error;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The connection every task of a process shares (multiplexed, reconnecting, cheap to clone).
-pub type Conn = ConnectionManager;
+/// The connection every task of a process shares (multiplexed, reconnecting, cheap to clone): to
+/// one Redis, or to a Redis Cluster (see the module docs).
+#[derive(Clone)]
+pub struct Conn(Link);
+
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster {
+        con: ClusterConnection,
+        /// The slot every command goes to (its master), once [`Conn::pinned`]; before that,
+        /// redis-rs routes by key, and a command without a key goes to a random node.
+        home: Option<u16>,
+    },
+}
+
+impl Conn {
+    /// This connection with every command sent to the master of the slot of `keys`' namespace
+    /// (on one Redis, the same connection). Every part of a copy uses a pinned connection.
+    pub fn pinned(self, keys: &crate::protocol::keys::Keys) -> Conn {
+        match self.0 {
+            Link::Cluster { con, .. } => Conn(Link::Cluster {
+                con,
+                home: Some(key_slot(keys.prefix().as_bytes())),
+            }),
+            single => Conn(single),
+        }
+    }
+
+    /// True when connected to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.0, Link::Cluster { .. })
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.0 {
+            Link::Single(con) => con.req_packed_command(cmd),
+            Link::Cluster {
+                con,
+                home: Some(slot),
+            } => {
+                let route = RoutingInfo::SingleNode(home_route(*slot));
+                Box::pin(con.route_command(cmd.clone(), route))
+            }
+            Link::Cluster { con, home: None } => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.0 {
+            Link::Single(con) => con.req_packed_commands(pipeline, offset, count),
+            Link::Cluster {
+                con,
+                home: Some(slot),
+            } => Box::pin(con.route_pipeline(pipeline.clone(), offset, count, home_route(*slot))),
+            Link::Cluster { con, home: None } => con.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Link::Single(con) => con.get_db(),
+            Link::Cluster { .. } => 0,
+        }
+    }
+}
+
+fn home_route(slot: u16) -> SingleNodeRoutingInfo {
+    SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))
+}
+
+/// The cluster hash slot of `key`, as Redis computes it: CRC16 (XMODEM) of the key's hash tag
+/// (the part between the first `{` and the next `}`, when not empty), or of the whole key,
+/// modulo 16384.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&b| b == b'}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tagged {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
 
 /// How long one command may wait for its reply before it counts as failed. Generous: a loaded
 /// Redis running a 1,000-message commit script answers in milliseconds, not seconds.
@@ -49,6 +163,8 @@ pub struct RedisTarget {
     info: redis::ConnectionInfo,
     /// The TLS material read from [`TlsFiles`] (read once, at start-up).
     tls: Option<redis::TlsCertificates>,
+    /// For a `redis+cluster://` URL, every seed node (`info` is the first).
+    cluster: Option<Vec<redis::ConnectionInfo>>,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -70,15 +186,31 @@ impl RedisTarget {
     /// A target with TLS files. Refuses (naming the flag or file) TLS files with a non-TLS URL,
     /// a certificate without its key or the reverse, and unreadable files.
     pub fn with_tls(url: &str, files: &TlsFiles) -> Result<RedisTarget, Error> {
-        let parsed = redis::IntoConnectionInfo::into_connection_info(url)
-            .map_err(|e| Error::Config(format!("bad redis url {}: {e}", redact(url))))?;
-        let settings = parsed.redis_settings().clone().set_skip_set_lib_name();
-        let parsed = parsed.set_redis_settings(settings);
+        let parse = |one: &str| {
+            let parsed = redis::IntoConnectionInfo::into_connection_info(one)
+                .map_err(|e| Error::Config(format!("bad redis url {}: {e}", redact(url))))?;
+            let settings = parsed.redis_settings().clone().set_skip_set_lib_name();
+            Ok::<_, Error>(parsed.set_redis_settings(settings))
+        };
+        let cluster = match cluster_seeds(url)? {
+            Some(seeds) => Some(
+                seeds
+                    .iter()
+                    .map(|s| parse(s))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => None,
+        };
+        let parsed = match &cluster {
+            Some(seeds) => seeds[0].clone(),
+            None => parse(url)?,
+        };
         if files.is_empty() {
             return Ok(RedisTarget {
                 url: url.to_string(),
                 info: parsed,
                 tls: None,
+                cluster,
             });
         }
         if !matches!(parsed.addr(), redis::ConnectionAddr::TcpTls { .. }) {
@@ -114,7 +246,13 @@ impl RedisTarget {
                 client_tls,
                 root_cert,
             }),
+            cluster,
         })
+    }
+
+    /// True for a `redis+cluster://` (or `rediss+cluster://`) target.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// The URL without its password, for messages.
@@ -122,7 +260,8 @@ impl RedisTarget {
         redact(&self.url)
     }
 
-    /// A redis-rs client for this target.
+    /// A redis-rs client for this target (for a cluster: its first seed node; the wake-up
+    /// channel subscribes there, and a cluster delivers a `PUBLISH` to every node).
     pub fn client(&self) -> Result<redis::Client, Error> {
         let built = match &self.tls {
             Some(certs) => redis::Client::build_with_tls(self.info.clone(), certs.clone()),
@@ -159,7 +298,22 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let attempt = async {
-            let mut con = ConnectionManager::new_with_config(client.clone(), config).await?;
+            let mut con = match &target.cluster {
+                None => Conn(Link::Single(
+                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                )),
+                Some(seeds) => {
+                    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                        .connection_timeout(left.min(Duration::from_secs(2)))
+                        .response_timeout(RESPONSE_TIMEOUT)
+                        .retries(2);
+                    if let Some(certs) = &target.tls {
+                        builder = builder.certs(certs.clone());
+                    }
+                    let con = builder.build()?.get_async_connection().await?;
+                    Conn(Link::Cluster { con, home: None })
+                }
+            };
             redis::cmd("PING").query_async::<String>(&mut con).await?;
             Ok::<_, redis::RedisError>(con)
         };
@@ -228,6 +382,36 @@ fn refusal(e: &redis::RedisError, target: &RedisTarget) -> Option<Error> {
         )));
     }
     None
+}
+
+/// The seed node URLs of a `redis+cluster://[user:password@]host:port[,host:port…][/]` URL
+/// (`rediss+cluster://` for TLS), each as `redis://[user:password@]host:port`; `None` for any
+/// other URL.
+fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, Error> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return Ok(None);
+    };
+    let rest = rest.trim_end_matches('/');
+    let (user, hosts) = match rest.rsplit_once('@') {
+        Some((user, hosts)) => (format!("{user}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let seeds: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{user}{h}"))
+        .collect();
+    if seeds.is_empty() || hosts.contains('/') || hosts.contains('?') {
+        return Err(Error::Config(format!(
+            "bad cluster url {}: expected {scheme}+cluster://[user:password@]host:port[,host:port…] (a cluster has no database number)",
+            redact(url)
+        )));
+    }
+    Ok(Some(seeds))
 }
 
 /// The URL without its password, for messages: `scheme://user:password@host` keeps only the

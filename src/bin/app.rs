@@ -290,7 +290,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
 
 async fn repair(common: Common) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
-    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
+    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms)
+        .await?
+        .pinned(&keys);
     let r = leaderq::admin::repair::repair(&mut con, &keys).await?;
     eprintln!(
         "repair: next_id {} -> {}, epoch {} -> {}",
@@ -394,7 +396,9 @@ async fn get_errors(
     redis_down_max_ms: u64,
 ) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
-    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
+    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms)
+        .await?
+        .pinned(&keys);
     let format = if json {
         LineFormat::Json
     } else {
@@ -430,7 +434,9 @@ async fn get_errors(
 
 async fn show_status(common: Common, json: bool, watch: bool) -> Result<(), Error> {
     let keys = Keys::new(&common.namespace)?;
-    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms).await?;
+    let mut con = conn::connect_to(&common.target()?, common.connect_timeout_ms)
+        .await?
+        .pinned(&keys);
     let options = ShowOptions {
         json,
         watch_every: watch.then_some(Duration::from_secs(1)),

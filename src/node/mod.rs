@@ -57,8 +57,10 @@ async fn run_in_span<H: Handler, S: Source>(
     source: Arc<S>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
-    let mut con = conn::connect_to(&config.redis, config.connect_timeout_ms).await?;
     let keys = config.keys.clone();
+    let mut con = conn::connect_to(&config.redis, config.connect_timeout_ms)
+        .await?
+        .pinned(&keys);
     // The start-up steps, the Redis configuration check among them, are idempotent: retry them
     // while Redis is briefly away (a dropped connection, a lost reply, a restart still loading
     // its AOF), within the connect bound. (A copy started during a sim fault once exited with

@@ -234,6 +234,117 @@ impl Drop for RedisServer {
     }
 }
 
+/// A local Redis Cluster of `masters` masters (no replicas), each a [`RedisServer`] killed on
+/// drop, the 16384 slots split evenly among them in order.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` (≥ 1) cluster-enabled servers, assigns the slots, introduces the nodes
+    /// to each other (`CLUSTER MEET`) and waits (bounded, 20 s) until every node says
+    /// `cluster_state:ok` and knows all the others.
+    pub fn start(masters: usize) -> std::io::Result<RedisCluster> {
+        if masters == 0 {
+            return Err(std::io::Error::other("a cluster needs at least one master"));
+        }
+        let mut nodes = Vec::with_capacity(masters);
+        let mut buses = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            // The cluster bus gets its own free port (the default, port + 10000, may not exist).
+            let bus = free_port()?.to_string();
+            buses.push(bus.clone());
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])?);
+        }
+        let per = 16384 / masters;
+        for (i, node) in nodes.iter().enumerate() {
+            let lo = i * per;
+            let hi = if i + 1 == masters {
+                16383
+            } else {
+                lo + per - 1
+            };
+            cli(
+                node.port(),
+                &["CLUSTER", "ADDSLOTSRANGE", &lo.to_string(), &hi.to_string()],
+            )?;
+        }
+        for (node, bus) in nodes.iter().zip(&buses).skip(1) {
+            let port = node.port().to_string();
+            cli(
+                nodes[0].port(),
+                &["CLUSTER", "MEET", "127.0.0.1", &port, bus],
+            )?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = nodes.iter().all(|n| {
+                cli(n.port(), &["CLUSTER", "INFO"]).is_ok_and(|info| {
+                    let known = format!("cluster_known_nodes:{masters}");
+                    info.lines().any(|l| l.trim() == "cluster_state:ok")
+                        && info.lines().any(|l| l.trim() == known)
+                })
+            });
+            if ready {
+                return Ok(RedisCluster { nodes });
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::other(
+                    "the local Redis Cluster did not reach cluster_state:ok within 20 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `redis+cluster://127.0.0.1:<port>,…`: every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The nodes, in slot order.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+/// Runs one `redis-cli -p <port>` command; its output, or an error naming the command.
+fn cli(port: u16, args: &[&str]) -> std::io::Result<String> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || text.starts_with("ERR") {
+        return Err(std::io::Error::other(format!(
+            "redis-cli -p {port} {}: {text}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(text)
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
