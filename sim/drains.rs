@@ -109,7 +109,7 @@ impl Drains {
     }
 
     /// Waits (bounded) for every drain, and returns what they all printed.
-    pub async fn finish(mut self) -> DrainOutput {
+    pub async fn finish(&mut self) -> DrainOutput {
         let deadline = Instant::now() + FINISH_WAIT_MAX;
         for mut d in self.running.drain(..) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -146,7 +146,7 @@ impl Drains {
                 }
             }
         }
-        self.out
+        std::mem::take(&mut self.out)
     }
 }
 

@@ -12,6 +12,7 @@ mod plot;
 mod progress;
 mod proxy;
 mod report;
+mod world;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};

@@ -1,0 +1,420 @@
+//! Executing the fault plan: every tick, the due getErrors drains start, and of the other due
+//! faults the first that can act does. Each fault's code says what it needs (a pure generator, a
+//! busy handler, the sim's own Redis, the proxy) and returns `None` while it cannot act yet.
+
+use super::{read_next_id, HaltWatch, Run, APP_EXIT_HALTED};
+use crate::faults::FaultKind;
+use crate::Flags;
+use anyhow::{bail, Context};
+use leaderq::stats::Counters;
+use leaderq::testkit::procs::{AppProcess, RedisServer};
+use leaderq::{conn, inspect, Keys};
+use rand::Rng;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How long a generator fault may wait for the generator to finish its leftover handler work.
+const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
+
+impl Run<'_> {
+    /// Every due getErrors drain starts now (they disturb nothing); of the other faults, at most
+    /// one per tick. A due fault that cannot act yet (no pure generator, no busy handler) does
+    /// not hold up the others.
+    pub(super) async fn execute_due_faults(
+        &mut self,
+        now: Instant,
+        done: u64,
+        counters: &Counters,
+    ) -> anyhow::Result<()> {
+        for f in self
+            .faults
+            .iter_mut()
+            .filter(|f| f.kind == FaultKind::DrainErrors && !f.done && done >= f.at)
+        {
+            let started_what = self.drains.start()?;
+            (f.t_s, f.done) = (self.started.elapsed().as_secs_f64(), true);
+            self.progress
+                .note(&format!("getErrors at {done} outcomes: {started_what}"));
+        }
+        let due: Vec<usize> = (0..self.faults.len())
+            .filter(|&i| {
+                let f = &self.faults[i];
+                !f.done
+                    && if f.kind.on_generated() {
+                        counters.generated >= f.at
+                    } else {
+                        done >= f.at
+                    }
+            })
+            .collect();
+        for i in due {
+            if self.execute_fault(i, now, done, counters).await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Executes fault `i` if it can act now, marks it done and notes what it did. Returns
+    /// whether it acted.
+    async fn execute_fault(
+        &mut self,
+        i: usize,
+        now: Instant,
+        done: u64,
+        counters: &Counters,
+    ) -> anyhow::Result<bool> {
+        let kind = self.faults[i].kind;
+        let note = match kind {
+            FaultKind::KillLeader | FaultKind::PauseLeader | FaultKind::PartitionLeader => {
+                self.hit_generator(i, now, counters.generated).await?
+            }
+            FaultKind::InjectDuplicate => self.inject_duplicate(done).await?,
+            FaultKind::PauseWorker => self.pause_worker(now, done).await?,
+            FaultKind::KillWorker => self.kill_worker(done).await?,
+            FaultKind::DropConnections => Some(self.drop_connections(done).await?),
+            FaultKind::DrainErrors => unreachable!("drains start above"),
+            FaultKind::SnapshotRedis => Some(self.snapshot_redis(done).await?),
+            FaultKind::RollbackRedis | FaultKind::WipeRedis => {
+                Some(self.lose_redis_data(kind, done).await?)
+            }
+            FaultKind::LoseReplies => Some(self.lose_replies(done)?),
+            FaultKind::RestartRedis => Some(self.restart_redis(done)?),
+        };
+        let Some(note) = note else {
+            return Ok(false);
+        };
+        let f = &mut self.faults[i];
+        (f.t_s, f.done) = (self.started.elapsed().as_secs_f64(), true);
+        self.progress.note(&note);
+        Ok(true)
+    }
+
+    /// Kills, pauses or partitions the generator (fault `i`), recording its epoch and the Redis
+    /// time for the failover measurement. `None` when there is no generator to hit this tick.
+    async fn hit_generator(
+        &mut self,
+        i: usize,
+        now: Instant,
+        generated: u64,
+    ) -> anyhow::Result<Option<String>> {
+        let kind = self.faults[i].kind;
+        let (con, keys) = (&mut self.con, &self.keys);
+        let Some((epoch, idx)) = current_generator(con, keys, &self.world.apps).await? else {
+            return Ok(None); // a failover is in progress: no generator to hit this tick
+        };
+        let pid = self.world.apps[idx].pid();
+        if self.world.paused().iter().any(|(p, _)| *p == pid) {
+            return Ok(None);
+        }
+        // A fresh generator may still be finishing messages it fetched as a handler; hitting it
+        // then would make those re-run. Wait (bounded) for a pure generator.
+        let pattern = format!("{}.*", self.world.apps[idx].instance_id);
+        let busy = leaderq::testkit::snapshot::in_flight_matching(con, keys, &pattern).await?;
+        let waited = self.waiting_since.get_or_insert(now).elapsed();
+        if busy > 0 && waited < PURE_GENERATOR_WAIT_MAX {
+            return Ok(None);
+        }
+        self.waiting_since = None;
+        if busy > 0 {
+            self.disruptions += 1;
+        }
+        let redis_us = inspect::redis_time_us(con).await?;
+        let name = self.world.apps[idx].instance_id.clone();
+        match kind {
+            FaultKind::KillLeader => self.world.replace(idx)?,
+            FaultKind::PauseLeader => self.world.pause(idx, now + pause_for(self.flags))?,
+            _ => {
+                let proxy = self
+                    .world
+                    .proxy
+                    .as_ref()
+                    .context("the proxy runs with --partition-leader")?;
+                let Some(port) = lease_holder_port(con, keys).await? else {
+                    return Ok(None);
+                };
+                if !proxy.hold(port, pause_for(self.flags)) {
+                    return Ok(None);
+                }
+            }
+        }
+        let f = &mut self.faults[i];
+        (f.epoch, f.redis_us) = (epoch, redis_us);
+        Ok(Some(format!(
+            "{}: {name} (epoch {epoch}, {busy} in flight) at {generated} generated",
+            kind.label(),
+        )))
+    }
+
+    /// Plants a copy of an in-flight message in another copy's set. `None` when no two copies
+    /// qualify right now.
+    async fn inject_duplicate(&mut self, done: u64) -> anyhow::Result<Option<String>> {
+        let apps = &self.world.apps;
+        let Some(planted) = plant_duplicate(&mut self.con, &self.keys, apps, &mut self.rng).await?
+        else {
+            return Ok(None);
+        };
+        self.injected += 1;
+        self.disruptions += 1;
+        Ok(Some(format!(
+            "duplicate delivery: {planted} at {done} outcomes"
+        )))
+    }
+
+    /// SIGSTOPs a busy handler past its heartbeat. `None` when no handler holds messages.
+    async fn pause_worker(&mut self, now: Instant, done: u64) -> anyhow::Result<Option<String>> {
+        let Some((j, n)) = self.busy_handler().await? else {
+            return Ok(None);
+        };
+        let name = self.world.apps[j].instance_id.clone();
+        let pause = Duration::from_millis(2 * self.flags.heartbeat_ms + 500);
+        self.world.pause(j, now + pause)?;
+        self.disruptions += 1;
+        Ok(Some(format!(
+            "worker pause: {name} holding {n} messages stopped for {pause:?} at {done} outcomes (its messages are reclaimed; its late commits must be refused)"
+        )))
+    }
+
+    /// SIGKILLs a busy handler, starts a replacement and watches for the reclaim. `None` when no
+    /// handler holds messages.
+    async fn kill_worker(&mut self, done: u64) -> anyhow::Result<Option<String>> {
+        let Some((j, n)) = self.busy_handler().await? else {
+            return Ok(None);
+        };
+        let name = self.world.apps[j].instance_id.clone();
+        self.world.replace(j)?;
+        self.watched.push((name.clone(), Instant::now()));
+        self.disruptions += 1;
+        Ok(Some(format!(
+            "worker kill: {name} holding {n} messages at {done} outcomes"
+        )))
+    }
+
+    /// Kills every normal client connection but the sim's own.
+    async fn drop_connections(&mut self, done: u64) -> anyhow::Result<String> {
+        let dropped: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(&mut self.con)
+            .await?;
+        self.disruptions += 1;
+        Ok(format!(
+            "connection drop: {dropped} connections killed at {done} outcomes"
+        ))
+    }
+
+    /// Keeps an RDB snapshot for a later rollback.
+    async fn snapshot_redis(&mut self, done: u64) -> anyhow::Result<String> {
+        let server = self
+            .world
+            .server
+            .as_ref()
+            .context("--rollback-redis needs the sim's own Redis")?;
+        redis::cmd("SAVE").query_async::<()>(&mut self.con).await?;
+        std::fs::copy(
+            server.dir().join("dump.rdb"),
+            server.dir().join("older.rdb"),
+        )
+        .context("keeping the snapshot")?;
+        Ok(format!("redis snapshot taken at {done} outcomes"))
+    }
+
+    /// Wipes Redis, or restarts it from the older snapshot; from now on the loop only waits for
+    /// every copy to halt.
+    async fn lose_redis_data(&mut self, kind: FaultKind, done: u64) -> anyhow::Result<String> {
+        let server = self
+            .world
+            .server
+            .as_mut()
+            .context("--wipe-redis and --rollback-redis need the sim's own Redis")?;
+        let before = read_next_id(&mut self.con, &self.keys).await?;
+        let after = if kind == FaultKind::WipeRedis {
+            redis::cmd("FLUSHALL")
+                .query_async::<()>(&mut self.con)
+                .await?;
+            0
+        } else {
+            let older = server.dir().join("older.rdb");
+            let restored = snapshot_next_id(&older, &self.keys).await?;
+            tokio::task::block_in_place(|| {
+                server.crash_and_restart_with(|dir| {
+                    std::fs::copy(&older, dir.join("dump.rdb")).map(|_| ())
+                })
+            })
+            .context("restarting redis-server from the older snapshot")?;
+            restored
+        };
+        self.disruptions += 1;
+        let what = format!(
+            "{} at {done} outcomes (next_id {before} -> {after})",
+            kind.label()
+        );
+        let note = format!("{what}: every copy must now halt with exit code {APP_EXIT_HALTED}");
+        self.halt = Some(HaltWatch {
+            what,
+            since: Instant::now(),
+            next_id_after_loss: after,
+            next_id_before_loss: before,
+        });
+        Ok(note)
+    }
+
+    /// Makes every copy's connection lose its next reply (through the proxy).
+    fn lose_replies(&mut self, done: u64) -> anyhow::Result<String> {
+        let proxy = self
+            .world
+            .proxy
+            .as_ref()
+            .context("the proxy runs with --lose-replies")?;
+        let before = proxy.cuts();
+        proxy.lose_next_replies();
+        self.disruptions += 1;
+        Ok(format!(
+            "lost replies: every copy's connection loses its next reply, at {done} outcomes ({before} cut so far)"
+        ))
+    }
+
+    /// SIGKILLs Redis and restarts it from its AOF.
+    fn restart_redis(&mut self, done: u64) -> anyhow::Result<String> {
+        let server = self
+            .world
+            .server
+            .as_mut()
+            .context("--restart-redis needs the sim's own Redis")?;
+        let began = Instant::now();
+        let repaired = tokio::task::block_in_place(|| server.crash_and_restart())
+            .context("restarting redis-server")?;
+        self.disruptions += 1;
+        self.aof_repairs += u64::from(repaired);
+        Ok(format!(
+            "redis restart: SIGKILLed and back from its AOF in {:?} at {done} outcomes{}",
+            began.elapsed(),
+            if repaired {
+                " (torn last transaction cut by redis-check-aof --fix)"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// A handler (not the generator, not paused) holding in-flight messages, picked at random:
+    /// its index in `apps` and how many it holds. `None` when no handler holds any right now.
+    async fn busy_handler(&mut self) -> anyhow::Result<Option<(usize, u64)>> {
+        let (con, keys, apps) = (&mut self.con, &self.keys, &self.world.apps);
+        let generator = current_generator(con, keys, apps).await?.map(|(_, i)| i);
+        let mut busy = Vec::new();
+        for (j, app) in apps.iter().enumerate() {
+            let paused = self.world.paused().iter().any(|(pid, _)| *pid == app.pid());
+            if Some(j) == generator || paused {
+                continue;
+            }
+            let pattern = format!("{}.*", app.instance_id);
+            let n = leaderq::testkit::snapshot::in_flight_matching(con, keys, &pattern).await?;
+            if n > 0 {
+                busy.push((j, n));
+            }
+        }
+        if busy.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(busy[self.rng.random_range(0..busy.len())]))
+    }
+}
+
+/// How long a paused generator stays stopped: past its lease, so a successor takes over.
+fn pause_for(flags: &Flags) -> Duration {
+    Duration::from_millis(2 * flags.lease_ms + 500)
+}
+
+/// The generator right now: its epoch and its index in `apps`, from the lease value.
+async fn current_generator(
+    con: &mut conn::Conn,
+    keys: &Keys,
+    apps: &[AppProcess],
+) -> anyhow::Result<Option<(u64, usize)>> {
+    let Some(value) = leaderq::node::lease::holder(con, keys).await? else {
+        return Ok(None);
+    };
+    let Some((epoch, instance)) = value.split_once(':') else {
+        bail!("lease value {value:?} is not epoch:instance");
+    };
+    let epoch: u64 = epoch
+        .parse()
+        .with_context(|| format!("lease value {value:?}"))?;
+    Ok(apps
+        .iter()
+        .position(|a| a.instance_id == instance)
+        .map(|i| (epoch, i)))
+}
+
+/// `{ns}:next_id` in an RDB snapshot, read from a throwaway server started on a copy of it.
+async fn snapshot_next_id(rdb: &Path, keys: &Keys) -> anyhow::Result<u64> {
+    let scratch = RedisServer::start_from_rdb(rdb).context("starting a server on the snapshot")?;
+    let mut con = conn::connect(&scratch.url(), 5000).await?;
+    read_next_id(&mut con, keys).await
+}
+
+/// The local port of the lease holder's Redis connection as Redis sees it (through the proxy:
+/// the port of the proxy's upstream socket for that copy), from `{ns}:lease:conn` and
+/// `CLIENT LIST ID`. `None` when there is no holder or its connection is gone.
+async fn lease_holder_port(con: &mut conn::Conn, keys: &Keys) -> anyhow::Result<Option<u16>> {
+    let id: Option<u64> = redis::cmd("GET")
+        .arg(keys.lease_conn())
+        .query_async(con)
+        .await?;
+    let Some(id) = id else { return Ok(None) };
+    let listing: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("ID")
+        .arg(id)
+        .query_async(con)
+        .await?;
+    Ok(listing
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("addr="))
+        .and_then(|addr| addr.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse().ok()))
+}
+
+/// Copies one in-flight message of a live handler into another live copy's in-flight set (as a
+/// buggy reclaim could): that copy adopts and runs it at its next reconciliation, and the
+/// duplicate defence must record one outcome. Returns what it did, `None` when no two copies
+/// qualify right now.
+async fn plant_duplicate(
+    con: &mut conn::Conn,
+    keys: &Keys,
+    apps: &[AppProcess],
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> anyhow::Result<Option<String>> {
+    let mut holders = Vec::new();
+    for app in apps {
+        let set = keys.inflight(&format!("{}.0", app.instance_id));
+        let member: Option<Vec<u8>> = redis::cmd("SRANDMEMBER").arg(&set).query_async(con).await?;
+        if let Some(m) = member {
+            holders.push((app.instance_id.clone(), m));
+        }
+    }
+    if holders.is_empty() || apps.len() < 2 {
+        return Ok(None);
+    }
+    let (from, payload) = holders[rng.random_range(0..holders.len())].clone();
+    let others: Vec<&AppProcess> = apps.iter().filter(|a| a.instance_id != from).collect();
+    let to = &others[rng.random_range(0..others.len())].instance_id;
+    let handler = format!("{to}.0");
+    redis::pipe()
+        .cmd("SADD")
+        .arg(keys.inflight(&handler))
+        .arg(&payload)
+        .cmd("SADD")
+        .arg(keys.handlers())
+        .arg(&handler)
+        .query_async::<()>(con)
+        .await?;
+    Ok(Some(format!(
+        "{} from {from}'s set planted in {to}'s",
+        String::from_utf8_lossy(&payload)
+    )))
+}
