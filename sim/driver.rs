@@ -199,7 +199,7 @@ impl<'f> Run<'f> {
         let args = world::app_args(flags, &namespace, seed);
         let mut world = World::start_redis(flags, app_bin, args, log_dir)?;
         let keys = Keys::new(&namespace)?;
-        let mut con = conn::connect(&world.url, 5000).await?;
+        let mut con = conn::connect(&world.url, 5000).await?.pinned(&keys);
         world.start_proxy(flags).await?;
         let redis_version = inspect::info(&mut con, "server")
             .await?

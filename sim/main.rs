@@ -139,8 +139,14 @@ pub struct Flags {
     #[arg(long)]
     pub report_dir: Option<PathBuf>,
     /// Use this Redis instead of starting one (a fresh namespace is used; nothing else is touched).
+    /// A `redis+cluster://host:port[,host:port…]` URL names a Redis Cluster.
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// Start a local Redis Cluster of N masters (no replicas) instead of one redis-server, and run
+    /// on it: the namespace lives in one slot, on one of the masters. 0 = one plain redis-server.
+    /// Not with --redis-url or with the faults that need the sim's own single Redis or the proxy.
+    #[arg(long, default_value_t = 0)]
+    pub redis_cluster: u32,
     /// The `app` binary (default: the one next to `sim`).
     #[arg(long)]
     pub app_bin: Option<PathBuf>,
@@ -198,6 +204,14 @@ fn main() -> ExitCode {
     let own_redis = flags.restart_redis > 0 || flags.wipe_redis || flags.rollback_redis;
     if own_redis && flags.redis_url.is_some() {
         eprintln!("sim: --restart-redis, --wipe-redis and --rollback-redis need the sim's own Redis; drop --redis-url");
+        return ExitCode::from(2);
+    }
+    if flags.redis_cluster > 0
+        && (own_redis
+            || flags.redis_url.is_some()
+            || flags.lose_replies + flags.partition_leader > 0)
+    {
+        eprintln!("sim: --redis-cluster starts its own cluster: not with --redis-url, --restart-redis, --wipe-redis, --rollback-redis, --lose-replies or --partition-leader (they need one plain Redis)");
         return ExitCode::from(2);
     }
     if flags.rollback_redis && (flags.restart_redis > 0 || flags.wipe_redis) {

@@ -128,6 +128,8 @@ pub struct Summary {
     pub interval_ms: u64,
     pub lease_ms: u64,
     pub heartbeat_ms: u64,
+    /// Masters of the sim's own Redis Cluster (0: one plain redis-server, or --redis-url).
+    pub redis_cluster_masters: u32,
     pub redis_version: String,
     pub redis_used_memory_peak_bytes: u64,
     pub redis_commands_per_msg: f64,
@@ -221,7 +223,7 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|c| c.map_or("running".into(), |c| c.to_string()))
         .collect();
     let halt_codes = halt_codes.join(", ");
-    let rows: [(&str, &dyn Display); 61] = [
+    let rows: [(&str, &dyn Display); 62] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -276,6 +278,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("interval_ms", &s.interval_ms),
         ("lease_ms", &s.lease_ms),
         ("heartbeat_ms", &s.heartbeat_ms),
+        ("redis_cluster_masters", &s.redis_cluster_masters),
         ("redis_version", &s.redis_version),
         (
             "redis_used_memory_peak_bytes",

@@ -6,7 +6,7 @@ use crate::progress::Progress;
 use crate::proxy::Proxy;
 use crate::Flags;
 use anyhow::{bail, Context};
-use leaderq::testkit::procs::{self, AppProcess, RedisServer};
+use leaderq::testkit::procs::{self, AppProcess, RedisCluster, RedisServer};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,8 +36,12 @@ pub struct World {
     pub proxy: Option<Proxy>,
     /// Redis's own URL: the sim and getErrors use it, never the proxy.
     pub url: String,
-    /// The sim's own Redis; `None` with --redis-url. Restarted and rolled back by faults.
+    /// The sim's own Redis; `None` with --redis-url or --redis-cluster. Restarted and rolled back
+    /// by faults.
     pub server: Option<RedisServer>,
+    /// The sim's own Redis Cluster (--redis-cluster N), held so that it stops (on drop) after the
+    /// copies.
+    _cluster: Option<RedisCluster>,
 }
 
 impl World {
@@ -49,7 +53,15 @@ impl World {
         args: Vec<String>,
         log_dir: PathBuf,
     ) -> anyhow::Result<World> {
+        let cluster = match flags.redis_cluster {
+            0 => None,
+            n => Some(
+                RedisCluster::start(n as usize)
+                    .with_context(|| format!("starting a {n}-master Redis Cluster"))?,
+            ),
+        };
         let server = match &flags.redis_url {
+            _ if cluster.is_some() => None,
             Some(_) => None,
             None if flags.restart_redis > 0 => Some(
                 RedisServer::start_with(&[
@@ -68,10 +80,11 @@ impl World {
             ),
             None => Some(RedisServer::start().context("starting redis-server")?),
         };
-        let url = match (&server, &flags.redis_url) {
-            (Some(s), _) => s.url(),
-            (None, Some(u)) => u.clone(),
-            (None, None) => unreachable!("one of the two is set"),
+        let url = match (&server, &cluster, &flags.redis_url) {
+            (Some(s), _, _) => s.url(),
+            (None, Some(c), _) => c.url(),
+            (None, None, Some(u)) => u.clone(),
+            (None, None, None) => unreachable!("one of the three is set"),
         };
         Ok(World {
             apps: Vec::new(),
@@ -86,6 +99,7 @@ impl World {
             proxy: None,
             url,
             server,
+            _cluster: cluster,
         })
     }
 

@@ -81,6 +81,52 @@ fn small_sim_with_leader_kills_passes() {
     }
 }
 
+/// Issue 13's CI run: `sim --redis-cluster 3` starts a 3-master local cluster and the usual
+/// verdict holds with generator and handler SIGKILLs.
+#[test]
+fn small_sim_on_a_redis_cluster_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report");
+    let out = common::run_sim(
+        &report,
+        &[
+            "--redis-cluster",
+            "3",
+            "--messages",
+            "30000",
+            "--kill-leader",
+            "--kills",
+            "2",
+            "--kill-workers",
+            "1",
+            "--seed",
+            "13",
+            "--quiet",
+            "--timeout-s",
+            "300",
+            "--max-in-flight",
+            "5000",
+            "--queue-max",
+            "2000",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "sim failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["verdict"], "pass");
+    assert_eq!(summary["redis_cluster_masters"], 3);
+    assert_eq!(summary["leader_kills"], 2);
+    assert_eq!(summary["missing"], 0);
+    assert_eq!(summary["duplicates"], 0);
+}
+
 #[test]
 fn sim_rejects_bad_flags_with_exit_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_sim"))
@@ -93,4 +139,13 @@ fn sim_rejects_bad_flags_with_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(["--redis-cluster", "3", "--restart-redis", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a cluster has no single Redis to restart"
+    );
 }

@@ -254,6 +254,7 @@ impl Run<'_> {
             interval_ms: flags.interval_ms,
             lease_ms: flags.lease_ms,
             heartbeat_ms: flags.heartbeat_ms,
+            redis_cluster_masters: flags.redis_cluster,
             redis_used_memory_peak_bytes: collected
                 .memory
                 .get("used_memory_peak")
