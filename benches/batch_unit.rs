@@ -96,6 +96,58 @@ impl Cost {
     }
 }
 
+/// The fetch and commit phases' readings, summed over the rounds of a run.
+#[derive(Default)]
+struct Phases {
+    fetch: Totals,
+    commit: Totals,
+}
+
+#[derive(Default)]
+struct Totals {
+    wall_s: f64,
+    cpu_s: f64,
+    commands: u64,
+    scripts: u64,
+}
+
+impl Totals {
+    fn add(&mut self, (a, b): (Meter, Meter)) {
+        self.wall_s += (b.at - a.at).as_secs_f64();
+        self.cpu_s += b.cpu_s - a.cpu_s;
+        // The two INFO calls of a reading are in the next one's command count: take them out.
+        self.commands += (b.commands - a.commands).saturating_sub(2);
+        self.scripts += b.scripts - a.scripts;
+    }
+
+    fn per_message(&self, messages: u64) -> Cost {
+        let n = messages as f64;
+        Cost {
+            redis_cpu_us: self.cpu_s * 1e6 / n,
+            commands: self.commands as f64 / n,
+            scripts: self.scripts as f64 / n,
+            wall_us: self.wall_s * 1e6 / n,
+        }
+    }
+}
+
+impl Phases {
+    /// One round: the readings around its fetch and around its commits.
+    fn add(&mut self, fetch: (Meter, Meter), commit: (Meter, Meter)) {
+        self.fetch.add(fetch);
+        self.commit.add(commit);
+    }
+
+    fn row(&self, variant: &'static str, generate: Cost, messages: u64) -> Row {
+        Row {
+            variant,
+            generate,
+            fetch: self.fetch.per_message(messages),
+            commit: self.commit.per_message(messages),
+        }
+    }
+}
+
 /// The costs of generate, fetch and commit.
 struct Row {
     variant: &'static str,
@@ -147,10 +199,7 @@ async fn today(con: &mut Conn, keys: &Keys, messages: u64, group_size: usize) ->
         }
     }
     let m1 = meter(con).await;
-    let (mut fetch_s, mut commit_s) = (0.0f64, 0.0f64);
-    let (mut fetch_cpu, mut commit_cpu) = (0.0f64, 0.0f64);
-    let (mut fetch_cmds, mut commit_cmds) = (0u64, 0u64);
-    let (mut fetch_scripts, mut commit_scripts) = (0u64, 0u64);
+    let mut phases = Phases::default();
     let mut taken = 0;
     while taken < messages {
         // Fetch a handler's hold, then commit it in random order.
@@ -195,32 +244,9 @@ async fn today(con: &mut Conn, keys: &Keys, messages: u64, group_size: usize) ->
             assert!(refused.is_empty());
         }
         let d = meter(con).await;
-        fetch_s += (b.at - a.at).as_secs_f64();
-        commit_s += (d.at - c.at).as_secs_f64();
-        fetch_cpu += b.cpu_s - a.cpu_s;
-        commit_cpu += d.cpu_s - c.cpu_s;
-        fetch_cmds += (b.commands - a.commands).saturating_sub(2);
-        commit_cmds += (d.commands - c.commands).saturating_sub(2);
-        fetch_scripts += b.scripts - a.scripts;
-        commit_scripts += d.scripts - c.scripts;
+        phases.add((a, b), (c, d));
     }
-    let n = messages as f64;
-    let row = Row {
-        variant: "today",
-        generate: Cost::between(m0, m1, messages),
-        fetch: Cost {
-            redis_cpu_us: fetch_cpu * 1e6 / n,
-            commands: fetch_cmds as f64 / n,
-            scripts: fetch_scripts as f64 / n,
-            wall_us: fetch_s * 1e6 / n,
-        },
-        commit: Cost {
-            redis_cpu_us: commit_cpu * 1e6 / n,
-            commands: commit_cmds as f64 / n,
-            scripts: commit_scripts as f64 / n,
-            wall_us: commit_s * 1e6 / n,
-        },
-    };
+    let row = phases.row("today", Cost::between(m0, m1, messages), messages);
     check(con, keys, messages).await;
     row
 }
@@ -253,8 +279,7 @@ async fn batches(con: &mut Conn, keys: &Keys, messages: u64, group_size: usize) 
         left -= n;
     }
     let m1 = meter(con).await;
-    let (mut fetch_s, mut commit_s, mut fetch_cpu, mut commit_cpu) = (0.0, 0.0, 0.0, 0.0);
-    let (mut fetch_cmds, mut commit_cmds, mut fetch_scripts, mut commit_scripts) = (0, 0, 0, 0);
+    let mut phases = Phases::default();
     let mut taken = 0;
     while taken < messages {
         let a = meter(con).await;
@@ -304,32 +329,9 @@ async fn batches(con: &mut Conn, keys: &Keys, messages: u64, group_size: usize) 
             assert_eq!((refused, dup), (0, 0));
         }
         let d = meter(con).await;
-        fetch_s += (b.at - a.at).as_secs_f64();
-        commit_s += (d.at - c.at).as_secs_f64();
-        fetch_cpu += b.cpu_s - a.cpu_s;
-        commit_cpu += d.cpu_s - c.cpu_s;
-        fetch_cmds += (b.commands - a.commands).saturating_sub(2);
-        commit_cmds += (d.commands - c.commands).saturating_sub(2);
-        fetch_scripts += b.scripts - a.scripts;
-        commit_scripts += d.scripts - c.scripts;
+        phases.add((a, b), (c, d));
     }
-    let n = messages as f64;
-    let row = Row {
-        variant: "batch-unit",
-        generate: Cost::between(m0, m1, messages),
-        fetch: Cost {
-            redis_cpu_us: fetch_cpu * 1e6 / n,
-            commands: fetch_cmds as f64 / n,
-            scripts: fetch_scripts as f64 / n,
-            wall_us: fetch_s * 1e6 / n,
-        },
-        commit: Cost {
-            redis_cpu_us: commit_cpu * 1e6 / n,
-            commands: commit_cmds as f64 / n,
-            scripts: commit_scripts as f64 / n,
-            wall_us: commit_s * 1e6 / n,
-        },
-    };
+    let row = phases.row("batch-unit", Cost::between(m0, m1, messages), messages);
     let open: u64 = redis::cmd("HLEN")
         .arg(&inflight)
         .query_async(con)
