@@ -663,3 +663,78 @@ fn pinned_drains_seed_6() {
     let s = pinned("drains6", &["--seed", "6"]);
     assert!(s["drains"].as_u64().unwrap() >= 3, "{s}");
 }
+
+/// A sink that deletes the drain lock (as if it expired while Redis was away) on its first chunk.
+struct LockExpiresOnce {
+    con: redis::Connection,
+    lock: String,
+    entries: Vec<leaderq::admin::errors::ErrorEntry>,
+}
+
+impl leaderq::admin::errors::ErrorSink for LockExpiresOnce {
+    fn accept(&mut self, entries: &[leaderq::admin::errors::ErrorEntry]) -> std::io::Result<()> {
+        if self.entries.is_empty() {
+            let _: i64 = redis::cmd("DEL")
+                .arg(&self.lock)
+                .query(&mut self.con)
+                .map_err(std::io::Error::other)?;
+        }
+        self.entries.extend_from_slice(entries);
+        Ok(())
+    }
+}
+
+/// Seen once in test.sh (`pinned_issue9_restart_redis_seed_1` on a loaded machine): a getErrors
+/// whose drain lock expired under it (Redis away longer than the lock's TTL) exited 1 "another
+/// getErrors holds the error drain". Now it takes the lock again and finishes: every entry
+/// delivered, the chunk that was printed but not trimmed delivered twice, the store empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_whose_lock_expired_takes_it_again_and_finishes() {
+    use leaderq::admin::errors::{self, DrainConfig};
+    let redis = RedisServer::start().expect("start redis-server");
+    let keys = leaderq::Keys::new("lk").unwrap();
+    let mut con = leaderq::conn::connect(&redis.url(), 5000).await.unwrap();
+    let entries: Vec<String> = (0..250)
+        .map(|id| format!("{id}:1:0\thandler error\t0"))
+        .collect();
+    let () = redis::cmd("RPUSH")
+        .arg(keys.errors())
+        .arg(&entries)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut sink = LockExpiresOnce {
+        con: redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap(),
+        lock: keys.errors_lock(),
+        entries: Vec::new(),
+    };
+    let config = DrainConfig {
+        chunk: 100,
+        lock_ms: 5000,
+        token: "lk-test".into(),
+        retry_for: Duration::from_secs(5),
+    };
+    let drained = errors::drain(&mut con, &keys, &config, &mut sink).await;
+    assert!(drained.is_ok(), "{drained:?}");
+    let printed: Vec<String> = sink.entries.iter().map(|e| e.json().to_string()).collect();
+    assert_eq!(printed.len(), 350, "250 entries, the first chunk twice");
+    assert_eq!(
+        printed[..100],
+        printed[100..200],
+        "the untrimmed chunk again"
+    );
+    let mut distinct = printed.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 250, "every entry delivered");
+    let left: u64 = redis::cmd("EXISTS")
+        .arg(keys.errors())
+        .arg(keys.errors_drain())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "store and drain list empty");
+}

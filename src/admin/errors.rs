@@ -228,8 +228,10 @@ pub async fn drain(
     .await?;
     let result = async {
         let mut wait = LockWait::new(config.lock_ms);
+        let mut losses = 0u32;
         let mut modes = ["resume", "take"].into_iter().peekable();
         while let Some(&mode) = modes.peek() {
+            let asked = std::time::Instant::now();
             let left: i64 = retrying(config, con, |mut con| async move {
                 let mut call = scripts::ERRORS_TAKE.prepare_invoke();
                 call.key(keys.errors_lock())
@@ -252,14 +254,32 @@ pub async fn drain(
                         .await?)
                 })
                 .await?;
+                // While Redis was away (restarting, say) the holder could not progress either:
+                // that time does not count against it.
+                wait.redis_was_away(asked.elapsed().saturating_sub(ROUND_TRIP_SLOW));
                 if !wait.still_worth_it(ttl_ms) {
                     return Err(Error::DrainLockLost);
                 }
                 tokio::time::sleep(LOCK_POLL).await;
                 continue;
             }
-            drain_list(con, keys, config, left as u64, sink, &mut total).await?;
-            modes.next();
+            match drain_list(con, keys, config, left as u64, sink, &mut total).await {
+                Ok(()) => {
+                    modes.next();
+                }
+                // Our lock expired under us: Redis was away for longer than its TTL (a restart
+                // loading a large AOF), or this call was stalled. Take it again (or wait for
+                // whoever has it) and go on from the drain list's head; the chunk printed but
+                // not trimmed is printed again: at least once, never lost. Bounded.
+                Err(Error::DrainLockLost) if losses < LOCK_LOSSES_MAX => {
+                    losses += 1;
+                    tracing::warn!(
+                        losses,
+                        "getErrors lost its drain lock (it expired); taking it again"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -271,6 +291,12 @@ pub async fn drain(
 
 /// How often a `getErrors` waiting for another one's drain lock looks again.
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How many times one `getErrors` takes its drain lock again after losing it before it gives up.
+const LOCK_LOSSES_MAX: u32 = 5;
+
+/// A lock step slower than this means Redis was away (a round trip takes milliseconds).
+const ROUND_TRIP_SLOW: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The longest a `getErrors` waits for other drains in all, however much they progress.
 const LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
@@ -297,6 +323,12 @@ impl LockWait {
             progressed: now,
             last_ttl_ms: i64::MAX,
         }
+    }
+
+    /// Redis was unreachable for about `away`: the holder could not progress meanwhile, so that
+    /// time is not held against it.
+    fn redis_was_away(&mut self, away: std::time::Duration) {
+        self.progressed = (self.progressed + away).min(std::time::Instant::now());
     }
 
     /// Takes the lock's current PTTL; false when waiting longer is pointless.
