@@ -184,6 +184,46 @@ fn pinned_restart_redis_seed_68() {
     pinned("restart68", &["--restart-redis", "2", "--seed", "68"]);
 }
 
+/// Found 2026-11-29 (soak, seeds 27-36): "app counted 2 duplicate outcomes, 3 were planted": the
+/// sim counted a plant whose `SADD` added nothing. Fixed in the sim.
+#[test]
+fn pinned_inject_duplicates_seed_35() {
+    pinned("dups35", &["--inject-duplicates", "3", "--seed", "35"]);
+}
+
+/// Found 2026-11-29 (soak): "app counted 0 duplicate outcomes, 1 was planted" in the `all` mode:
+/// a planted copy merged with its original in the retry set after both holders were reclaimed.
+/// Fixed in the verifier (fewer allowed after reclaims, more never).
+#[test]
+fn pinned_all_faults_seed_27() {
+    pinned(
+        "all27",
+        &[
+            "--kill-leader",
+            "--kills",
+            "2",
+            "--pause-leader",
+            "1",
+            "--partition-leader",
+            "1",
+            "--kill-workers",
+            "2",
+            "--pause-workers",
+            "1",
+            "--drop-connections",
+            "2",
+            "--lose-replies",
+            "2",
+            "--inject-duplicates",
+            "1",
+            "--restart-redis",
+            "1",
+            "--seed",
+            "27",
+        ],
+    );
+}
+
 /// Issue 9: a handler that is alive but stuck does not hold messages forever. Every
 /// eventHandler here takes up to an hour (for this test, never) with a 300 ms timeout: each
 /// message must get the outcome "error, handler timeout" exactly once, and the copies must stop

@@ -404,15 +404,21 @@ async fn plant_duplicate(
     let others: Vec<&AppProcess> = apps.iter().filter(|a| a.instance_id != from).collect();
     let to = &others[rng.random_range(0..others.len())].instance_id;
     let handler = format!("{to}.0");
-    redis::pipe()
+    let (added, _): (u64, u64) = redis::pipe()
         .cmd("SADD")
         .arg(keys.inflight(&handler))
         .arg(&payload)
         .cmd("SADD")
         .arg(keys.handlers())
         .arg(&handler)
-        .query_async::<()>(con)
+        .query_async(con)
         .await?;
+    // Already a member (the payload was taken from a set that held a planted copy, and put back
+    // into its original holder's set, which still held it): nothing was planted; try again later.
+    // Counting it made the verdict wait for a duplicate that could never come (soak, seed 35).
+    if added == 0 {
+        return Ok(None);
+    }
     Ok(Some(format!(
         "{} from {from}'s set planted in {to}'s",
         String::from_utf8_lossy(&payload)

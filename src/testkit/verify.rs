@@ -51,7 +51,11 @@ pub struct Observed {
     /// Handlers SIGKILLed by the sim; 0 means every message must have run exactly once.
     pub worker_kills: u64,
     /// Duplicate deliveries the sim planted on purpose: the app must have counted exactly this
-    /// many duplicate outcomes (each detected and not recorded), no more, no fewer.
+    /// many duplicate outcomes (each detected and not recorded), no more, no fewer — except that
+    /// once a handler's set was reclaimed (`counters.reclaimed > 0`) fewer is allowed: a planted
+    /// copy and its original, both in sets of handlers that died, come back as one and the same
+    /// retry-set member (the set keeps one), so it runs once and no duplicate is counted. More is
+    /// never allowed.
     pub injected_duplicates: u64,
     /// The most generator epochs the run's faults can explain (each fault that can depose the
     /// generator at most twice, plus one); 0 = no bound. More means the lease changed hands
@@ -271,7 +275,8 @@ pub fn check(o: &Observed) -> Verdict {
     if q != 0 || f != 0 {
         v.push(|| format!("not drained: queue_len = {q}, in_flight = {f}"));
     }
-    if c.duplicates != o.injected_duplicates {
+    let merged_allowed = c.reclaimed > 0 && c.duplicates < o.injected_duplicates;
+    if c.duplicates != o.injected_duplicates && !merged_allowed {
         let injected = o.injected_duplicates;
         v.push(|| {
             format!(
@@ -423,7 +428,7 @@ mod tests {
     #[test]
     fn every_fault_is_caught() {
         type Fault = (&'static str, [u64; 4], fn(&mut Observed));
-        let faults: [Fault; 19] = [
+        let faults: [Fault; 20] = [
             ("missing", [1, 0, 0, 0], |o| set_ok(o, first_ok(o), false)),
             ("duplicate", [0, 1, 1, 0], |o| err(o, first_ok(o))),
             ("duplicate", [0, 1, 0, 0], |o| err(o, first_failed(o))),
@@ -445,6 +450,12 @@ mod tests {
                 o.injected_duplicates = 2;
                 o.counters.duplicates = 1
             }),
+            // Reclaims may merge a planted copy with its original, never add a duplicate.
+            ("2 duplicate deliveries were planted", [0; 4], |o| {
+                o.injected_duplicates = 2;
+                o.counters.reclaimed = 5;
+                o.counters.duplicates = 3
+            }),
             ("changes hands by itself", [0; 4], |o| o.epochs_max = 2),
             ("no handler killed", [0; 4], |o| o.counters.runs += 1),
             // A killed drain may reprint an error entry, never print one for a success.
@@ -462,6 +473,20 @@ mod tests {
             let got = [v.missing, v.duplicates, v.unexpected, v.out_of_range];
             assert_eq!(got, counts, "{needle}");
         }
+    }
+
+    /// Seen in the soak (`all`, seed 27): with handlers reclaimed, a planted copy and its
+    /// original can merge in the retry set; fewer counted duplicates than planted then pass.
+    #[test]
+    fn planted_duplicates_may_merge_only_after_reclaims() {
+        let mut o = clean();
+        o.injected_duplicates = 1;
+        assert!(
+            !check(&o).pass,
+            "none counted, no reclaim: a missed duplicate"
+        );
+        o.counters.reclaimed = 1666;
+        assert!(check(&o).pass, "{:?}", check(&o).violations);
     }
 
     #[test]
