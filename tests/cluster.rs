@@ -96,26 +96,22 @@ async fn a_group_on_a_cluster_survives_a_leader_kill_exactly_once() {
         names.iter().map(|n| log(n)).collect::<Vec<_>>().join("\n")
     );
 
-    let status = std::process::Command::new(app_bin())
-        .arg("status")
-        .args(args(&[]))
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "status on a cluster: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let drained = std::process::Command::new(app_bin())
-        .arg("getErrors")
-        .args(args(&[]))
-        .output()
-        .unwrap();
-    assert!(
-        drained.status.success(),
-        "getErrors on a cluster: {}",
-        String::from_utf8_lossy(&drained.stderr)
-    );
+    // `app status` and `app getErrors` against the cluster URL must both succeed.
+    let run = |command: &str| {
+        let out = std::process::Command::new(app_bin())
+            .arg(command)
+            .args(args(&[]))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{command} on a cluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    run("status");
+    let drained = run("getErrors");
     let error_lines: Vec<String> = String::from_utf8_lossy(&drained.stdout)
         .lines()
         .map(str::to_string)
