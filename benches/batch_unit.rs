@@ -21,9 +21,8 @@ use leaderq::node::handler::{self, Done, Verdict};
 use leaderq::node::incarnation::Incarnation;
 use leaderq::node::lease::{self, Lease};
 use leaderq::outcome;
-use leaderq::protocol::message::Envelope;
 use leaderq::testkit::procs::RedisServer;
-use leaderq::{Bytes, Keys};
+use leaderq::Keys;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::BTreeMap;
@@ -204,37 +203,23 @@ async fn today(con: &mut Conn, keys: &Keys, messages: u64, group_size: usize) ->
     while taken < messages {
         // Fetch a handler's hold, then commit it in random order.
         let a = meter(con).await;
-        let mut held: Vec<Bytes> = Vec::new();
+        let mut items: Vec<Done> = Vec::new();
         for _ in 0..HOLD_BATCHES {
             let got = handler::fetch(con, keys, &owner, BATCH, HEARTBEAT_MS, &inc)
                 .await
-                .expect("fetch")
-                .payloads;
+                .expect("fetch");
             if got.is_empty() {
                 break;
             }
-            held.extend(got);
+            items.extend(got.into_items(&owner));
         }
         let b = meter(con).await;
-        taken += held.len() as u64;
-        let mut items: Vec<Done> = held
-            .into_iter()
-            .map(|payload| {
-                let (envelope, data_at) = Envelope::parse(&payload).expect("well-formed");
-                Done {
-                    owner: owner.clone(),
-                    verdict: if ok(envelope.id) {
-                        Verdict::Ok
-                    } else {
-                        Verdict::Failed(leaderq::work::HANDLER_ERROR.into())
-                    },
-                    envelope,
-                    data_at,
-                    payload,
-                    handled_us: 0,
-                }
-            })
-            .collect();
+        taken += items.len() as u64;
+        for d in &mut items {
+            if !ok(d.envelope.id) {
+                d.verdict = Verdict::Failed(leaderq::work::HANDLER_ERROR.into());
+            }
+        }
         items.shuffle(&mut rng);
         let c = meter(con).await;
         for group in items.chunks(group_size) {

@@ -24,9 +24,7 @@ use leaderq::node::handler::{self, Done, Verdict};
 use leaderq::node::incarnation::Incarnation;
 use leaderq::node::lease::{self, Lease};
 use leaderq::outcome;
-use leaderq::protocol::message::Envelope;
 use leaderq::testkit::procs::RedisServer;
-use leaderq::Bytes;
 use leaderq::Keys;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -132,22 +130,13 @@ fn verdict(id: u64) -> Verdict {
     }
 }
 
-/// Parsed, decided items for commit.lua, as the handler builds them.
-fn done_items(owner: &Arc<str>, payloads: Vec<Bytes>) -> Vec<Done> {
-    payloads
-        .into_iter()
-        .map(|payload| {
-            let (envelope, data_at) = Envelope::parse(&payload).expect("well-formed payload");
-            Done {
-                owner: owner.clone(),
-                verdict: verdict(envelope.id),
-                envelope,
-                data_at,
-                payload,
-                handled_us: 0,
-            }
-        })
-        .collect()
+/// Decided items for commit.lua, as the handler builds them.
+fn done_items(owner: &Arc<str>, fetched: handler::Fetched) -> Vec<Done> {
+    let mut items = fetched.into_items(owner);
+    for d in &mut items {
+        d.verdict = verdict(d.envelope.id);
+    }
+    items
 }
 
 /// Generation cost per message by batch size: the round trip and the script's fixed work
@@ -225,6 +214,7 @@ fn bench_fetch(c: &mut Criterion) {
                 async move {
                     del(&mut con, &keys.queue()).await;
                     del(&mut con, &keys.inflight(handler_id)).await;
+                    del(&mut con, &keys.batches(handler_id)).await;
                     let (mut queued, mut inflight) = (0, 0);
                     let mut timed = Duration::ZERO;
                     for _ in 0..iters {
@@ -234,17 +224,17 @@ fn bench_fetch(c: &mut Criterion) {
                         }
                         if inflight + count > KEEP_MAX {
                             del(&mut con, &keys.inflight(handler_id)).await;
+                            del(&mut con, &keys.batches(handler_id)).await;
                             inflight = 0;
                         }
                         let start = Instant::now();
-                        let payloads =
+                        let fetched =
                             handler::fetch(&mut con, &keys, handler_id, count, HEARTBEAT_MS, &inc)
                                 .await
-                                .expect("fetch")
-                                .payloads;
+                                .expect("fetch");
                         timed += start.elapsed();
-                        assert_eq!(payloads.len() as u64, count);
-                        black_box(payloads);
+                        assert_eq!(fetched.len() as u64, count);
+                        black_box(fetched);
                         queued -= count;
                         inflight += count;
                     }
@@ -280,6 +270,7 @@ fn bench_commit(c: &mut Criterion) {
                 async move {
                     del(&mut con, &keys.queue()).await;
                     del(&mut con, &keys.inflight(&owner)).await;
+                    del(&mut con, &keys.batches(&owner)).await;
                     let (mut queued, mut errors) = (0, 0);
                     let mut timed = Duration::ZERO;
                     for _ in 0..iters {
@@ -291,14 +282,13 @@ fn bench_commit(c: &mut Criterion) {
                             del(&mut con, &keys.errors()).await;
                             errors = 0;
                         }
-                        let payloads =
+                        let fetched =
                             handler::fetch(&mut con, &keys, &owner, batch, HEARTBEAT_MS, &inc)
                                 .await
-                                .expect("fetch")
-                                .payloads;
-                        assert_eq!(payloads.len() as u64, batch);
+                                .expect("fetch");
+                        assert_eq!(fetched.len() as u64, batch);
                         queued -= batch;
-                        let items = done_items(&owner, payloads);
+                        let items = done_items(&owner, fetched);
                         errors += items
                             .iter()
                             .filter(|d| matches!(d.verdict, Verdict::Failed(_)))
@@ -353,15 +343,14 @@ async fn pipeline_handler(mut con: Conn, keys: Keys, inc: Incarnation, n: u64) {
     let owner: Arc<str> = Arc::from("bench-pipeline");
     let mut committed = 0;
     while committed < n {
-        let payloads = handler::fetch(&mut con, &keys, &owner, PIPELINE_BATCH, HEARTBEAT_MS, &inc)
+        let fetched = handler::fetch(&mut con, &keys, &owner, PIPELINE_BATCH, HEARTBEAT_MS, &inc)
             .await
-            .expect("fetch")
-            .payloads;
-        if payloads.is_empty() {
+            .expect("fetch");
+        if fetched.is_empty() {
             tokio::task::yield_now().await;
             continue;
         }
-        let items = done_items(&owner, payloads);
+        let items = done_items(&owner, fetched);
         let (_, refused) = handler::commit(&mut con, &keys, &items, &inc)
             .await
             .expect("commit");

@@ -117,6 +117,11 @@ pub fn record(h: &mut Histogram<u64>, value_us: u64) {
     h.saturating_record(value_us.clamp(1, LATENCY_US_MAX));
 }
 
+/// Records `value_us` `count` times (the messages of one batch share a wait), clamped the same way.
+pub fn record_n(h: &mut Histogram<u64>, value_us: u64, count: u64) {
+    h.saturating_record_n(value_us.clamp(1, LATENCY_US_MAX), count);
+}
+
 impl Latencies {
     /// Writes the histograms to `{ns}:hist:<instance>` (overwriting: each is cumulative), to
     /// expire [`HISTOGRAMS_TTL_MS`] after this process last wrote them: one key per process ever

@@ -13,6 +13,8 @@ enum Kind {
     List,
     Set,
     Hash,
+    /// A handler's batch records: put back field by field where the key has none.
+    Records,
     Bitmap,
     /// A string with a TTL or an id (lease, heartbeat, lock): nothing to put back.
     Ephemeral,
@@ -87,6 +89,22 @@ async fn restore(con: &mut Conn, key: &str, saved: &str, kind: Kind) {
                     .unwrap();
             }
         }
+        Kind::Records => {
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+                .arg(saved)
+                .query_async(con)
+                .await
+                .unwrap();
+            for (field, record) in fields {
+                redis::cmd("HSETNX")
+                    .arg(key)
+                    .arg(field)
+                    .arg(record)
+                    .query_async::<()>(con)
+                    .await
+                    .unwrap();
+            }
+        }
         Kind::Ephemeral => {}
     }
     redis::cmd("DEL")
@@ -150,6 +168,7 @@ async fn every_key_of_the_wrong_type_is_set_aside_and_nothing_is_lost() {
     ];
     for h in ["a.0", "b.0", "c.0"] {
         targets.push((k.inflight(h), Kind::Set));
+        targets.push((k.batches(h), Kind::Records));
         targets.push((k.heartbeat(h), Kind::Ephemeral));
     }
     let mut set_aside = 0;
@@ -183,12 +202,33 @@ async fn every_key_of_the_wrong_type_is_set_aside_and_nothing_is_lost() {
             );
         }
     }
-    assert!(
-        fx.wait_outcomes(n, Duration::from_secs(120))
+    if fx
+        .wait_outcomes(n, Duration::from_secs(120))
+        .await
+        .is_none()
+    {
+        let snap = leaderq::testkit::snapshot::snapshot(&mut con, &k).await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut con)
             .await
-            .is_some(),
-        "the run completed"
-    );
+            .unwrap();
+        let logs: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|a| {
+                let log = fx.log(a);
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "--- {a}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        panic!(
+            "the run never completed: {snap:?}\nkeys: {keys:?}\n{}",
+            logs.join("\n")
+        );
+    }
     assert_eq!(fx.stop_all(), vec![Some(0); 3], "every copy stops cleanly");
     // The error store also holds one entry per key set aside; the verdict counts messages only.
     let lines = fx.get_errors();

@@ -100,11 +100,10 @@ async fn copies_built_in_process_stop_on_cancel_and_drain() {
     let keys = Keys::new("lib").unwrap();
     let mut con = conn::connect(&redis.url(), 5000).await.unwrap();
     for name in ["a", "b"] {
-        let held: u64 = redis::cmd("SCARD")
-            .arg(keys.inflight(&format!("{name}.0")))
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        let held =
+            leaderq::testkit::snapshot::in_flight_matching(&mut con, &keys, &format!("{name}.0"))
+                .await
+                .unwrap();
         assert_eq!(held, 0, "{name} drained what it held");
     }
     let c = Counters::read(&mut con, &keys).await.unwrap();

@@ -32,10 +32,39 @@ async fn strand(
         .unwrap();
 }
 
-/// Issue 9's stranded batch, made deterministic: messages sit in the in-flight sets of two live
-/// copies, the generator and a handler, without either knowing. Their heartbeats stay fresh, so
-/// no reclaim will ever take them: only the copies' own reconciliation can. Both sets must be
-/// run and emptied, each message exactly once.
+/// The same for a batch (protocol v2): a batch record of ids `first ..first+count` in `handler`'s
+/// batch records, the first `closed` of them already committed (mask bits clear).
+async fn strand_batch(
+    con: &mut leaderq::conn::Conn,
+    fx: &Fixture,
+    handler: &str,
+    first: u64,
+    count: u64,
+    closed: u64,
+) {
+    let mut mask = vec![0u8; count.div_ceil(8) as usize];
+    for i in closed..count {
+        mask[(i / 8) as usize] |= 0x80 >> (i % 8);
+    }
+    let mut record = format!("{}:{count}:1:100:", count - closed).into_bytes();
+    record.extend_from_slice(&mask);
+    redis::pipe()
+        .cmd("HSET")
+        .arg(fx.keys.batches(handler))
+        .arg(first)
+        .arg(record)
+        .cmd("SADD")
+        .arg(fx.keys.handlers())
+        .arg(handler)
+        .query_async::<()>(con)
+        .await
+        .unwrap();
+}
+
+/// Issue 9's stranded batch, made deterministic: messages sit in the in-flight sets and batch
+/// records of two live copies, the generator and a handler, without either knowing. Their
+/// heartbeats stay fresh, so no reclaim will ever take them: only the copies' own reconciliation
+/// can. All must be run and emptied, each open message exactly once, and no closed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_stranded_in_a_live_copys_set_are_run() {
     let mut fx = Fixture::new();
@@ -67,7 +96,9 @@ async fn messages_stranded_in_a_live_copys_set_are_run() {
     let started = Instant::now();
     strand(&mut con, &fx, &g, 0..100).await;
     strand(&mut con, &fx, &h, 100..200).await;
-    let done = fx.wait_outcomes(200, Duration::from_secs(30)).await;
+    strand_batch(&mut con, &fx, &g, 200, 100, 10).await;
+    strand_batch(&mut con, &fx, &h, 300, 100, 0).await;
+    let done = fx.wait_outcomes(390, Duration::from_secs(30)).await;
     eprintln!("stranded messages ran within {:?}", started.elapsed());
     assert!(
         done.is_some(),
@@ -79,30 +110,30 @@ async fn messages_stranded_in_a_live_copys_set_are_run() {
         let (mut con, keys) = (con.clone(), fx.keys.clone());
         let (g, h) = (g.clone(), h.clone());
         async move {
-            let n: u64 = redis::pipe()
-                .cmd("SCARD")
-                .arg(keys.inflight(&g))
-                .cmd("SCARD")
-                .arg(keys.inflight(&h))
-                .query_async::<(u64, u64)>(&mut con)
-                .await
-                .map(|(a, b)| a + b)
-                .ok()?;
+            let mut n = 0;
+            for handler in [&g, &h] {
+                n += leaderq::testkit::snapshot::in_flight_matching(&mut con, &keys, handler)
+                    .await
+                    .ok()?;
+            }
             (n == 0).then_some(())
         }
     })
     .await;
     assert!(emptied.is_some(), "both in-flight sets emptied");
     let c = Counters::read(&mut con, &fx.keys).await.unwrap();
-    assert_eq!(c.processed + c.errors, 200, "{c:?}");
-    assert_eq!(c.runs, 200, "each stranded message ran once: {c:?}");
+    assert_eq!(c.processed + c.errors, 390, "{c:?}");
+    assert_eq!(c.runs, 390, "each open stranded message ran once: {c:?}");
     assert_eq!((c.duplicates, c.refused, c.reclaimed), (0, 0, 0), "{c:?}");
     let done_bits: u64 = redis::cmd("BITCOUNT")
         .arg(fx.keys.done())
         .query_async(&mut con)
         .await
         .unwrap();
-    assert_eq!(done_bits, 200);
+    assert_eq!(
+        done_bits, 390,
+        "ids 200..210 were closed in their record: never run"
+    );
     for name in ["a", "b"] {
         assert!(
             fx.log(name).contains("adopted"),

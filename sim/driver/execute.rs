@@ -6,6 +6,7 @@ use super::{read_next_id, HaltWatch, Run, APP_EXIT_HALTED};
 use crate::faults::FaultKind;
 use crate::Flags;
 use anyhow::{bail, Context};
+use leaderq::protocol::message::parse_batch_record;
 use leaderq::stats::Counters;
 use leaderq::testkit::procs::{AppProcess, RedisServer};
 use leaderq::{conn, inspect, Keys};
@@ -379,8 +380,9 @@ async fn lease_holder_port(con: &mut conn::Conn, keys: &Keys) -> anyhow::Result<
         .and_then(|(_, port)| port.parse().ok()))
 }
 
-/// Copies one in-flight message of a live handler into another live copy's in-flight set (as a
-/// buggy reclaim could): that copy adopts and runs it at its next reconciliation, and the
+/// Copies one in-flight message of a live handler (a member of its in-flight set, or an open
+/// message of one of its batch records) into another live copy's in-flight set (as a buggy
+/// reclaim could): that copy adopts and runs it at its next reconciliation, and the
 /// duplicate defence must record one outcome. Returns what it did, `None` when no two copies
 /// qualify right now.
 async fn plant_duplicate(
@@ -391,10 +393,31 @@ async fn plant_duplicate(
 ) -> anyhow::Result<Option<String>> {
     let mut holders = Vec::new();
     for app in apps {
-        let set = keys.inflight(&format!("{}.0", app.instance_id));
+        let handler = format!("{}.0", app.instance_id);
+        let set = keys.inflight(&handler);
         let member: Option<Vec<u8>> = redis::cmd("SRANDMEMBER").arg(&set).query_async(con).await?;
         if let Some(m) = member {
             holders.push((app.instance_id.clone(), m));
+            continue;
+        }
+        // Most messages are held as batch records: copy one open message of one as a payload.
+        let record: Vec<Vec<u8>> = redis::cmd("HRANDFIELD")
+            .arg(keys.batches(&handler))
+            .arg(1)
+            .arg("WITHVALUES")
+            .query_async(con)
+            .await?;
+        if let [field, value] = &record[..] {
+            let first = String::from_utf8_lossy(field).parse::<u64>();
+            if let Ok((entry, open)) = first
+                .map_err(|e| e.to_string())
+                .and_then(|f| parse_batch_record(f, value))
+            {
+                if !open.is_empty() {
+                    let index = open[rng.random_range(0..open.len())];
+                    holders.push((app.instance_id.clone(), entry.envelope(index).encode(b"")));
+                }
+            }
         }
     }
     if holders.is_empty() || apps.len() < 2 {

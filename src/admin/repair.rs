@@ -13,7 +13,7 @@
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::protocol::keys::Keys;
-use crate::protocol::message::Envelope;
+use crate::protocol::message::{parse_batch_record, BatchEntry, Envelope};
 use crate::protocol::HALTED_PREFIX;
 
 /// What `repair` found and did.
@@ -104,9 +104,23 @@ pub async fn repair(con: &mut Conn, keys: &Keys) -> Result<Repaired, Error> {
         payloads.extend(list(con, &keys.suspects(level)).await);
     }
     payloads.extend(members(con, &keys.retry()).await);
+    let mut batches = Vec::new();
     for handler in members(con, &keys.handlers()).await {
         let h = String::from_utf8_lossy(&handler).into_owned();
         payloads.extend(members(con, &keys.inflight(&h)).await);
+        batches.extend(fields(con, &keys.batches(&h)).await);
+    }
+    // Batch entries ("*<first>:<count>:…") of the queue, and batch records (field = first id).
+    for p in &payloads {
+        if let Some(Ok(b)) = p.strip_prefix(b"*").map(BatchEntry::parse) {
+            next_id = next_id.max(b.first_id + b.count);
+        }
+    }
+    for (field, value) in &batches {
+        let first = String::from_utf8_lossy(field).parse::<u64>();
+        if let Ok(Ok((b, _))) = first.map(|f| parse_batch_record(f, value)) {
+            next_id = next_id.max(b.first_id + b.count);
+        }
     }
     for p in &payloads {
         // An error entry is "<payload>\t<reason>\t<time>": the envelope's fields come before
@@ -201,6 +215,15 @@ async fn list(con: &mut Conn, key: &str) -> Vec<Vec<u8>> {
 /// A set's members, or none when the key is absent or not a set.
 async fn members(con: &mut Conn, key: &str) -> Vec<Vec<u8>> {
     redis::cmd("SMEMBERS")
+        .arg(key)
+        .query_async(con)
+        .await
+        .unwrap_or_default()
+}
+
+/// The (field, value) pairs of the hash `key`; none if it is not one.
+async fn fields(con: &mut Conn, key: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    redis::cmd("HGETALL")
         .arg(key)
         .query_async(con)
         .await

@@ -97,6 +97,12 @@ impl Keys {
     pub fn inflight(&self, handler: &str) -> String {
         self.key(&format!("inflight:{handler}"))
     }
+    /// Hash of the batches handler `handler` has fetched whole or in part: field `<first_id>`,
+    /// value `"<open>:<count>:<epoch>:<generated_us>:<mask>"` (see fetch.lua): the bitmap of the
+    /// batch's messages it still owns without an outcome.
+    pub fn batches(&self, handler: &str) -> String {
+        self.key(&format!("batches:{handler}"))
+    }
     /// Heartbeat of handler `handler`, with a TTL; gone means dead.
     pub fn heartbeat(&self, handler: &str) -> String {
         self.key(&format!("hb:{handler}"))
@@ -157,6 +163,7 @@ mod tests {
         let k = Keys::new("app").unwrap();
         assert_eq!(k.lease(), "{app}:lease");
         assert_eq!(k.inflight("h1"), "{app}:inflight:h1");
+        assert_eq!(k.batches("h1"), "{app}:batches:h1");
         assert!(k.histograms("x").starts_with("{app}:"));
     }
 

@@ -83,6 +83,117 @@ impl Envelope {
     }
 }
 
+/// A batch of fresh messages without data, ids `first_id .. first_id + count`, as fetch.lua hands
+/// it out (`"<first_id>:<count>:<epoch>:<generated_us>"`, the queue entry without its `*`): the
+/// handler owns it through its batch record, and makes each message's envelope itself, so no
+/// per-message string crosses the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchEntry {
+    /// The first id.
+    pub first_id: u64,
+    /// How many messages (ids `first_id ..`), at least 1.
+    pub count: u64,
+    /// Fencing epoch of the generator that produced it.
+    pub epoch: u64,
+    /// Redis `TIME` at generation, µs.
+    pub generated_us: u64,
+}
+
+impl BatchEntry {
+    /// Parses `"<first_id>:<count>:<epoch>:<generated_us>"`.
+    pub fn parse(raw: &[u8]) -> Result<BatchEntry, String> {
+        let text = std::str::from_utf8(raw).map_err(|_| "batch entry is not UTF-8".to_string())?;
+        let mut fields = text.split(':').map(|f| {
+            (!f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| f.parse::<u64>().ok())
+                .flatten()
+        });
+        match (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) {
+            (
+                Some(Some(first_id)),
+                Some(Some(count)),
+                Some(Some(epoch)),
+                Some(Some(generated_us)),
+                None,
+            ) if count >= 1 && first_id + count <= ID_MAX + 1 => Ok(BatchEntry {
+                first_id,
+                count,
+                epoch,
+                generated_us,
+            }),
+            _ => Err(format!("not a batch entry: {text:?}")),
+        }
+    }
+
+    /// The envelope of message `first_id + index`.
+    pub fn envelope(&self, index: u64) -> Envelope {
+        Envelope {
+            id: self.first_id + index,
+            epoch: self.epoch,
+            generated_us: self.generated_us,
+            reclaims: 0,
+        }
+    }
+}
+
+/// How many messages a queue holds, from its entry count, its head entry and the next id:
+/// fresh ids are queued in order and taken from the head (a batch entry may lose its head part),
+/// so that is `next_id` minus the head's first id; the entry count when the head is not a
+/// message (garbage someone pushed). As generate.lua's `queued_messages` reckons it.
+pub fn queued_messages(entries: u64, head: Option<&[u8]>, next_id: u64) -> u64 {
+    let Some(head) = head else { return 0 };
+    let first = match head.strip_prefix(b"*") {
+        Some(batch) => BatchEntry::parse(batch).ok().map(|b| b.first_id),
+        None => Envelope::parse(head).ok().map(|(e, _)| e.id),
+    };
+    match first {
+        Some(first) if first <= next_id => next_id - first,
+        _ => entries,
+    }
+}
+
+/// A batch record of a handler's `{ns}:batches:<handler>` hash, as fetch.lua and commit.lua keep
+/// it: `"<open>:<count>:<epoch>:<generated_us>:<mask>"`. Returns the batch (its first id is the
+/// field) and the indexes still open, or says what is wrong.
+pub fn parse_batch_record(first_id: u64, raw: &[u8]) -> Result<(BatchEntry, Vec<u64>), String> {
+    let mut at = 0;
+    let mut numbers = [0u64; 4];
+    for n in numbers.iter_mut() {
+        let rest = &raw[at.min(raw.len())..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or_else(|| "batch record lacks a field".to_string())?;
+        let field = &rest[..end];
+        if field.is_empty() || !field.iter().all(u8::is_ascii_digit) {
+            return Err("batch record field is not a number".into());
+        }
+        *n = std::str::from_utf8(field)
+            .ok()
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| "batch record field out of range".to_string())?;
+        at += end + 1;
+    }
+    let [_, count, epoch, generated_us] = numbers;
+    let mask = &raw[at.min(raw.len())..];
+    let open = (0..count.min(mask.len() as u64 * 8))
+        .filter(|&i| mask[(i / 8) as usize] & (0x80 >> (i % 8)) != 0)
+        .collect();
+    let entry = BatchEntry {
+        first_id,
+        count,
+        epoch,
+        generated_us,
+    };
+    Ok((entry, open))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +216,38 @@ mod tests {
         assert_eq!(&with[..23], b"7:3:1700000000000000:0:");
         let (parsed, at) = Envelope::parse(&with).unwrap();
         assert_eq!((parsed, &with[at..]), (m, &data[..]));
+    }
+
+    #[test]
+    fn batch_entries_and_records() {
+        let b = BatchEntry::parse(b"10:3:2:1700").unwrap();
+        assert_eq!(
+            (b.first_id, b.count, b.epoch, b.generated_us),
+            (10, 3, 2, 1700)
+        );
+        assert_eq!(b.envelope(2).id, 12);
+        for bad in [
+            &b""[..],
+            b"1:0:1:1",
+            b"1:2:3",
+            b"1:2:3:4:5",
+            b"x:1:1:1",
+            b"4294967295:2:1:1",
+        ] {
+            assert!(
+                BatchEntry::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Indexes 0, 2 and 9 open of 10 (mask 1010_0000 0100_0000).
+        let (e, open) = parse_batch_record(10, b"3:10:2:1700:\xa0\x40").unwrap();
+        assert_eq!((e.first_id, e.count, open), (10, 10, vec![0, 2, 9]));
+        assert!(parse_batch_record(0, b"3:10:2").is_err());
+        assert_eq!(queued_messages(2, Some(b"*10:5:1:1"), 40), 30);
+        assert_eq!(queued_messages(2, Some(b"10:1:1:0:data"), 12), 2);
+        assert_eq!(queued_messages(3, Some(b"hello"), 12), 3);
+        assert_eq!(queued_messages(0, None, 12), 0);
     }
 
     #[test]

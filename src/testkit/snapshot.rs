@@ -4,6 +4,7 @@
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::protocol::keys::Keys;
+use crate::protocol::message::queued_messages;
 use crate::stats::Counters;
 /// The recorded state of one namespace.
 #[derive(Debug, Clone, Default)]
@@ -16,7 +17,7 @@ pub struct Snapshot {
     pub counters: Counters,
     /// Messages still waiting: fresh in the queue, reclaimed in the retry set and suspect lists.
     pub queue_len: u64,
-    /// Messages in any handler's in-flight set.
+    /// Messages in any handler's in-flight set or open in its batch records.
     pub in_flight: u64,
     /// Entries in the error store (not yet drained).
     pub error_store_len: u64,
@@ -36,16 +37,21 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         .query_async(con)
         .await?;
     let counters = Counters::read(con, keys).await?;
-    let mut pipe = redis::pipe();
-    pipe.cmd("LLEN")
+    let (entries, head): (u64, Option<Vec<u8>>) = redis::pipe()
+        .cmd("LLEN")
         .arg(keys.queue())
-        .cmd("SCARD")
-        .arg(keys.retry());
+        .cmd("LINDEX")
+        .arg(keys.queue())
+        .arg(0)
+        .query_async(con)
+        .await?;
+    let mut pipe = redis::pipe();
+    pipe.cmd("SCARD").arg(keys.retry());
     for level in crate::protocol::SUSPECT_LEVELS {
         pipe.cmd("LLEN").arg(keys.suspects(level));
     }
     let waiting: Vec<u64> = pipe.query_async(con).await?;
-    let queue_len = waiting.iter().sum();
+    let reclaimed: u64 = waiting.iter().sum();
     let error_store_len: u64 = redis::cmd("LLEN")
         .arg(keys.errors())
         .query_async(con)
@@ -55,6 +61,7 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         .query_async(con)
         .await?;
     let lease: Option<String> = redis::cmd("GET").arg(keys.lease()).query_async(con).await?;
+    let queue_len = reclaimed + queued_messages(entries, head.as_deref(), next_id.unwrap_or(0));
     let in_flight = in_flight_matching(con, keys, "*").await?;
     Ok(Snapshot {
         ok_bitmap: ok_bitmap.unwrap_or_default(),
@@ -68,36 +75,52 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
     })
 }
 
-/// Messages in the in-flight sets of handler ids matching `handler_glob` (e.g. `"<instance>.*"`).
-/// Bounded SCAN.
+/// Messages in the in-flight sets and the open messages of the batch records of handler ids
+/// matching `handler_glob` (e.g. `"<instance>.*"`). Bounded SCANs.
 pub async fn in_flight_matching(
     con: &mut Conn,
     keys: &Keys,
     handler_glob: &str,
 ) -> Result<u64, Error> {
-    let pattern = keys.inflight(handler_glob);
-    let mut cursor: u64 = 0;
     let mut total = 0;
+    // Sets and hashes only: a key set aside as `<key>:quarantine:<time>` also matches.
+    for key in scan(con, &keys.inflight(handler_glob), "set").await? {
+        let n: u64 = redis::cmd("SCARD").arg(&key).query_async(con).await?;
+        total += n;
+    }
+    for key in scan(con, &keys.batches(handler_glob), "hash").await? {
+        let records: Vec<Vec<u8>> = redis::cmd("HVALS").arg(&key).query_async(con).await?;
+        for r in records {
+            let open = r.split(|&b| b == b':').next().unwrap_or_default();
+            total += std::str::from_utf8(open)
+                .ok()
+                .and_then(|o| o.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// The keys matching `pattern` of type `kind`, by a bounded SCAN.
+async fn scan(con: &mut Conn, pattern: &str, kind: &str) -> Result<Vec<String>, Error> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
     for _ in 0..100_000 {
-        // Sets only: a key set aside as `<set>:quarantine:<time>` also matches the pattern.
         let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000)
             .arg("TYPE")
-            .arg("set")
+            .arg(kind)
             .query_async(con)
             .await?;
-        for key in found {
-            let n: u64 = redis::cmd("SCARD").arg(&key).query_async(con).await?;
-            total += n;
-        }
+        keys.extend(found);
         cursor = next;
         if cursor == 0 {
             break;
         }
     }
-    Ok(total)
+    Ok(keys)
 }

@@ -19,6 +19,7 @@
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::protocol::keys::Keys;
+use crate::protocol::message::queued_messages;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -262,6 +263,9 @@ async fn read(
         .arg(keys.lease())
         .cmd("LLEN")
         .arg(keys.queue())
+        .cmd("LINDEX")
+        .arg(keys.queue())
+        .arg(0)
         .cmd("SCARD")
         .arg(keys.retry());
     for level in crate::protocol::SUSPECT_LEVELS {
@@ -321,12 +325,16 @@ fn interpret(
     let time: Option<(u64, u64)> = next("TIME").and_then(|v| redis::from_redis_value(v).ok());
     let lease: Option<String> = next(&keys.lease()).and_then(|v| redis::from_redis_value(v).ok());
     let pttl: Option<i64> = next(&keys.lease()).and_then(|v| redis::from_redis_value(v).ok());
+    let queue_entries: u64 = next(&keys.queue())
+        .and_then(|v| redis::from_redis_value(v).ok())
+        .unwrap_or(0);
+    let queue_head: Option<Vec<u8>> =
+        next(&keys.queue()).and_then(|v| redis::from_redis_value(v).ok());
     let mut len = |key: String| -> u64 {
         next(&key)
             .and_then(|v| redis::from_redis_value(v).ok())
             .unwrap_or(0)
     };
-    let queue_depth = len(keys.queue());
     let mut reclaimed_waiting = len(keys.retry());
     for level in crate::protocol::SUSPECT_LEVELS {
         reclaimed_waiting += len(keys.suspects(level));
@@ -355,6 +363,7 @@ fn interpret(
         next(&keys.next_id()).and_then(|v| redis::from_redis_value(v).ok());
     let max: Option<String> = next(&keys.max()).and_then(|v| redis::from_redis_value(v).ok());
     let next_id: u64 = next_id.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let queue_depth = queued_messages(queue_entries, queue_head.as_deref(), next_id);
     let max_messages: Option<u64> = max.and_then(|v| v.parse().ok());
     let generation_stopped = stopped_by(next_id, max_messages);
 

@@ -9,13 +9,28 @@ use crate::protocol::keys::Keys;
 use crate::protocol::scripts;
 use crate::stats;
 use crate::work::HANDLER_ERROR;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
+/// The outcomes of one batch record's messages in one commit call, as commit.lua takes them.
+#[derive(Debug, Default)]
+struct Group {
+    /// 3-byte big-endian tokens, `index * 4 + kind`.
+    tokens: Vec<u8>,
+    /// The reasons of the kind-3 tokens, joined by `\n`.
+    reasons: Vec<u8>,
+    /// Which items of the call these are, in token order.
+    members: Vec<usize>,
+}
+
 /// Runs commit.lua for `items`, which must all have the same owner.
 /// Returns the Redis time of the commit (µs) and the indexes of the items it refused.
+///
+/// The messages of batches go as one group per batch record (packed 3-byte tokens, see
+/// commit.lua), the payloads as one triple each.
 pub async fn commit(
     con: &mut Conn,
     keys: &Keys,
@@ -25,6 +40,36 @@ pub async fn commit(
     let Some(first) = items.first() else {
         return Ok((0, Vec::new()));
     };
+    // Item numbers in the order commit.lua counts them: each group's tokens, then the triples.
+    let mut order: Vec<usize> = Vec::with_capacity(items.len());
+    let mut groups: BTreeMap<u64, Group> = BTreeMap::new();
+    for (i, d) in items.iter().enumerate() {
+        debug_assert!(Arc::ptr_eq(&d.owner, &first.owner) || d.owner == first.owner);
+        let Some(batch_first) = d.batch else { continue };
+        let Group {
+            tokens,
+            reasons,
+            members,
+        } = groups.entry(batch_first).or_default();
+        let index = d.envelope.id - batch_first;
+        let kind = match &d.verdict {
+            Verdict::Ok => 0,
+            Verdict::Failed(reason) if reason == HANDLER_ERROR || reason.is_empty() => 1,
+            Verdict::TimedOut => 2,
+            Verdict::Failed(reason) => {
+                if !reasons.is_empty() {
+                    reasons.push(b'\n');
+                }
+                reasons.extend_from_slice(reason.as_bytes());
+                3
+            }
+            // A batch message is made by the handler from its record: never unparseable.
+            Verdict::Bad(_) => 1,
+        };
+        let token = (index << 2) | kind;
+        tokens.extend_from_slice(&token.to_be_bytes()[5..]);
+        members.push(i);
+    }
     let mut call = scripts::COMMIT.prepare_invoke();
     call.key(keys.inflight(&first.owner))
         .key(keys.done())
@@ -32,9 +77,20 @@ pub async fn commit(
         .key(keys.errors())
         .key(keys.stats())
         .key(keys.incarnation())
-        .arg(incarnation.token());
-    for d in items {
-        debug_assert!(Arc::ptr_eq(&d.owner, &first.owner) || d.owner == first.owner);
+        .key(keys.batches(&first.owner))
+        .arg(incarnation.token())
+        .arg(groups.len());
+    for (batch_first, group) in &groups {
+        call.arg(batch_first)
+            .arg(&group.tokens[..])
+            .arg(&group.reasons[..]);
+        order.extend_from_slice(&group.members);
+    }
+    for (i, d) in items.iter().enumerate() {
+        if d.batch.is_some() {
+            continue;
+        }
+        order.push(i);
         match &d.verdict {
             Verdict::Ok => call.arg("o").arg(&d.payload[..]).arg(d.envelope.id),
             Verdict::Failed(reason) if reason == HANDLER_ERROR => {
@@ -50,11 +106,12 @@ pub async fn commit(
     }
     let reply: Vec<u64> = call.invoke_async(con).await?;
     let time_us = reply.first().copied().unwrap_or(0);
-    let refused = reply
+    let mut refused: Vec<usize> = reply
         .iter()
         .skip(1)
-        .map(|&i| (i as usize).saturating_sub(1))
+        .filter_map(|&n| order.get((n as usize).checked_sub(1)?).copied())
         .collect();
+    refused.sort_unstable();
     Ok((time_us, refused))
 }
 

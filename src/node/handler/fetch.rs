@@ -3,16 +3,18 @@
 //! (docs/PROTOCOL.md, invariant 5).
 
 use super::{
-    admit, Done, HandlerConfig, HandlerShared, Holdings, Role, SuspectHold, RECONCILE_EVERY,
+    admit, BatchTake, Done, HandlerConfig, HandlerShared, Holdings, Role, SuspectHold, Verdict,
+    RECONCILE_EVERY,
 };
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::node::incarnation::Incarnation;
 use crate::protocol::keys::Keys;
+use crate::protocol::message::{parse_batch_record, BatchEntry, Envelope};
 use crate::protocol::scripts;
 use crate::protocol::SUSPECT_LEVELS;
 use bytes::Bytes;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,8 +49,56 @@ pub struct Fetched {
     /// The handler's heartbeat had expired before this fetch refreshed it: its in-flight set may
     /// have been reclaimed, so what it holds must be reconciled with the set.
     pub heartbeat_lapsed: bool,
+    /// The batches now recorded whole in the handler's batch records, in the order taken.
+    pub batches: Vec<BatchEntry>,
     /// The payloads now in the handler's in-flight set, in the order taken.
     pub payloads: Vec<Bytes>,
+}
+
+impl Fetched {
+    /// Messages taken, in batches and payloads.
+    pub fn len(&self) -> usize {
+        self.payloads.len() + self.batches.iter().map(|b| b.count as usize).sum::<usize>()
+    }
+
+    /// Nothing was taken.
+    pub fn is_empty(&self) -> bool {
+        self.payloads.is_empty() && self.batches.is_empty()
+    }
+
+    /// The messages taken as work items owned by `owner`, verdict [`Verdict::Ok`] (a payload
+    /// that does not parse: [`Verdict::Bad`]), batches first: for benches and tests that drive
+    /// fetch.lua and commit.lua directly.
+    pub fn into_items(self, owner: &Arc<str>) -> Vec<Done> {
+        let mut items = Vec::with_capacity(self.len());
+        for entry in self.batches {
+            items.extend((0..entry.count).map(|index| Done {
+                payload: Bytes::new(),
+                batch: Some(entry.first_id),
+                owner: owner.clone(),
+                envelope: entry.envelope(index),
+                data_at: 0,
+                verdict: Verdict::Ok,
+                handled_us: 0,
+            }));
+        }
+        for payload in self.payloads {
+            let (envelope, data_at, verdict) = match Envelope::parse(&payload) {
+                Ok((e, at)) => (e, at, Verdict::Ok),
+                Err(why) => (Envelope::default(), payload.len(), Verdict::Bad(why)),
+            };
+            items.push(Done {
+                payload,
+                batch: None,
+                owner: owner.clone(),
+                envelope,
+                data_at,
+                verdict,
+                handled_us: 0,
+            });
+        }
+        items
+    }
 }
 
 /// Runs fetch.lua: up to `count` fresh messages, a tenth of them at most from the retry set.
@@ -91,7 +141,7 @@ pub async fn fetch_limited(
     for level in SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
-    call.key(keys.incarnation());
+    call.key(keys.incarnation()).key(keys.batches(handler));
     let reply: Vec<redis::Value> = call
         .arg(handler)
         .arg(limits.count)
@@ -104,14 +154,25 @@ pub async fn fetch_limited(
         .invoke_async(con)
         .await?;
     let mut items = reply.into_iter();
-    let (time_us, lapsed) = match (items.next(), items.next()) {
-        (Some(redis::Value::Int(t)), Some(redis::Value::Int(l))) => (t as u64, l),
+    let (time_us, lapsed, b) = match (items.next(), items.next(), items.next()) {
+        (Some(redis::Value::Int(t)), Some(redis::Value::Int(l)), Some(redis::Value::Int(b))) => {
+            (t as u64, l, b.max(0) as usize)
+        }
         other => {
             return Err(Error::Corrupt(format!(
-                "fetch.lua returned {other:?} before the payloads"
+                "fetch.lua returned {other:?} before the batches"
             )))
         }
     };
+    let mut batches = Vec::with_capacity(b);
+    for v in items.by_ref().take(b) {
+        let redis::Value::BulkString(raw) = v else {
+            return Err(Error::Corrupt(format!(
+                "fetch.lua returned {v:?} as a batch"
+            )));
+        };
+        batches.push(BatchEntry::parse(&raw).map_err(Error::Corrupt)?);
+    }
     let payloads = items
         .map(|v| match v {
             redis::Value::BulkString(b) => Bytes::from(b),
@@ -121,6 +182,7 @@ pub async fn fetch_limited(
     Ok(Fetched {
         time_us,
         heartbeat_lapsed: lapsed == 1,
+        batches,
         payloads,
     })
 }
@@ -241,8 +303,9 @@ impl Fetcher<'_> {
                     if f.heartbeat_lapsed {
                         self.shared.heartbeat_lapsed.store(true, Ordering::Release);
                     }
-                    self.permits.add_permits(batch as usize - f.payloads.len());
-                    if f.payloads.is_empty() {
+                    self.permits
+                        .add_permits((batch as usize).saturating_sub(f.len()));
+                    if f.is_empty() {
                         // Idle: wait for the wake-up channel (new messages), polling ever more
                         // slowly as the backstop for a lost notification or reclaimed messages.
                         idle = (idle * 2).clamp(Duration::from_micros(500), IDLE_POLL_MAX);
@@ -254,7 +317,8 @@ impl Fetcher<'_> {
                         continue;
                     }
                     idle = Duration::ZERO;
-                    self.hand_over(f.payloads, Some(f.time_us))?;
+                    let takes = f.batches.into_iter().map(BatchTake::whole).collect();
+                    self.hand_over(f.payloads, takes, Some(f.time_us))?;
                 }
                 Err(e) if e.halts_the_group() => {
                     self.permits.add_permits(batch as usize);
@@ -282,10 +346,16 @@ impl Fetcher<'_> {
         }
     }
 
-    /// Admits payloads (now ours in Redis) and passes them to the runner.
-    fn hand_over(&self, payloads: Vec<Bytes>, fetched_us: Option<u64>) -> Result<(), Exit> {
+    /// Admits payloads and batches (now ours in Redis) and passes them to the runner.
+    fn hand_over(
+        &self,
+        payloads: Vec<Bytes>,
+        batches: Vec<BatchTake>,
+        fetched_us: Option<u64>,
+    ) -> Result<(), Exit> {
         let items = admit(
             payloads,
+            batches,
             fetched_us,
             &self.owner,
             self.shared,
@@ -294,102 +364,163 @@ impl Fetcher<'_> {
         self.work_tx.send(items).map_err(|_| Exit::Stopped)
     }
 
-    /// Makes what this handler holds equal to its in-flight set in Redis: adopts every member it
-    /// does not hold (a fetch whose reply was lost put it there) and forgets every message the
-    /// set no longer has (reclaimed while the heartbeat had lapsed; its commit will be refused).
+    /// Makes what this handler holds equal to its in-flight set and batch records in Redis:
+    /// adopts every member and every open message it does not hold (a fetch whose reply was lost
+    /// put them there) and forgets what Redis no longer has (reclaimed while the heartbeat had
+    /// lapsed; its commit will be refused).
     ///
-    /// Cheap when nothing is wrong: one `SCARD`, compared with the count held, while no commit
-    /// is in flight (the commit gate) and no fetch is (the fetcher is the caller). The full
-    /// `SMEMBERS` comparison runs when they differ, when `full` (a fetch's outcome is unknown),
-    /// or after a heartbeat lapse (then the set may have lost members and gained others in equal
-    /// numbers, which counts cannot see).
+    /// Cheap when nothing is wrong: one `SCARD` and one `HVALS`, compared with the counts held,
+    /// while no commit is in flight (the commit gate) and no fetch is (the fetcher is the caller).
+    /// The full comparison (`SMEMBERS`, `HGETALL`) runs when they differ, when `full` (a fetch's
+    /// outcome is unknown), or after a heartbeat lapse (then Redis may have lost records and
+    /// gained others in equal numbers, which counts cannot see). A batch record counts by its
+    /// open messages too: bits set that this copy does not hold are adopted, bits it holds that
+    /// are clear are forgotten.
     async fn reconcile(&mut self, full: bool, since: Option<Instant>) -> Result<(), Error> {
         let set = self.keys.inflight(&self.owner);
-        match self.reconcile_set(&set, full, since).await {
+        let records = self.keys.batches(&self.owner);
+        match self.reconcile_held(&set, &records, full, since).await {
             Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
-                // Our set was replaced by something else: what it held is gone with it. Set it
-                // aside (an error entry names it); the next reconciliation compares afresh.
+                // Our set or records were replaced by something else: what they held is gone
+                // with them. Set aside (an error entry names it); the next reconciliation
+                // compares afresh.
                 let mut call = scripts::SET_ASIDE.prepare_invoke();
                 call.key(self.keys.errors())
                     .key(self.keys.stats())
                     .key(&set)
+                    .key(&records)
                     .arg("reconcile")
-                    .arg("set");
+                    .arg("set")
+                    .arg("hash");
                 call.invoke_async::<u64>(&mut self.con).await?;
-                tracing::error!(key = %set, "our in-flight set had the wrong type; set it aside");
+                tracing::error!(set = %set, records = %records, "our in-flight set or batch records had the wrong type; set aside");
                 Ok(())
             }
             other => other,
         }
     }
 
-    async fn reconcile_set(
+    async fn reconcile_held(
         &mut self,
         set: &str,
+        records: &str,
         full: bool,
         since: Option<Instant>,
     ) -> Result<(), Error> {
-        let orphans = {
+        let (orphans, batches) = {
             let _gate = self.commit_gate.lock().await;
             let lapsed = self.shared.heartbeat_lapsed.swap(false, Ordering::AcqRel);
-            let result = self.compare(set, full || lapsed).await;
+            let result = self.compare(set, records, full || lapsed).await;
             if result.is_err() && lapsed {
                 self.shared.heartbeat_lapsed.store(true, Ordering::Release);
             }
             result?
         };
-        if orphans.is_empty() {
+        let adopted = orphans.len() + batches.iter().map(|b| b.indexes.len()).sum::<usize>();
+        if adopted == 0 {
             return Ok(());
         }
         tracing::warn!(
-            adopted = orphans.len(),
+            adopted,
             since_failed_fetch_ms = since.map(|t| t.elapsed().as_millis() as u64),
-            "adopted messages our in-flight set held that we did not (a fetch reply was lost)"
+            "adopted messages our in-flight set or batch records held that we did not (a fetch reply was lost)"
         );
-        crate::admin::metrics::adopted(orphans.len() as u64);
-        let n = u32::try_from(orphans.len()).unwrap_or(u32::MAX);
+        crate::admin::metrics::adopted(adopted as u64);
+        let n = u32::try_from(adopted).unwrap_or(u32::MAX);
         let held = tokio::select! {
             _ = self.stop.cancelled() => return Ok(()),
             p = self.permits.acquire_many(n) => p.expect("the semaphore is never closed"),
         };
         held.forget();
         // The runner ends only on an error it reports itself.
-        let _ = self.hand_over(orphans, None);
+        let _ = self.hand_over(orphans, batches, None);
         Ok(())
     }
 
-    /// Under the commit gate: the members of `set` not held, after forgetting the held ones
-    /// `set` no longer has. `Ok(empty)` at once when `!full` and the counts agree.
-    async fn compare(&mut self, set: &str, full: bool) -> Result<Vec<Bytes>, Error> {
+    /// Under the commit gate: the members of `set` and the open messages of the batch `records`
+    /// not held, after forgetting what is held and Redis no longer has. `Ok(empty)` at once when
+    /// `!full` and the counts agree (payloads; records and their open messages).
+    async fn compare(
+        &mut self,
+        set: &str,
+        records: &str,
+        full: bool,
+    ) -> Result<(Vec<Bytes>, Vec<BatchTake>), Error> {
         if !full {
-            let in_redis: usize = redis::cmd("SCARD")
+            // Separate commands, not a pipeline: a key of the wrong type must fail with its own
+            // WRONGTYPE error, which the caller sets aside.
+            let in_set: usize = redis::cmd("SCARD")
                 .arg(set)
                 .query_async(&mut self.con)
                 .await?;
-            let held = self
-                .holdings
-                .lock()
-                .expect("holdings lock poisoned")
-                .payloads
-                .len();
-            if in_redis == held {
-                return Ok(Vec::new());
+            let values: Vec<Vec<u8>> = redis::cmd("HVALS")
+                .arg(records)
+                .query_async(&mut self.con)
+                .await?;
+            let open: u64 = values.iter().map(|v| open_count(v)).sum();
+            let held = self.holdings.lock().expect("holdings lock poisoned");
+            let held_open = held.batch_messages();
+            if in_set == held.payloads.len()
+                && values.len() == held.batches.len()
+                && open == held_open
+            {
+                return Ok((Vec::new(), Vec::new()));
             }
             tracing::warn!(
-                in_redis,
-                held,
-                "in-flight set and holdings differ; comparing them in full"
+                in_set,
+                records = values.len(),
+                open,
+                held_payloads = held.payloads.len(),
+                held_batches = held.batches.len(),
+                held_open,
+                "in-flight set or batch records and holdings differ; comparing them in full"
             );
         }
         let members: Vec<Bytes> = redis::cmd("SMEMBERS")
             .arg(set)
             .query_async(&mut self.con)
             .await?;
+        let fields: HashMap<String, Bytes> = redis::cmd("HGETALL")
+            .arg(records)
+            .query_async(&mut self.con)
+            .await?;
         let mut holdings = self.holdings.lock().expect("holdings lock poisoned");
         let in_redis: HashSet<&[u8]> = members.iter().map(|m| &m[..]).collect();
-        let before = holdings.payloads.len();
+        let before = holdings.payloads.len() as u64 + holdings.batch_messages();
         holdings.payloads.retain(|p| in_redis.contains(&p[..]));
-        let gone = before - holdings.payloads.len();
+        let mut open = HashMap::with_capacity(fields.len());
+        for (field, value) in &fields {
+            let parsed = field
+                .parse::<u64>()
+                .map_err(|_| format!("field {field:?} is not a first id"))
+                .and_then(|first| parse_batch_record(first, value));
+            match parsed {
+                Ok((entry, indexes)) => {
+                    open.insert(entry.first_id, (entry, indexes));
+                }
+                // Left for reclaim.lua, which reports it, if this copy dies; never run.
+                Err(why) => {
+                    tracing::error!(key = %records, %field, %why, "unreadable batch record")
+                }
+            }
+        }
+        // Held messages whose bit is no longer set in Redis were taken from us (reclaimed).
+        holdings.batches.retain(|first, hold| {
+            let Some((_, indexes)) = open.get(first) else {
+                return false;
+            };
+            let in_redis: HashSet<u64> = indexes.iter().copied().collect();
+            let held: Vec<u64> = (0..hold.mask.len() as u64 * 8)
+                .filter(|&i| hold.holds(i))
+                .collect();
+            for i in held {
+                if !in_redis.contains(&i) {
+                    hold.remove(i);
+                }
+            }
+            hold.count > 0
+        });
+        let gone = before - holdings.payloads.len() as u64 - holdings.batch_messages();
         if gone > 0 {
             tracing::warn!(
                 gone,
@@ -400,6 +531,27 @@ impl Fetcher<'_> {
             .into_iter()
             .filter(|p| !holdings.payloads.contains(&p[..]))
             .collect();
-        Ok(orphans)
+        let batches = open
+            .into_values()
+            .map(|(entry, indexes)| {
+                let hold = holdings.batches.get(&entry.first_id);
+                let indexes = indexes
+                    .into_iter()
+                    .filter(|&i| !hold.is_some_and(|h| h.holds(i)))
+                    .collect();
+                BatchTake { entry, indexes }
+            })
+            .filter(|take| !take.indexes.is_empty())
+            .collect();
+        Ok((orphans, batches))
     }
+}
+
+/// The open count at the head of a batch record (`"<open>:…"`), 0 when unreadable.
+fn open_count(record: &[u8]) -> u64 {
+    let head = record.split(|&b| b == b':').next().unwrap_or_default();
+    std::str::from_utf8(head)
+        .ok()
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0)
 }

@@ -30,11 +30,11 @@ use crate::conn::Conn;
 use crate::error::Error;
 use crate::node::incarnation::Incarnation;
 use crate::protocol::keys::Keys;
-use crate::protocol::message::Envelope;
+use crate::protocol::message::{BatchEntry, Envelope};
 use crate::stats::{self, Latencies};
 use crate::work::{Handler, Message};
 use bytes::Bytes;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,8 +91,12 @@ pub enum Verdict {
 /// One message on its way from fetch to commit.
 #[derive(Debug, Clone)]
 pub struct Done {
-    /// The payload exactly as fetched: commit.lua finds it in the in-flight set by value.
+    /// The payload exactly as fetched: commit.lua finds it in the in-flight set by value. Empty
+    /// for a message of a batch (`batch` is set).
     pub payload: Bytes,
+    /// For a message of a batch: the batch record's first id (commit.lua finds the record by it,
+    /// and the message by `envelope.id - first`). `None` for a payload of the in-flight set.
+    pub batch: Option<u64>,
     /// The handler id whose in-flight set holds the payload.
     pub owner: Arc<str>,
     /// Parsed id and generation time (zeros for a bad payload).
@@ -145,13 +149,55 @@ pub struct SuspectHold {
     pub count: u64,
 }
 
-/// What this handler believes its in-flight set holds: every payload it fetched (and saw the
-/// reply of) or adopted, minus those it committed (and saw the reply of), minus those a
-/// reconciliation found reclaimed. Exact payload bytes, so that a reconciliation can tell any
-/// member of the set it never saw, even one that repeats another's id.
+/// What this handler believes its in-flight set and batch records hold: every payload and batch
+/// it fetched (and saw the reply of) or adopted, minus what it committed (and saw the reply of),
+/// minus what a reconciliation found reclaimed. Exact payload bytes, so that a reconciliation can
+/// tell any member of the set it never saw, even one that repeats another's id.
 #[derive(Debug, Default)]
 struct Holdings {
     payloads: HashSet<Bytes>,
+    /// Batch record first id → the messages of it held and not yet committed.
+    batches: HashMap<u64, HeldBatch>,
+}
+
+impl Holdings {
+    /// Messages held in batches.
+    fn batch_messages(&self) -> u64 {
+        self.batches.values().map(|b| b.count).sum()
+    }
+}
+
+/// The messages of one batch record a handler holds: a bitmap by index, and how many.
+#[derive(Debug, Default)]
+struct HeldBatch {
+    mask: Vec<u8>,
+    count: u64,
+}
+
+impl HeldBatch {
+    fn holds(&self, index: u64) -> bool {
+        self.mask
+            .get((index / 8) as usize)
+            .is_some_and(|b| b & (0x80 >> (index % 8)) != 0)
+    }
+
+    fn insert(&mut self, index: u64) {
+        let byte = (index / 8) as usize;
+        if self.mask.len() <= byte {
+            self.mask.resize(byte + 1, 0);
+        }
+        if self.mask[byte] & (0x80 >> (index % 8)) == 0 {
+            self.mask[byte] |= 0x80 >> (index % 8);
+            self.count += 1;
+        }
+    }
+
+    fn remove(&mut self, index: u64) {
+        if self.holds(index) {
+            self.mask[(index / 8) as usize] &= !(0x80 >> (index % 8));
+            self.count -= 1;
+        }
+    }
 }
 
 /// How often the fetcher checks, in every role, that its in-flight set holds exactly what it
@@ -214,22 +260,63 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
-/// Turns payloads into work items: parses them (a bad one is committed as such), records the
-/// queue wait (when the fetch time is known), and adds them to the holdings.
+/// The messages of one batch a handler takes on: the whole batch after a fetch, the open indexes
+/// of its record after an adoption.
+#[derive(Debug, Clone)]
+struct BatchTake {
+    entry: BatchEntry,
+    /// The indexes taken (`0..count` after a fetch).
+    indexes: Vec<u64>,
+}
+
+impl BatchTake {
+    fn whole(entry: BatchEntry) -> BatchTake {
+        BatchTake {
+            entry,
+            indexes: (0..entry.count).collect(),
+        }
+    }
+}
+
+/// Turns payloads and batches into work items: parses the payloads (a bad one is committed as
+/// such), records the queue wait (when the fetch time is known), and adds them to the holdings.
 fn admit(
     payloads: Vec<Bytes>,
+    batches: Vec<BatchTake>,
     fetched_us: Option<u64>,
     owner: &Arc<str>,
     shared: &HandlerShared,
     holdings: &Mutex<Holdings>,
 ) -> Vec<Done> {
-    shared
-        .in_flight
-        .fetch_add(payloads.len() as u64, Ordering::Relaxed);
-    let mut items = Vec::with_capacity(payloads.len());
+    let in_batches: usize = batches.iter().map(|b| b.indexes.len()).sum();
+    let total = payloads.len() + in_batches;
+    shared.in_flight.fetch_add(total as u64, Ordering::Relaxed);
+    let mut items = Vec::with_capacity(total);
     let mut lat = shared.latencies.lock().expect("latency lock poisoned");
     let mut held = holdings.lock().expect("holdings lock poisoned");
     let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
+    for take in batches {
+        let entry = take.entry;
+        if let Some(t) = fetched_us {
+            let wait_us = t.saturating_sub(entry.generated_us);
+            stats::record_n(&mut lat.queue_wait_us, wait_us, take.indexes.len() as u64);
+        }
+        let hold = held.batches.entry(entry.first_id).or_default();
+        for &index in &take.indexes {
+            hold.insert(index);
+        }
+        for index in take.indexes {
+            items.push(Done {
+                payload: Bytes::new(),
+                batch: Some(entry.first_id),
+                owner: owner.clone(),
+                envelope: entry.envelope(index),
+                data_at: 0,
+                verdict: Verdict::Ok,
+                handled_us: 0,
+            });
+        }
+    }
     for payload in payloads {
         let (envelope, data_at, verdict) = match Envelope::parse(&payload) {
             Ok((m, data_at)) => {
@@ -250,6 +337,7 @@ fn admit(
         held.payloads.insert(payload.clone());
         items.push(Done {
             payload,
+            batch: None,
             owner: owner.clone(),
             envelope,
             data_at,
@@ -265,7 +353,19 @@ fn release(batch: &[Done], shared: &HandlerShared, holdings: &Mutex<Holdings>) {
     let mut held = holdings.lock().expect("holdings lock poisoned");
     let mut suspects = shared.suspects.lock().expect("suspect lock poisoned");
     for d in batch {
-        held.payloads.remove(&d.payload);
+        match d.batch {
+            Some(first) => {
+                if let Some(hold) = held.batches.get_mut(&first) {
+                    hold.remove(d.envelope.id - first);
+                    if hold.count == 0 {
+                        held.batches.remove(&first);
+                    }
+                }
+            }
+            None => {
+                held.payloads.remove(&d.payload);
+            }
+        }
         if d.envelope.reclaims >= 2 {
             suspects.count = suspects.count.saturating_sub(1);
         }

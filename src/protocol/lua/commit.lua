@@ -5,24 +5,43 @@
 -- KEYS[4]: error store ({ns}:errors), list of "<payload>\t<reason>\t<time_us>"
 -- KEYS[5]: stats hash ({ns}:stats)
 -- KEYS[6]: incarnation ({ns}:incarnation)
+-- KEYS[7]: this handler's batch records ({ns}:batches:<handler>), hash (see fetch.lua)
 -- A key it writes that has the wrong type is set aside first (an error entry names it), so no
--- write can fail after the SREMs: an outcome is never half-recorded.
+-- write can fail after the first ownership change: an outcome is never half-recorded.
 -- ARGV[1]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
--- ARGV[2..]: triples (kind, payload, extra):
+-- ARGV[2]: g, integer >= 0: the number of batch groups that follow
+-- ARGV[3 .. 2+3g]: per batch group (first_id, tokens, reasons), outcomes of messages of the batch
+--   record first_id in KEYS[7]: tokens is a string of 3-byte big-endian numbers index*4 + kind
+--   (index within the batch, < 2^22; kind 0 ok, 1 handler error, 2 handler timeout, 3 handler
+--   error with its reason) and reasons the reasons of the kind-3 tokens, in order, joined by "\n"
+--   (each one line). No argument object per message: this is what makes a commit cheap.
+-- ARGV[3+3g ..]: triples (kind, payload, extra) for the messages of the in-flight set KEYS[1]:
 --   kind "o": handled ok,      extra = id
 --   kind "e": handler error,   extra = id, or "<id>\t<reason>" (one line; "handler error" when none)
 --   kind "t": handler timeout (eventHandler did not call back in time), extra = id
 --   kind "b": unparseable message (never handled), extra = reason
--- Returns: {time_us, refused_index, ...}: the Redis time of the commit, then the 1-based triple
---   numbers NOT recorded because this handler no longer owns the payload (it was reclaimed and
---   re-queued after our heartbeat expired; another handler records it). Usually just {time_us}.
--- Ownership is SREM's answer: the payload leaves the in-flight set exactly once. A second outcome
--- for an id whose bit in KEYS[2] is already set is counted as a duplicate and not recorded again.
--- Every argument is validated before anything is mutated.
-if #ARGV % 3 ~= 1 then
-  return redis.error_reply('ERR commit: arguments must be the token, then (kind, payload, extra) triples')
+-- Returns: {time_us, refused, ...}: the Redis time of the commit, then the 1-based numbers of the
+--   outcomes NOT recorded because this handler no longer owns the message (it was reclaimed and
+--   re-queued after our heartbeat expired; another handler records it), counting every batch
+--   group's tokens in order, then the triples. Usually just {time_us}.
+-- Ownership is per message: SREM's answer for a payload, the record's mask bit for a batch
+-- message (cleared as its outcome is recorded, so a retried commit records nothing twice; the
+-- record goes when no bit is left). A second outcome for an id whose bit in KEYS[2] is already set
+-- is counted as a duplicate and not recorded again. A batch group reads the batch's bytes of both
+-- bitmaps once, changes them in Lua and writes them back once (SETRANGE), instead of a SETBIT
+-- per message. Every argument is validated before anything is mutated.
+local g = tonumber(ARGV[2])
+if not ARGV[2] or not string.match(ARGV[2], '^%d+$') or #ARGV < 2 + 3 * g
+  or (#ARGV - 2 - 3 * g) % 3 ~= 0 then
+  return redis.error_reply('ERR commit: arguments must be the token, g, g batch groups, then (kind, payload, extra) triples')
 end
-for i = 2, #ARGV, 3 do
+local singles = 3 + 3 * g
+for i = 3, singles - 1, 3 do
+  if not string.match(ARGV[i], '^%d+$') or tonumber(ARGV[i]) >= 4294967296 or #ARGV[i + 1] % 3 ~= 0 then
+    return redis.error_reply('ERR commit: bad batch group ' .. ARGV[i])
+  end
+end
+for i = singles, #ARGV, 3 do
   local kind = ARGV[i]
   if kind == 'o' or kind == 'e' or kind == 't' then
     local digits = string.match(ARGV[i + 2], '^(%d+)$')
@@ -40,11 +59,114 @@ end
 local gone = forgotten(KEYS[6], ARGV[1])
 if gone then return gone end
 local now, now_us = redis_now()
-guard('commit', now, KEYS[4], KEYS[5], {{KEYS[1], 'set'}, {KEYS[2], 'string'}, {KEYS[3], 'string'}})
+guard('commit', now, KEYS[4], KEYS[5], {{KEYS[1], 'set'}, {KEYS[2], 'string'}, {KEYS[3], 'string'}, {KEYS[7], 'hash'}})
 local result = {now_us}
 local processed, errors, bad, duplicates, runs, timeouts = 0, 0, 0, 0, 0, 0
-for i = 2, #ARGV, 3 do
+local failed = {}
+local function fail(entry)
+  failed[#failed + 1] = entry
+  if #failed == 1000 then
+    redis.call('RPUSH', KEYS[4], unpack(failed))
+    failed = {}
+  end
+end
+-- A string's bytes as a table of numbers, and back: in slices, because string.byte and unpack
+-- pass their values on Lua's C stack.
+local function bytes(str, len)
+  local t = {}
+  for from = 1, #str, 4000 do
+    for _, b in ipairs({string.byte(str, from, math.min(from + 3999, #str))}) do t[#t + 1] = b end
+  end
+  for i = #t + 1, len do t[i] = 0 end
+  return t
+end
+local function text(t)
+  local parts = {}
+  for from = 1, #t, 4000 do
+    parts[#parts + 1] = string.char(unpack(t, from, math.min(from + 3999, #t)))
+  end
+  return table.concat(parts)
+end
+local item = 0
+for i = 3, singles - 1, 3 do
+  local first, tokens = tonumber(ARGV[i]), ARGV[i + 1]
+  local reasons = {}
+  for r in string.gmatch(ARGV[i + 2], '[^\n]+') do reasons[#reasons + 1] = r end
+  local taken = 0
+  local record = redis.call('HGET', KEYS[7], ARGV[i])
+  local open, n, epoch, gen, at
+  if record then
+    open, n, epoch, gen, at = string.match(record, '^(%d+):(%d+):(%d+):(%d+):()')
+  end
+  if not open then
+    -- Not ours (reclaimed while our heartbeat had lapsed), or a record we cannot read.
+    for _ = 1, #tokens / 3 do
+      item = item + 1
+      result[#result + 1] = item
+    end
+    runs = runs + #tokens / 3
+  else
+    open, n = tonumber(open), tonumber(n)
+    local mask = bytes(string.sub(record, at), math.ceil(n / 8))
+    local lo, hi = math.floor(first / 8), math.floor((first + n - 1) / 8)
+    local done = bytes(redis.call('GETRANGE', KEYS[2], lo, hi), hi - lo + 1)
+    local ok = bytes(redis.call('GETRANGE', KEYS[3], lo, hi), hi - lo + 1)
+    local done_changed, ok_changed = false, false
+    for from = 1, #tokens, 3999 do
+      local tb = {string.byte(tokens, from, math.min(from + 3998, #tokens))}
+      for j = 1, #tb, 3 do
+        item = item + 1
+        local t = tb[j] * 65536 + tb[j + 1] * 256 + tb[j + 2]
+        local index, kind = bit.rshift(t, 2), bit.band(t, 3)
+        local reason = 'handler error'
+        if kind == 3 then
+          taken = taken + 1
+          reason = reasons[taken] or reason
+        end
+        runs = runs + 1
+        local m = math.floor(index / 8) + 1
+        local mbit = bit.lshift(1, 7 - index % 8)
+        if index >= n or bit.band(mask[m], mbit) == 0 then
+          result[#result + 1] = item
+        else
+          mask[m] = bit.band(mask[m], bit.bnot(mbit))
+          open = open - 1
+          local id = first + index
+          local b = bit.rshift(id, 3) - lo + 1
+          local bbit = bit.lshift(1, 7 - id % 8)
+          if bit.band(done[b], bbit) ~= 0 then
+            duplicates = duplicates + 1
+          else
+            done[b] = bit.bor(done[b], bbit)
+            done_changed = true
+            if kind == 0 then
+              ok[b] = bit.bor(ok[b], bbit)
+              ok_changed = true
+              processed = processed + 1
+            elseif kind == 2 then
+              fail(id .. ':' .. epoch .. ':' .. gen .. '\thandler timeout\t' .. now)
+              errors = errors + 1
+              timeouts = timeouts + 1
+            else
+              fail(id .. ':' .. epoch .. ':' .. gen .. '\t' .. reason .. '\t' .. now)
+              errors = errors + 1
+            end
+          end
+        end
+      end
+    end
+    if done_changed then redis.call('SETRANGE', KEYS[2], lo, text(done)) end
+    if ok_changed then redis.call('SETRANGE', KEYS[3], lo, text(ok)) end
+    if open <= 0 then
+      redis.call('HDEL', KEYS[7], ARGV[i])
+    else
+      redis.call('HSET', KEYS[7], ARGV[i], open .. ':' .. n .. ':' .. epoch .. ':' .. gen .. ':' .. text(mask))
+    end
+  end
+end
+for i = singles, #ARGV, 3 do
   local kind, payload, extra = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  item = item + 1
   local id, reason = extra, 'handler error'
   if kind == 'e' then
     local n, why = string.match(extra, '^(%d+)\t(.*)$')
@@ -54,9 +176,9 @@ for i = 2, #ARGV, 3 do
     runs = runs + 1
   end
   if redis.call('SREM', KEYS[1], payload) == 0 then
-    result[#result + 1] = (i + 1) / 3
+    result[#result + 1] = item
   elseif kind == 'b' then
-    redis.call('RPUSH', KEYS[4], payload .. '\t' .. extra .. '\t' .. now)
+    fail(payload .. '\t' .. extra .. '\t' .. now)
     bad = bad + 1
   elseif redis.call('SETBIT', KEYS[2], id, 1) == 1 then
     duplicates = duplicates + 1
@@ -64,14 +186,15 @@ for i = 2, #ARGV, 3 do
     redis.call('SETBIT', KEYS[3], id, 1)
     processed = processed + 1
   elseif kind == 't' then
-    redis.call('RPUSH', KEYS[4], payload .. '\thandler timeout\t' .. now)
+    fail(payload .. '\thandler timeout\t' .. now)
     errors = errors + 1
     timeouts = timeouts + 1
   else
-    redis.call('RPUSH', KEYS[4], payload .. '\t' .. reason .. '\t' .. now)
+    fail(payload .. '\t' .. reason .. '\t' .. now)
     errors = errors + 1
   end
 end
+if #failed > 0 then redis.call('RPUSH', KEYS[4], unpack(failed)) end
 if processed > 0 then redis.call('HINCRBY', KEYS[5], 'processed', processed) end
 if errors > 0 then redis.call('HINCRBY', KEYS[5], 'errors', errors) end
 if bad > 0 then redis.call('HINCRBY', KEYS[5], 'bad', bad) end

@@ -9,6 +9,10 @@
 -- KEYS[7]: retry set ({ns}:retry): messages reclaimed once
 -- KEYS[8..12]: suspect lists ({ns}:suspects:2 .. {ns}:suspects:6): messages reclaimed 2..6 times
 -- KEYS[13]: incarnation ({ns}:incarnation)
+-- KEYS[14]: this handler's batch records ({ns}:batches:<handler>), hash: field "<first_id>" =
+--           "<open>:<count>:<epoch>:<generated_us>:<mask>", mask = ceil(count/8) bytes, bit i
+--           (MSB first) set while message first_id+i is this handler's and has no outcome from it;
+--           open = the number of set bits. The per-message in-flight set holds everything else.
 -- ARGV[1]: handler id
 -- ARGV[2]: count, integer >= 1: messages to take in all
 -- ARGV[3]: heartbeat_ms, integer > 0 (a fetch is proof of life: it refreshes the heartbeat)
@@ -18,10 +22,14 @@
 -- ARGV[6]: held_count: how many suspects it holds
 -- ARGV[7]: suspect_base, integer >= 1: the group size at level L is max(1, base / 10^(L-1))
 -- ARGV[8]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
--- Returns: {time_us, lapsed, payload, payload, ...} (no payloads when there is nothing to do);
+-- Returns: {time_us, lapsed, b, batch_1 .. batch_b, payload, payload, ...}: the b batches taken
+--   from the queue as "<first_id>:<count>:<epoch>:<generated_us>" (now records in KEYS[14]), then
+--   the single payloads (now members of KEYS[2]); nothing after b when there is nothing to do;
 --   lapsed is 1 when the heartbeat key was absent before this call refreshed it: the handler's
 --   heartbeat had expired, so reclaim.lua may have taken its in-flight set, and the handler must
 --   reconcile what it holds with its set (docs/PROTOCOL.md, invariant 5).
+-- A batch entry of the queue (generate.lua) is taken whole when it fits in what is left of
+-- count; otherwise its head is taken and the entry left at the head of the queue with the rest.
 -- Suspects come first: a handler holding none takes a group from the highest non-empty level; one
 -- holding some takes more of that level only, up to the group size. So every handler holds
 -- suspects of one level only, and a group that dies together climbs together (see reclaim.lua).
@@ -46,6 +54,7 @@ local now, now_us = redis_now()
 guard('fetch', now, KEYS[5], KEYS[6], {
   {KEYS[1], 'list'}, {KEYS[2], 'set'}, {KEYS[3], 'set'}, {KEYS[4], 'string'}, {KEYS[7], 'set'},
   {KEYS[8], 'list'}, {KEYS[9], 'list'}, {KEYS[10], 'list'}, {KEYS[11], 'list'}, {KEYS[12], 'list'},
+  {KEYS[14], 'hash'},
 })
 local lapsed = 0
 if not redis.call('SET', KEYS[4], now, 'PX', hb_ms, 'GET') then
@@ -78,22 +87,55 @@ if want > 0 then
     msgs[#msgs + 1] = p
   end
 end
+-- Fresh messages: the queue's head entries, each taking at least one message, so at most `want`
+-- entries are looked at, 64 at a time.
 want = count - #msgs
-if want > 0 then
-  local fresh = redis.call('LPOP', KEYS[1], want)
-  if fresh then
-    for _, p in ipairs(fresh) do
-      msgs[#msgs + 1] = p
+local batches, records = {}, {}
+while want > 0 do
+  local asked = math.min(want, 64)
+  local head = redis.call('LRANGE', KEYS[1], 0, asked - 1)
+  if #head == 0 then break end
+  local whole = 0
+  for _, e in ipairs(head) do
+    local first, n, epoch, gen = batch_entry(e)
+    if not first then
+      msgs[#msgs + 1] = e
+      whole = whole + 1
+      want = want - 1
+    else
+      local k = math.min(n, want)
+      if k < n then
+        redis.call('LSET', KEYS[1], whole, '*' .. (first + k) .. ':' .. (n - k) .. ':' .. epoch .. ':' .. gen)
+      else
+        whole = whole + 1
+      end
+      batches[#batches + 1] = first .. ':' .. k .. ':' .. epoch .. ':' .. gen
+      local mask = string.rep('\255', math.floor(k / 8))
+      if k % 8 > 0 then
+        mask = mask .. string.char(256 - 2 ^ (8 - k % 8))
+      end
+      records[#records + 1] = first
+      records[#records + 1] = k .. ':' .. k .. ':' .. epoch .. ':' .. gen .. ':' .. mask
+      want = want - k
     end
+    if want == 0 then break end
   end
+  if whole > 0 then
+    redis.call('LPOP', KEYS[1], whole)
+  end
+  if #head < asked then break end
 end
-if #msgs == 0 then
-  return {now_us, lapsed}
+if #msgs == 0 and #batches == 0 then
+  return {now_us, lapsed, 0}
 end
 for i = 1, #msgs, 1000 do
   redis.call('SADD', KEYS[2], unpack(msgs, i, math.min(i + 999, #msgs)))
 end
+for i = 1, #records, 1000 do
+  redis.call('HSET', KEYS[14], unpack(records, i, math.min(i + 999, #records)))
+end
 redis.call('SADD', KEYS[3], ARGV[1])
-table.insert(msgs, 1, lapsed)
-table.insert(msgs, 1, now_us)
-return msgs
+local reply = {now_us, lapsed, #batches}
+for _, b in ipairs(batches) do reply[#reply + 1] = b end
+for _, p in ipairs(msgs) do reply[#reply + 1] = p end
+return reply

@@ -2,7 +2,8 @@
 -- KEYS[1]: lease key ({ns}:lease)
 -- KEYS[2]: next id ({ns}:next_id), integer, absent = 0
 -- KEYS[3]: max messages ({ns}:max), integer, absent = unlimited
--- KEYS[4]: queue ({ns}:queue), list of "<id>:<epoch>:<generated_us>"
+-- KEYS[4]: queue ({ns}:queue), list of batch entries "*<first_id>:<count>:<epoch>:<generated_us>"
+--          (messages without data) and payloads "<id>:<epoch>:<generated_us>:0:<data>" (with data)
 -- KEYS[5]: epoch log ({ns}:epochs), list of "<epoch>:<first_id>:<count>:<time_us>"
 -- KEYS[6]: stats hash ({ns}:stats)
 -- KEYS[7]: wake-up channel ({ns}:wake): PUBLISHed the count after a batch, for idle handlers
@@ -11,7 +12,8 @@
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: our epoch (integer)
 -- ARGV[3]: batch_max, integer >= 1: at most this many messages
--- ARGV[4]: queue_max, integer >= 1: generate only while the queue holds fewer
+-- ARGV[4]: queue_max, integer >= 1: generate only while the queue holds fewer messages (its
+--          ids are contiguous, so that is next_id minus the head entry's first id)
 -- ARGV[5]: the incarnation token this copy joined
 -- ARGV[6]: min_next_id, integer >= 0: the highest next id this copy has seen. A lower next_id
 --          means Redis went back in time (restored from an older copy): FORGOTTEN, nothing written.
@@ -20,7 +22,9 @@
 -- ARGV[8]: "" when the messages carry no data; otherwise the id the data below begins at (the
 --          caller asked its source for the ids it believes come next).
 -- ARGV[9..]: the data of the messages ARGV[8], ARGV[8]+1, …: at most this many are generated,
---          each as "<id>:<epoch>:<time>:0:<data>".
+--          each as "<id>:<epoch>:<time>:0:<data>". Without data the whole batch is ONE queue entry
+--          "*<first_id>:<count>:<epoch>:<time>" (protocol v2: the batch, not the message, is what
+--          Redis stores and moves; fetch.lua may split it).
 -- Returns: {status, first_id, count, time_us}
 --   status 1: generated ids first_id .. first_id+count-1 at Redis time time_us
 --   status 2: the queue is full (backpressure), nothing generated
@@ -79,27 +83,27 @@ if raw_max then
   end
   n = math.min(n, max - next_id)
 end
-local room = queue_max - redis.call('LLEN', KEYS[4])
+local room = queue_max - queued_messages(KEYS[4], next_id)
 if room <= 0 then
   return {2, next_id, 0, now_us}
 end
 n = math.min(n, room)
--- Append in chunks: unpack() of a huge table would overflow Lua's C stack.
-local suffix = ':' .. ARGV[2] .. ':' .. now
-local chunk = {}
-for i = 0, n - 1 do
-  if with_data then
-    chunk[#chunk + 1] = (next_id + i) .. suffix .. ':0:' .. ARGV[9 + i]
-  else
-    chunk[#chunk + 1] = (next_id + i) .. suffix
+if with_data then
+  -- Append in chunks: unpack() of a huge table would overflow Lua's C stack.
+  local suffix = ':' .. ARGV[2] .. ':' .. now .. ':0:'
+  local chunk = {}
+  for i = 0, n - 1 do
+    chunk[#chunk + 1] = (next_id + i) .. suffix .. ARGV[9 + i]
+    if #chunk == 1000 then
+      redis.call('RPUSH', KEYS[4], unpack(chunk))
+      chunk = {}
+    end
   end
-  if #chunk == 1000 then
+  if #chunk > 0 then
     redis.call('RPUSH', KEYS[4], unpack(chunk))
-    chunk = {}
   end
-end
-if #chunk > 0 then
-  redis.call('RPUSH', KEYS[4], unpack(chunk))
+else
+  redis.call('RPUSH', KEYS[4], '*' .. next_id .. ':' .. n .. ':' .. ARGV[2] .. ':' .. now)
 end
 redis.call('SET', KEYS[2], next_id + n)
 redis.call('HINCRBY', KEYS[6], 'generated', n)

@@ -82,3 +82,32 @@ local function damaged(script, key)
   return nil
 end
 
+
+-- The first id, count, epoch and generation time of a queue entry that is a batch
+-- ("*<first_id>:<count>:<epoch>:<generated_us>", count >= 1), as numbers (the time as its
+-- string too); nil for anything else (a single payload, or garbage).
+local function batch_entry(e)
+  local first, n, epoch, gen = string.match(e, '^%*(%d+):(%d+):(%d+):(%d+)$')
+  if not first or tonumber(n) < 1 or tonumber(first) + tonumber(n) > 4294967296 then
+    return nil
+  end
+  return tonumber(first), tonumber(n), epoch, gen
+end
+
+-- How many messages the queue `key` holds. Fresh ids are queued in order and taken from the head
+-- (a batch entry may be split, its head part taken), so that is next_id minus the head entry's
+-- first id; the entry count when the head is not a message (garbage someone pushed).
+local function queued_messages(key, next_id)
+  local head = redis.call('LINDEX', key, 0)
+  if not head then
+    return 0
+  end
+  local first = batch_entry(head)
+  if not first then
+    first = tonumber(string.match(head, '^(%d+):'))
+  end
+  if first and first <= next_id then
+    return next_id - first
+  end
+  return redis.call('LLEN', key)
+end

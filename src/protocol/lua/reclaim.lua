@@ -7,8 +7,8 @@
 -- KEYS[5]: stats hash ({ns}:stats)
 -- KEYS[6..10]: suspect lists ({ns}:suspects:2 .. {ns}:suspects:6)
 -- KEYS[11]: incarnation ({ns}:incarnation)
--- ARGV[1]: key prefix "{ns}:" — per-handler keys are derived here as
---          <prefix>hb:<handler> and <prefix>inflight:<handler>. They are not declared in KEYS
+-- ARGV[1]: key prefix "{ns}:" — per-handler keys are derived here as <prefix>hb:<handler>,
+--          <prefix>inflight:<handler> and <prefix>batches:<handler> (see fetch.lua). They are not declared in KEYS
 --          because the set of handlers is only known inside the script; all share the {ns} hash
 --          tag, so they live in the same cluster slot as KEYS[1].
 -- ARGV[2]: max_reclaims, integer 3..7: a message reclaimed this many times is poison
@@ -16,7 +16,9 @@
 -- Returns: {handlers_reclaimed, messages_given_back, messages_poisoned}
 --
 -- A handler is dead when its heartbeat key has expired (SIGKILL runs no cleanup; the TTL is the
--- detector). Each of its messages gets its reclaim count (the payload's 4th field) raised by one
+-- detector). Its batch records are expanded into the payloads of their open messages (mask bits
+-- still set: the ones it committed never run again), "<id>:<epoch>:<generated_us>", which are
+-- fresh (reclaim count 0), so they go to the retry set below. Each of its messages gets its reclaim count (the payload's 4th field) raised by one
 -- and goes, by that count L:
 --   1              → the retry set; fetch.lua takes random samples of it, so the messages that
 --                    died together are spread over many handlers instead of dying together again;
@@ -64,9 +66,30 @@ local dead, moved, poisoned, duplicates = 0, 0, 0, 0
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', prefix .. 'hb:' .. h) == 0 then
     local set = prefix .. 'inflight:' .. h
-    guard('reclaim', now, KEYS[4], KEYS[5], {{set, 'set'}})
+    local records = prefix .. 'batches:' .. h
+    guard('reclaim', now, KEYS[4], KEYS[5], {{set, 'set'}, {records, 'hash'}})
     local retry, suspects = {}, {}
-    for _, p in ipairs(redis.call('SMEMBERS', set)) do
+    local held = redis.call('SMEMBERS', set)
+    local fields = redis.call('HGETALL', records)
+    for f = 1, #fields, 2 do
+      local first = tonumber(fields[f])
+      local open, n, epoch, gen, at = string.match(fields[f + 1], '^(%d+):(%d+):(%d+):(%d+):()')
+      if not first or not open then
+        -- Unreadable (someone wrote it): kept for a person in the error store, counted bad.
+        redis.call('RPUSH', KEYS[4], records .. ' ' .. fields[f] .. '\treclaim: unreadable batch record "'
+          .. string.sub(fields[f + 1], 1, 60) .. '"\t' .. now)
+        redis.call('HINCRBY', KEYS[5], 'bad', 1)
+      else
+        local mask = string.sub(fields[f + 1], at)
+        for i = 0, math.min(tonumber(n), #mask * 8) - 1 do
+          local byte = string.byte(mask, math.floor(i / 8) + 1)
+          if bit.band(byte, bit.lshift(1, 7 - i % 8)) ~= 0 then
+            held[#held + 1] = (first + i) .. ':' .. epoch .. ':' .. gen
+          end
+        end
+      end
+    end
+    for _, p in ipairs(held) do
       local id, epoch, gen, n, data = envelope(p)
       if not id then
         retry[#retry + 1] = p -- garbage: the next handler commits it as bad
@@ -97,7 +120,7 @@ for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         redis.call('RPUSH', KEYS[6 + level - 2], unpack(list, i, math.min(i + 999, #list)))
       end
     end
-    redis.call('DEL', set)
+    redis.call('DEL', set, records)
     redis.call('SREM', KEYS[1], h)
     dead = dead + 1
     moved = moved + #retry

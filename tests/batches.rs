@@ -1,0 +1,285 @@
+//! Protocol v2's batch path, script by script against a real Redis: a generated batch is one queue
+//! entry, a fetch splits it, a commit records any subset of its messages once each (a retried
+//! commit records nothing twice), reclaim gives back exactly the open messages of a dead
+//! handler's batches, and a planted copy of a batch message is counted as a duplicate.
+
+mod common;
+
+use common::Fixture;
+use leaderq::conn::Conn;
+use leaderq::node::handler::{self, Done, Verdict};
+use leaderq::node::incarnation::Incarnation;
+use leaderq::node::{generator, lease, liveness};
+use leaderq::stats::Counters;
+use leaderq::Keys;
+use std::sync::Arc;
+
+const HEARTBEAT_MS: u64 = 60_000;
+
+/// A fixture's Redis with a joined incarnation and a held lease.
+struct Setup {
+    fx: Fixture,
+    con: Conn,
+    keys: Keys,
+    inc: Incarnation,
+    lease: leaderq::node::lease::Lease,
+}
+
+async fn setup() -> Setup {
+    let fx = Fixture::new();
+    let mut con = fx.con().await;
+    let keys = fx.keys.clone();
+    let inc = Incarnation::join(&mut con, &keys, false).await.unwrap();
+    let lease = lease::try_acquire(&mut con, &keys, "gen", 600_000, &inc)
+        .await
+        .unwrap()
+        .expect("the lease is free");
+    Setup {
+        fx,
+        con,
+        keys,
+        inc,
+        lease,
+    }
+}
+
+impl Setup {
+    async fn generate(&mut self, n: u64) {
+        let r = generator::generate(
+            &mut self.con,
+            &self.keys,
+            &self.lease,
+            n,
+            1 << 30,
+            &self.inc,
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(r, generator::Generated::Batch { count, .. } if count == n),
+            "{r:?}"
+        );
+    }
+
+    async fn fetch(&mut self, owner: &Arc<str>, n: u64) -> Vec<Done> {
+        handler::fetch(&mut self.con, &self.keys, owner, n, HEARTBEAT_MS, &self.inc)
+            .await
+            .unwrap()
+            .into_items(owner)
+    }
+
+    async fn commit(&mut self, items: &[Done]) -> Vec<usize> {
+        handler::commit(&mut self.con, &self.keys, items, &self.inc)
+            .await
+            .unwrap()
+            .1
+    }
+
+    async fn queue(&mut self) -> Vec<String> {
+        redis::cmd("LRANGE")
+            .arg(self.keys.queue())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.con)
+            .await
+            .unwrap()
+    }
+
+    async fn bit(&mut self, key: &str, id: u64) -> u8 {
+        redis::cmd("GETBIT")
+            .arg(key)
+            .arg(id)
+            .query_async(&mut self.con)
+            .await
+            .unwrap()
+    }
+
+    async fn counters(&mut self) -> Counters {
+        Counters::read(&mut self.con, &self.keys).await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_queue_entry_and_a_fetch_splits_it() {
+    let mut s = setup().await;
+    s.generate(10).await;
+    let q = s.queue().await;
+    assert_eq!(q.len(), 1, "one entry for the batch: {q:?}");
+    assert!(q[0].starts_with("*0:10:"), "{q:?}");
+    let snap = leaderq::testkit::snapshot::snapshot(&mut s.con, &s.keys)
+        .await
+        .unwrap();
+    assert_eq!(snap.queue_len, 10, "the queue counts messages, not entries");
+
+    let owner: Arc<str> = Arc::from("h.0");
+    let items = s.fetch(&owner, 4).await;
+    let ids: Vec<u64> = items.iter().map(|d| d.envelope.id).collect();
+    assert_eq!(ids, vec![0, 1, 2, 3]);
+    assert!(items
+        .iter()
+        .all(|d| d.batch == Some(0) && d.payload.is_empty()));
+    let q = s.queue().await;
+    assert!(
+        q.len() == 1 && q[0].starts_with("*4:6:"),
+        "the rest stays queued: {q:?}"
+    );
+    let held = leaderq::testkit::snapshot::in_flight_matching(&mut s.con, &s.keys, "h.0")
+        .await
+        .unwrap();
+    assert_eq!(held, 4);
+
+    // Two batches queued: a fetch takes the rest of the first and the head of the second.
+    s.generate(5).await;
+    let items = s.fetch(&owner, 8).await;
+    let ids: Vec<u64> = items.iter().map(|d| d.envelope.id).collect();
+    assert_eq!(ids, (4..12).collect::<Vec<_>>());
+    let q = s.queue().await;
+    assert!(q.len() == 1 && q[0].starts_with("*12:3:"), "{q:?}");
+    drop(s.fx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_records_each_batch_message_once() {
+    let mut s = setup().await;
+    s.generate(20).await;
+    let owner: Arc<str> = Arc::from("h.0");
+    let mut items = s.fetch(&owner, 20).await;
+    items[3].verdict = Verdict::Failed("disk full".into());
+    items[4].verdict = Verdict::Failed(leaderq::work::HANDLER_ERROR.into());
+    items[5].verdict = Verdict::TimedOut;
+    // Half of them, out of order.
+    let mut first: Vec<Done> = items[..10].to_vec();
+    first.reverse();
+    assert!(s.commit(&first).await.is_empty());
+    // The same commit again (a retry after a lost reply): every one refused, nothing twice.
+    let refused = s.commit(&first).await;
+    assert_eq!(refused, (0..10).collect::<Vec<_>>());
+    let c = s.counters().await;
+    assert_eq!(
+        (c.processed, c.errors, c.timeouts, c.duplicates, c.refused),
+        (7, 3, 1, 0, 10)
+    );
+    let held = leaderq::testkit::snapshot::in_flight_matching(&mut s.con, &s.keys, "h.0")
+        .await
+        .unwrap();
+    assert_eq!(held, 10, "the record keeps the 10 open messages");
+    assert!(s.commit(&items[10..]).await.is_empty());
+    let records: u64 = redis::cmd("EXISTS")
+        .arg(s.keys.batches("h.0"))
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    assert_eq!(records, 0, "the record goes with its last open message");
+    for id in 0..20 {
+        assert_eq!(s.bit(&s.keys.done(), id).await, 1, "done {id}");
+        let ok = s.bit(&s.keys.ok(), id).await;
+        assert_eq!(ok, u8::from(!(3..=5).contains(&id)), "ok {id}");
+    }
+    let errors: Vec<String> = redis::cmd("LRANGE")
+        .arg(s.keys.errors())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    let reasons: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| {
+            let mut f = e.split('\t');
+            (f.next().unwrap(), f.next().unwrap())
+        })
+        .collect();
+    assert_eq!(reasons.len(), 3, "{errors:?}");
+    let epoch = s.lease.epoch;
+    for (id, why) in [
+        (5, "handler timeout"),
+        (4, "handler error"),
+        (3, "disk full"),
+    ] {
+        assert!(
+            reasons
+                .iter()
+                .any(|(p, r)| p.starts_with(&format!("{id}:{epoch}:")) && *r == why),
+            "{id}: {why} in {errors:?}"
+        );
+    }
+    drop(s.fx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_gives_back_only_the_open_messages_of_a_dead_handlers_batches() {
+    let mut s = setup().await;
+    s.generate(30).await;
+    let owner: Arc<str> = Arc::from("dead.0");
+    let items = s.fetch(&owner, 30).await;
+    // Committed: ids 0..10 and 20; open: 10..20 and 21..30.
+    let mut committed: Vec<Done> = items[..10].to_vec();
+    committed.push(items[20].clone());
+    assert!(s.commit(&committed).await.is_empty());
+    redis::cmd("DEL")
+        .arg(s.keys.heartbeat("dead.0"))
+        .query_async::<()>(&mut s.con)
+        .await
+        .unwrap();
+    let (dead, moved) = liveness::reclaim(&mut s.con, &s.keys, &s.inc)
+        .await
+        .unwrap();
+    assert_eq!((dead, moved), (1, 19));
+    let mut retry: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(s.keys.retry())
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    retry.sort_by_key(|p| p.split(':').next().unwrap().parse::<u64>().unwrap());
+    let ids: Vec<u64> = retry
+        .iter()
+        .map(|p| p.split(':').next().unwrap().parse().unwrap())
+        .collect();
+    let expected: Vec<u64> = (10..20).chain(21..30).collect();
+    assert_eq!(ids, expected);
+    assert!(
+        retry.iter().all(|p| p.ends_with(":1")),
+        "reclaimed once: {retry:?}"
+    );
+    // Another handler runs them from the retry set; the dead one's late commit is refused.
+    let other: Arc<str> = Arc::from("live.0");
+    let mut again = Vec::new();
+    // A fetch samples at most a tenth of its count from the retry set.
+    for _ in 0..10 {
+        again.extend(s.fetch(&other, 20).await);
+    }
+    assert_eq!(again.len(), 19);
+    assert!(s.commit(&again).await.is_empty());
+    let late = s.commit(&items[10..20]).await;
+    assert_eq!(late.len(), 10, "the dead handler's record is gone");
+    let c = s.counters().await;
+    assert_eq!(c.processed + c.errors, 30);
+    assert_eq!(c.duplicates, 0);
+    drop(s.fx);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_copy_of_a_batch_message_is_counted_as_a_duplicate() {
+    let mut s = setup().await;
+    s.generate(5).await;
+    let owner: Arc<str> = Arc::from("a.0");
+    let items = s.fetch(&owner, 5).await;
+    let copy = items[2].envelope.encode(b"");
+    redis::cmd("SADD")
+        .arg(s.keys.inflight("b.0"))
+        .arg(&copy)
+        .query_async::<()>(&mut s.con)
+        .await
+        .unwrap();
+    let planted = handler::Fetched {
+        payloads: vec![copy.into()],
+        ..Default::default()
+    }
+    .into_items(&Arc::from("b.0"));
+    assert!(s.commit(&planted).await.is_empty());
+    assert!(s.commit(&items).await.is_empty());
+    let c = s.counters().await;
+    assert_eq!((c.processed + c.errors, c.duplicates), (5, 1));
+    drop(s.fx);
+}
