@@ -125,6 +125,12 @@ impl Config {
                 h.commit_max
             ));
         }
+        if h.commit_window_ms > 10_000 {
+            return bad(format!(
+                "--commit-window-ms {} must be between 0 and 10000",
+                h.commit_window_ms
+            ));
+        }
         if h.handler_timeout_ms < 10 || h.handler_timeout_ms > 86_400_000 {
             return bad(format!(
                 "--handler-timeout-ms {} must be between 10 and 86400000 (one day)",

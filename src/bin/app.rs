@@ -168,6 +168,11 @@ struct RunFlags {
     /// Outcomes per commit (one script call each), at most.
     #[arg(long, default_value_t = 2000)]
     commit_max: usize,
+    /// Under load, how long a handler gathers outcomes before committing them, so each commit
+    /// carries many outcomes per batch (Redis's cost is per batch per commit). Light traffic
+    /// (fewer than 64 outcomes expected in the window) is committed at once. 0 = always at once.
+    #[arg(long, default_value_t = 50)]
+    commit_window_ms: u64,
     /// Messages per generate call when --interval-ms is 0.
     #[arg(long, default_value_t = 1000)]
     gen_batch: u64,
@@ -327,6 +332,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
             batch: f.batch,
             max_in_flight: f.max_in_flight,
             commit_max: f.commit_max,
+            commit_window_ms: f.commit_window_ms,
             heartbeat_ms: f.heartbeat_ms,
             redis_down_max_ms: f.redis_down_max_ms,
             handler_timeout_ms: f.handler_timeout_ms,

@@ -43,6 +43,7 @@ impl Node {
                 batch: 1000,
                 max_in_flight: 50_000,
                 commit_max: 2000,
+                commit_window_ms: 50,
                 heartbeat_ms: 750,
                 redis_down_max_ms: 30_000,
                 handler_timeout_ms: 30_000,
@@ -168,6 +169,13 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
     /// (default 50000).
     pub fn max_in_flight(mut self, messages: usize) -> Self {
         self.handler_config.max_in_flight = messages;
+        self
+    }
+
+    /// Under load, how long outcomes may gather before a commit (default 50; 0 = commit at
+    /// once). Light traffic is always committed at once.
+    pub fn commit_window_ms(mut self, ms: u64) -> Self {
+        self.handler_config.commit_window_ms = ms;
         self
     }
 

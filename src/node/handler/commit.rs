@@ -128,7 +128,10 @@ pub(super) async fn commit_loop(
     mut done_rx: mpsc::UnboundedReceiver<Done>,
 ) -> Result<(), Error> {
     let mut batch: Vec<Done> = Vec::with_capacity(config.commit_max);
+    let window = Duration::from_millis(config.commit_window_ms);
+    let mut rate = OutcomeRate::default();
     while let Some(first) = done_rx.recv().await {
+        let opened = tokio::time::Instant::now();
         batch.push(first);
         while batch.len() < config.commit_max {
             match done_rx.try_recv() {
@@ -136,6 +139,21 @@ pub(super) async fn commit_loop(
                 Err(_) => break,
             }
         }
+        // Under load, gather for up to one window: a commit's cost in Redis is mostly per batch
+        // group, so more outcomes per call means fewer groups per outcome.
+        if rate.per_s * window.as_secs_f64() >= super::WINDOW_MIN_OUTCOMES {
+            let deadline = opened + window;
+            while batch.len() < config.commit_max {
+                tokio::select! {
+                    d = done_rx.recv() => match d {
+                        Some(d) => batch.push(d),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+        rate.observe(batch.len());
         // One owner per process (`<instance>.0`), so the whole batch is one commit.
         let gate = commit_gate.lock().await;
         let (time_us, refused) =
@@ -173,6 +191,33 @@ pub(super) async fn commit_loop(
         batch.clear();
     }
     Ok(())
+}
+
+/// The recent rate of outcomes reaching the committer (an exponentially weighted average over
+/// commits), which decides whether waiting out a commit window can pay off.
+#[derive(Debug)]
+struct OutcomeRate {
+    per_s: f64,
+    since: tokio::time::Instant,
+}
+
+impl Default for OutcomeRate {
+    fn default() -> Self {
+        OutcomeRate {
+            per_s: 0.0,
+            since: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl OutcomeRate {
+    /// `n` outcomes were taken for a commit now.
+    fn observe(&mut self, n: usize) {
+        let now = tokio::time::Instant::now();
+        let secs = now.duration_since(self.since).as_secs_f64().max(1e-4);
+        self.per_s = 0.7 * self.per_s + 0.3 * (n as f64 / secs);
+        self.since = now;
+    }
 }
 
 /// Commits, retrying while Redis is unreachable or loading (a lost reply is safe to retry: a

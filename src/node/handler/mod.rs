@@ -64,6 +64,11 @@ pub struct HandlerConfig {
     pub max_in_flight: usize,
     /// Outcomes per commit call, at most.
     pub commit_max: usize,
+    /// Under load, how long the committer may gather outcomes before a commit, so each call
+    /// carries many outcomes per batch (a batch group has a fixed cost in commit.lua). Only
+    /// when the recent outcome rate fills a window with [`WINDOW_MIN_OUTCOMES`] or more: slow
+    /// traffic is committed at once. 0 = always at once.
+    pub commit_window_ms: u64,
     /// Heartbeat TTL (a fetch refreshes it too).
     pub heartbeat_ms: u64,
     /// Give up (fatal error) when Redis keeps failing a commit for this long.
@@ -205,6 +210,11 @@ impl HeldBatch {
 /// bounds how long any message can sit unseen in a live handler's set (docs/PROTOCOL.md,
 /// invariant 5).
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
+/// The committer waits out its window only when the recent outcome rate would gather at least
+/// this many outcomes in it; below that a commit goes at once (latency matters more than Redis
+/// CPU when traffic is light).
+pub const WINDOW_MIN_OUTCOMES: f64 = 64.0;
 
 /// Runs the three tasks until `stop` fires, then drains: no new fetches, every fetched message is
 /// still handled and committed. Publishes the current handler id on `owner_tx` (the heartbeat
