@@ -348,6 +348,12 @@ impl<'f> Run<'f> {
             (self.last_done, self.progressed_at) = (done, now);
             return Ok(false);
         }
+        // Every outcome is in: what is left is the wait for planted duplicates to be counted,
+        // which `SETTLE_WAIT_MAX` bounds (a planted copy can merge with its original in the retry
+        // set and never be counted: soak seed 37, `all`).
+        if done >= self.flags.messages {
+            return Ok(false);
+        }
         let idle_for = now.duration_since(self.progressed_at);
         if idle_for < STALL_CHECK_AFTER || self.redis_errors != 0 {
             return Ok(false);
