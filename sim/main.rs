@@ -121,6 +121,10 @@ pub struct Flags {
     /// Passed to every app: backpressure, the generator waits while this many are queued.
     #[arg(long, default_value_t = 5_000)]
     pub queue_max: u64,
+    /// Passed to every app: under load, how long a handler gathers outcomes before committing
+    /// them (0 = at once).
+    #[arg(long, default_value_t = 50)]
+    pub commit_window_ms: u64,
     /// Passed to every app: ms between generated messages (0 = as fast as handlers take them).
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,

@@ -124,6 +124,7 @@ pub struct Summary {
     pub timeouts: u64,
     pub max_in_flight: u64,
     pub batch: u64,
+    pub commit_window_ms: u64,
     pub queue_max: u64,
     pub interval_ms: u64,
     pub lease_ms: u64,
@@ -223,7 +224,7 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|c| c.map_or("running".into(), |c| c.to_string()))
         .collect();
     let halt_codes = halt_codes.join(", ");
-    let rows: [(&str, &dyn Display); 62] = [
+    let rows: [(&str, &dyn Display); 63] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -274,6 +275,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("timeouts", &s.timeouts),
         ("max_in_flight", &s.max_in_flight),
         ("batch", &s.batch),
+        ("commit_window_ms", &s.commit_window_ms),
         ("queue_max", &s.queue_max),
         ("interval_ms", &s.interval_ms),
         ("lease_ms", &s.lease_ms),
@@ -424,7 +426,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(63));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(64));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

@@ -257,6 +257,7 @@ pub fn app_args(flags: &Flags, namespace: &str, seed: u64) -> Vec<String> {
         ("--handler-timeout-ms", flags.handler_timeout_ms.to_string()),
         ("--max-in-flight", flags.max_in_flight.to_string()),
         ("--batch", flags.batch.to_string()),
+        ("--commit-window-ms", flags.commit_window_ms.to_string()),
         ("--lease-ms", flags.lease_ms.to_string()),
         ("--heartbeat-ms", flags.heartbeat_ms.to_string()),
     ]

@@ -142,9 +142,14 @@ async fn a_batch_is_one_queue_entry_and_a_fetch_splits_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_records_each_batch_message_once() {
     let mut s = setup().await;
-    s.generate(20).await;
     let owner: Arc<str> = Arc::from("h.0");
+    // Three first, so the batch under test starts at id 3: its bits straddle bitmap bytes.
+    s.generate(3).await;
+    let head = s.fetch(&owner, 3).await;
+    assert!(s.commit(&head).await.is_empty());
+    s.generate(20).await;
     let mut items = s.fetch(&owner, 20).await;
+    assert_eq!(items[0].envelope.id, 3);
     items[3].verdict = Verdict::Failed("disk full".into());
     items[4].verdict = Verdict::Failed(leaderq::work::HANDLER_ERROR.into());
     items[5].verdict = Verdict::TimedOut;
@@ -158,7 +163,7 @@ async fn a_commit_records_each_batch_message_once() {
     let c = s.counters().await;
     assert_eq!(
         (c.processed, c.errors, c.timeouts, c.duplicates, c.refused),
-        (7, 3, 1, 0, 10)
+        (10, 3, 1, 0, 10)
     );
     let held = leaderq::testkit::snapshot::in_flight_matching(&mut s.con, &s.keys, "h.0")
         .await
@@ -171,10 +176,13 @@ async fn a_commit_records_each_batch_message_once() {
         .await
         .unwrap();
     assert_eq!(records, 0, "the record goes with its last open message");
-    for id in 0..20 {
+    for id in 0..23 {
         assert_eq!(s.bit(&s.keys.done(), id).await, 1, "done {id}");
         let ok = s.bit(&s.keys.ok(), id).await;
-        assert_eq!(ok, u8::from(!(3..=5).contains(&id)), "ok {id}");
+        assert_eq!(ok, u8::from(!(6..=8).contains(&id)), "ok {id}");
+    }
+    for id in 23..40 {
+        assert_eq!(s.bit(&s.keys.done(), id).await, 0, "done {id} untouched");
     }
     let errors: Vec<String> = redis::cmd("LRANGE")
         .arg(s.keys.errors())
@@ -193,9 +201,9 @@ async fn a_commit_records_each_batch_message_once() {
     assert_eq!(reasons.len(), 3, "{errors:?}");
     let epoch = s.lease.epoch;
     for (id, why) in [
-        (5, "handler timeout"),
-        (4, "handler error"),
-        (3, "disk full"),
+        (8, "handler timeout"),
+        (7, "handler error"),
+        (6, "disk full"),
     ] {
         assert!(
             reasons

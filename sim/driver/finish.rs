@@ -250,6 +250,7 @@ impl Run<'_> {
             timeouts: c.timeouts,
             max_in_flight: flags.max_in_flight,
             batch: flags.batch,
+            commit_window_ms: flags.commit_window_ms,
             queue_max: flags.queue_max,
             interval_ms: flags.interval_ms,
             lease_ms: flags.lease_ms,

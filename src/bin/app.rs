@@ -166,7 +166,7 @@ struct RunFlags {
     #[arg(long, default_value_t = 50_000)]
     max_in_flight: usize,
     /// Outcomes per commit (one script call each), at most.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 4000)]
     commit_max: usize,
     /// Under load, how long a handler gathers outcomes before committing them, so each commit
     /// carries many outcomes per batch (Redis's cost is per batch per commit). Light traffic

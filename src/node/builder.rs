@@ -42,7 +42,7 @@ impl Node {
                 instance_id: String::new(),
                 batch: 1000,
                 max_in_flight: 50_000,
-                commit_max: 2000,
+                commit_max: 4000,
                 commit_window_ms: 50,
                 heartbeat_ms: 750,
                 redis_down_max_ms: 30_000,

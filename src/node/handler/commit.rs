@@ -60,7 +60,9 @@ pub async fn commit(
                 if !reasons.is_empty() {
                     reasons.push(b'\n');
                 }
-                reasons.extend_from_slice(reason.as_bytes());
+                // One line each (stored_reason makes it so); a stray newline would shift the
+                // reasons of every later token.
+                reasons.extend(reason.bytes().map(|b| if b == b'\n' { b' ' } else { b }));
                 3
             }
             // A batch message is made by the handler from its record: never unparseable.
