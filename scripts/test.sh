@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, integration tests against real redis-server and app
 # processes, CI-sized sim runs, each criterion bench run once as a smoke test; then the proof's
-# own checks, small: a short soak (every fault mode, TEST_SOAK_SEEDS seeds, default 2) and a few
-# mutants of the catalogue, which the sim must catch. Release mode, because the tests run real
+# own checks, small: a short soak (every fault mode, TEST_SOAK_SEEDS seeds, default 1) and three
+# mutants of the catalogue, which the sim must catch (the full soak and catalogue are
+# `scripts/soak.sh` and `scripts/mutants.sh`; CI must stay under ~20 minutes). Release mode, because the tests run real
 # workloads. Arguments go to `cargo test` (and then the soak and the mutants are skipped, as for a
 # filtered run). Ends with one line totalling every test binary's result.
 set -euo pipefail
@@ -22,6 +23,6 @@ fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 if [ $# -eq 0 ]; then
-  scripts/soak.sh "${TEST_SOAK_SEEDS:-2}" | tail -n 20
-  scripts/mutants.sh fencing-removed commit-without-ownership get-errors-deletes-more lost-fetch-recovery-disabled | tail -n 10
+  scripts/soak.sh "${TEST_SOAK_SEEDS:-1}" | tail -n 20
+  scripts/mutants.sh fencing-removed commit-without-ownership lost-fetch-recovery-disabled | tail -n 10
 fi
