@@ -144,14 +144,23 @@ pub(super) async fn commit_loop(
         // Under load, gather for up to one window: a commit's cost in Redis is mostly per batch
         // group, so more outcomes per call means fewer groups per outcome.
         if rate.per_s * window.as_secs_f64() >= super::WINDOW_MIN_OUTCOMES {
-            let deadline = opened + window;
-            while batch.len() < config.commit_max {
+            // One timer for the whole window, not one per outcome received.
+            let closes = tokio::time::sleep_until(opened + window);
+            tokio::pin!(closes);
+            'window: while batch.len() < config.commit_max {
                 tokio::select! {
                     d = done_rx.recv() => match d {
                         Some(d) => batch.push(d),
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = &mut closes => break,
+                }
+                while batch.len() < config.commit_max {
+                    match done_rx.try_recv() {
+                        Ok(d) => batch.push(d),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => break 'window,
+                    }
                 }
             }
         }
