@@ -233,7 +233,7 @@ fn pinned_all_faults_seed_27() {
 }
 
 /// The `all` mode of `scripts/soak.sh`: every fault at once.
-const ALL_FAULTS: [&str; 21] = [
+const ALL_FAULTS: [&str; 19] = [
     "--kill-leader",
     "--kills",
     "2",
