@@ -3,7 +3,7 @@
 //! (docs/PROTOCOL.md, invariant 5).
 
 use super::{
-    admit, BatchTake, Done, HandlerConfig, HandlerShared, Holdings, Role, SuspectHold, Verdict,
+    admit, BatchTake, Done, HandlerConfig, HandlerShared, Holdings, Role, SuspectHold,
     RECONCILE_EVERY,
 };
 use crate::conn::Conn;
@@ -66,36 +66,17 @@ impl Fetched {
         self.payloads.is_empty() && self.batches.is_empty()
     }
 
-    /// The messages taken as work items owned by `owner`, verdict [`Verdict::Ok`] (a payload
-    /// that does not parse: [`Verdict::Bad`]), batches first: for benches and tests that drive
-    /// fetch.lua and commit.lua directly.
+    /// The messages taken as work items owned by `owner`, batches first, each not yet handled
+    /// (a payload that does not parse: [`super::Verdict::Bad`]): for benches and tests that
+    /// drive fetch.lua and commit.lua directly.
     pub fn into_items(self, owner: &Arc<str>) -> Vec<Done> {
         let mut items = Vec::with_capacity(self.len());
         for entry in self.batches {
-            items.extend((0..entry.count).map(|index| Done {
-                payload: Bytes::new(),
-                batch: Some(entry.first_id),
-                owner: owner.clone(),
-                envelope: entry.envelope(index),
-                data_at: 0,
-                verdict: Verdict::Ok,
-                handled_us: 0,
-            }));
+            items.extend((0..entry.count).map(|index| Done::in_batch(&entry, index, owner)));
         }
         for payload in self.payloads {
-            let (envelope, data_at, verdict) = match Envelope::parse(&payload) {
-                Ok((e, at)) => (e, at, Verdict::Ok),
-                Err(why) => (Envelope::default(), payload.len(), Verdict::Bad(why)),
-            };
-            items.push(Done {
-                payload,
-                batch: None,
-                owner: owner.clone(),
-                envelope,
-                data_at,
-                verdict,
-                handled_us: 0,
-            });
+            let parsed = Envelope::parse(&payload);
+            items.push(Done::from_payload(payload, parsed, owner));
         }
         items
     }

@@ -116,6 +116,41 @@ pub struct Done {
 }
 
 impl Done {
+    /// Message `index` of the batch `entry`, owned through the batch record, not yet handled.
+    pub fn in_batch(entry: &BatchEntry, index: u64, owner: &Arc<str>) -> Done {
+        Done {
+            payload: Bytes::new(),
+            batch: Some(entry.first_id),
+            owner: owner.clone(),
+            envelope: entry.envelope(index),
+            data_at: 0,
+            verdict: Verdict::Ok,
+            handled_us: 0,
+        }
+    }
+
+    /// A payload of the in-flight set and what parsing it gave: not yet handled, or, when it
+    /// does not parse, [`Verdict::Bad`] with the reason.
+    pub fn from_payload(
+        payload: Bytes,
+        parsed: Result<(Envelope, usize), String>,
+        owner: &Arc<str>,
+    ) -> Done {
+        let (envelope, data_at, verdict) = match parsed {
+            Ok((envelope, data_at)) => (envelope, data_at, Verdict::Ok),
+            Err(reason) => (Envelope::default(), payload.len(), Verdict::Bad(reason)),
+        };
+        Done {
+            payload,
+            batch: None,
+            owner: owner.clone(),
+            envelope,
+            data_at,
+            verdict,
+            handled_us: 0,
+        }
+    }
+
     /// The message as the handler receives it.
     pub fn message(&self) -> Message {
         Message {
@@ -315,21 +350,16 @@ fn admit(
         for &index in &take.indexes {
             hold.insert(index);
         }
-        for index in take.indexes {
-            items.push(Done {
-                payload: Bytes::new(),
-                batch: Some(entry.first_id),
-                owner: owner.clone(),
-                envelope: entry.envelope(index),
-                data_at: 0,
-                verdict: Verdict::Ok,
-                handled_us: 0,
-            });
-        }
+        items.extend(
+            take.indexes
+                .into_iter()
+                .map(|index| Done::in_batch(&entry, index, owner)),
+        );
     }
     for payload in payloads {
-        let (envelope, data_at, verdict) = match Envelope::parse(&payload) {
-            Ok((m, data_at)) => {
+        let parsed = Envelope::parse(&payload);
+        match &parsed {
+            Ok((m, _)) => {
                 if let Some(t) = fetched_us {
                     stats::record(&mut lat.queue_wait_us, t.saturating_sub(m.generated_us));
                 }
@@ -337,23 +367,13 @@ fn admit(
                     suspects.level = m.reclaims;
                     suspects.count += 1;
                 }
-                (m, data_at, Verdict::Ok)
             }
             Err(reason) => {
                 tracing::warn!(payload = %String::from_utf8_lossy(&payload), %reason, "bad message; moving it to the error store");
-                (Envelope::default(), payload.len(), Verdict::Bad(reason))
             }
-        };
+        }
         held.payloads.insert(payload.clone());
-        items.push(Done {
-            payload,
-            batch: None,
-            owner: owner.clone(),
-            envelope,
-            data_at,
-            verdict,
-            handled_us: 0,
-        });
+        items.push(Done::from_payload(payload, parsed, owner));
     }
     items
 }
