@@ -158,6 +158,16 @@ pub fn queued_messages(entries: u64, head: Option<&[u8]>, next_id: u64) -> u64 {
     }
 }
 
+/// The open count at the head of a batch record (`"<open>:…"`), 0 when unreadable: what a
+/// reconciliation and a snapshot sum without parsing the mask.
+pub fn record_open_count(record: &[u8]) -> u64 {
+    let head = record.split(|&b| b == b':').next().unwrap_or_default();
+    std::str::from_utf8(head)
+        .ok()
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A batch record of a handler's `{ns}:batches:<handler>` hash, as fetch.lua and commit.lua keep
 /// it: `"<open>:<count>:<epoch>:<generated_us>:<mask>"`. Returns the batch (its first id is the
 /// field) and the indexes still open, or says what is wrong.

@@ -4,7 +4,7 @@
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::protocol::keys::Keys;
-use crate::protocol::message::queued_messages;
+use crate::protocol::message::{queued_messages, record_open_count};
 use crate::stats::Counters;
 /// The recorded state of one namespace.
 #[derive(Debug, Clone, Default)]
@@ -90,13 +90,7 @@ pub async fn in_flight_matching(
     }
     for key in scan(con, &keys.batches(handler_glob), "hash").await? {
         let records: Vec<Vec<u8>> = redis::cmd("HVALS").arg(&key).query_async(con).await?;
-        for r in records {
-            let open = r.split(|&b| b == b':').next().unwrap_or_default();
-            total += std::str::from_utf8(open)
-                .ok()
-                .and_then(|o| o.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
+        total += records.iter().map(|r| record_open_count(r)).sum::<u64>();
     }
     Ok(total)
 }

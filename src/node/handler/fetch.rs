@@ -10,7 +10,7 @@ use crate::conn::Conn;
 use crate::error::Error;
 use crate::node::incarnation::Incarnation;
 use crate::protocol::keys::Keys;
-use crate::protocol::message::{parse_batch_record, BatchEntry, Envelope};
+use crate::protocol::message::{parse_batch_record, record_open_count, BatchEntry, Envelope};
 use crate::protocol::scripts;
 use crate::protocol::SUSPECT_LEVELS;
 use bytes::Bytes;
@@ -438,7 +438,7 @@ impl Fetcher<'_> {
                 .arg(records)
                 .query_async(&mut self.con)
                 .await?;
-            let open: u64 = values.iter().map(|v| open_count(v)).sum();
+            let open: u64 = values.iter().map(|v| record_open_count(v)).sum();
             let held = self.holdings.lock().expect("holdings lock poisoned");
             let held_open = held.batch_messages();
             if in_set == held.payloads.len()
@@ -526,13 +526,4 @@ impl Fetcher<'_> {
             .collect();
         Ok((orphans, batches))
     }
-}
-
-/// The open count at the head of a batch record (`"<open>:…"`), 0 when unreadable.
-fn open_count(record: &[u8]) -> u64 {
-    let head = record.split(|&b| b == b':').next().unwrap_or_default();
-    std::str::from_utf8(head)
-        .ok()
-        .and_then(|o| o.parse().ok())
-        .unwrap_or(0)
 }
