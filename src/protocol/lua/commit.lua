@@ -73,11 +73,17 @@ end
 -- A string's bytes as a table of numbers, and back: in slices, because string.byte and unpack
 -- pass their values on Lua's C stack.
 local function bytes(str, len)
-  local t = {}
-  for from = 1, #str, 4000 do
-    for _, b in ipairs({string.byte(str, from, math.min(from + 3999, #str))}) do t[#t + 1] = b end
+  local t
+  if #str <= 4000 then
+    t = {string.byte(str, 1, #str)}
+  else
+    t = {}
+    for from = 1, #str, 4000 do
+      local slice = {string.byte(str, from, math.min(from + 3999, #str))}
+      for k = 1, #slice do t[from + k - 1] = slice[k] end
+    end
   end
-  for i = #t + 1, len do t[i] = 0 end
+  for i = #str + 1, len do t[i] = 0 end
   return t
 end
 local function text(t)
@@ -88,6 +94,8 @@ local function text(t)
   return table.concat(parts)
 end
 local item = 0
+local fmt = string.format
+local POW = {[0] = 128, 64, 32, 16, 8, 4, 2, 1}
 for i = 3, singles - 1, 3 do
   local first, tokens = tonumber(ARGV[i]), ARGV[i + 1]
   local reasons = {}
@@ -106,61 +114,70 @@ for i = 3, singles - 1, 3 do
     end
     runs = runs + #tokens / 3
   else
+    local n_s = n
     open, n = tonumber(open), tonumber(n)
+    local prefix = ':' .. epoch .. ':' .. gen .. '\t'
+    local timeout_tail = prefix .. 'handler timeout\t' .. now
     local mask = bytes(string.sub(record, at), math.ceil(n / 8))
     local lo, hi = math.floor(first / 8), math.floor((first + n - 1) / 8)
-    local done = bytes(redis.call('GETRANGE', KEYS[2], lo, hi), hi - lo + 1)
-    local ok = bytes(redis.call('GETRANGE', KEYS[3], lo, hi), hi - lo + 1)
+    local lo_s, hi_s = fmt('%d', lo), fmt('%d', hi)
+    local done = bytes(redis.call('GETRANGE', KEYS[2], lo_s, hi_s), hi - lo + 1)
+    local ok = bytes(redis.call('GETRANGE', KEYS[3], lo_s, hi_s), hi - lo + 1)
     local done_changed, ok_changed = false, false
     for from = 1, #tokens, 3999 do
       local tb = {string.byte(tokens, from, math.min(from + 3998, #tokens))}
       for j = 1, #tb, 3 do
         item = item + 1
         local t = tb[j] * 65536 + tb[j + 1] * 256 + tb[j + 2]
-        local index, kind = bit.rshift(t, 2), bit.band(t, 3)
-        local reason = 'handler error'
-        if kind == 3 then
-          taken = taken + 1
-          reason = reasons[taken] or reason
-        end
+        local kind = t % 4
+        local index = (t - kind) / 4
         runs = runs + 1
-        local m = math.floor(index / 8) + 1
-        local mbit = bit.lshift(1, 7 - index % 8)
-        if index >= n or bit.band(mask[m], mbit) == 0 then
+        local m = (index - index % 8) / 8 + 1
+        local mbit = POW[index % 8]
+        local mb = mask[m]
+        if index >= n or mb % (mbit + mbit) < mbit then
           result[#result + 1] = item
+          if kind == 3 then taken = taken + 1 end
         else
-          mask[m] = bit.band(mask[m], bit.bnot(mbit))
+          mask[m] = mb - mbit
           open = open - 1
           local id = first + index
-          local b = bit.rshift(id, 3) - lo + 1
-          local bbit = bit.lshift(1, 7 - id % 8)
-          if bit.band(done[b], bbit) ~= 0 then
+          local b = (id - id % 8) / 8 - lo + 1
+          local bbit = POW[id % 8]
+          local db = done[b]
+          if db % (bbit + bbit) >= bbit then
             duplicates = duplicates + 1
+            if kind == 3 then taken = taken + 1 end
           else
-            done[b] = bit.bor(done[b], bbit)
+            done[b] = db + bbit
             done_changed = true
             if kind == 0 then
-              ok[b] = bit.bor(ok[b], bbit)
+              ok[b] = ok[b] + bbit
               ok_changed = true
               processed = processed + 1
             elseif kind == 2 then
-              fail(id .. ':' .. epoch .. ':' .. gen .. '\thandler timeout\t' .. now)
+              fail(fmt('%d', id) .. timeout_tail)
               errors = errors + 1
               timeouts = timeouts + 1
             else
-              fail(id .. ':' .. epoch .. ':' .. gen .. '\t' .. reason .. '\t' .. now)
+              local reason = 'handler error'
+              if kind == 3 then
+                taken = taken + 1
+                reason = reasons[taken] or reason
+              end
+              fail(fmt('%d', id) .. prefix .. reason .. '\t' .. now)
               errors = errors + 1
             end
           end
         end
       end
     end
-    if done_changed then redis.call('SETRANGE', KEYS[2], lo, text(done)) end
-    if ok_changed then redis.call('SETRANGE', KEYS[3], lo, text(ok)) end
+    if done_changed then redis.call('SETRANGE', KEYS[2], lo_s, text(done)) end
+    if ok_changed then redis.call('SETRANGE', KEYS[3], lo_s, text(ok)) end
     if open <= 0 then
       redis.call('HDEL', KEYS[7], ARGV[i])
     else
-      redis.call('HSET', KEYS[7], ARGV[i], open .. ':' .. n .. ':' .. epoch .. ':' .. gen .. ':' .. text(mask))
+      redis.call('HSET', KEYS[7], ARGV[i], fmt('%d:%s:%s:%s:', open, n_s, epoch, gen) .. text(mask))
     end
   end
 end
