@@ -125,6 +125,13 @@ pub struct Flags {
     /// them (0 = at once).
     #[arg(long, default_value_t = 50)]
     pub commit_window_ms: u64,
+    /// Passed to every app: outcomes per commit call, at most (cuts a commit window short).
+    #[arg(long, default_value_t = 4_000)]
+    pub commit_max: u64,
+    /// Passed to every app: messages per generate call (one queue entry, which becomes one batch
+    /// record when a handler fetches it whole).
+    #[arg(long, default_value_t = 1_000)]
+    pub gen_batch: u64,
     /// Passed to every app: ms between generated messages (0 = as fast as handlers take them).
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,

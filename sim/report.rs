@@ -125,6 +125,8 @@ pub struct Summary {
     pub max_in_flight: u64,
     pub batch: u64,
     pub commit_window_ms: u64,
+    pub commit_max: u64,
+    pub gen_batch: u64,
     pub queue_max: u64,
     pub interval_ms: u64,
     pub lease_ms: u64,
@@ -224,7 +226,7 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|c| c.map_or("running".into(), |c| c.to_string()))
         .collect();
     let halt_codes = halt_codes.join(", ");
-    let rows: [(&str, &dyn Display); 63] = [
+    let rows: [(&str, &dyn Display); 65] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -276,6 +278,8 @@ fn summary_markdown(s: &Summary) -> String {
         ("max_in_flight", &s.max_in_flight),
         ("batch", &s.batch),
         ("commit_window_ms", &s.commit_window_ms),
+        ("commit_max", &s.commit_max),
+        ("gen_batch", &s.gen_batch),
         ("queue_max", &s.queue_max),
         ("interval_ms", &s.interval_ms),
         ("lease_ms", &s.lease_ms),
@@ -426,7 +430,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(64));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(66));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

@@ -258,6 +258,8 @@ pub fn app_args(flags: &Flags, namespace: &str, seed: u64) -> Vec<String> {
         ("--max-in-flight", flags.max_in_flight.to_string()),
         ("--batch", flags.batch.to_string()),
         ("--commit-window-ms", flags.commit_window_ms.to_string()),
+        ("--commit-max", flags.commit_max.to_string()),
+        ("--gen-batch", flags.gen_batch.to_string()),
         ("--lease-ms", flags.lease_ms.to_string()),
         ("--heartbeat-ms", flags.heartbeat_ms.to_string()),
     ]

@@ -251,6 +251,8 @@ impl Run<'_> {
             max_in_flight: flags.max_in_flight,
             batch: flags.batch,
             commit_window_ms: flags.commit_window_ms,
+            commit_max: flags.commit_max,
+            gen_batch: flags.gen_batch,
             queue_max: flags.queue_max,
             interval_ms: flags.interval_ms,
             lease_ms: flags.lease_ms,

@@ -127,40 +127,52 @@ pub(super) async fn commit_loop(
     shared: &HandlerShared,
     holdings: &Mutex<Holdings>,
     commit_gate: &tokio::sync::Mutex<()>,
-    mut done_rx: mpsc::UnboundedReceiver<Done>,
+    mut done_rx: mpsc::UnboundedReceiver<Vec<Done>>,
 ) -> Result<(), Error> {
     let mut batch: Vec<Done> = Vec::with_capacity(config.commit_max);
+    // Outcomes received beyond `commit_max`: the first of the next commit.
+    let mut carry: Vec<Done> = Vec::new();
     let window = Duration::from_millis(config.commit_window_ms);
     let mut rate = OutcomeRate::default();
-    while let Some(first) = done_rx.recv().await {
+    loop {
+        if carry.is_empty() {
+            match done_rx.recv().await {
+                Some(chunk) => carry = chunk,
+                None => break,
+            }
+        }
         let opened = tokio::time::Instant::now();
-        batch.push(first);
+        let mut closed = false;
+        take_upto(&mut batch, &mut carry, config.commit_max);
         while batch.len() < config.commit_max {
             match done_rx.try_recv() {
-                Ok(d) => batch.push(d),
-                Err(_) => break,
+                Ok(chunk) => {
+                    carry = chunk;
+                    take_upto(&mut batch, &mut carry, config.commit_max);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             }
         }
         // Under load, gather for up to one window: a commit's cost in Redis is mostly per batch
         // group, so more outcomes per call means fewer groups per outcome.
-        if rate.per_s * window.as_secs_f64() >= super::WINDOW_MIN_OUTCOMES {
+        if !closed && rate.per_s * window.as_secs_f64() >= super::WINDOW_MIN_OUTCOMES {
             // One timer for the whole window, not one per outcome received.
             let closes = tokio::time::sleep_until(opened + window);
             tokio::pin!(closes);
-            'window: while batch.len() < config.commit_max {
+            while batch.len() < config.commit_max {
                 tokio::select! {
-                    d = done_rx.recv() => match d {
-                        Some(d) => batch.push(d),
+                    chunk = done_rx.recv() => match chunk {
+                        Some(chunk) => {
+                            carry = chunk;
+                            take_upto(&mut batch, &mut carry, config.commit_max);
+                        }
                         None => break,
                     },
                     _ = &mut closes => break,
-                }
-                while batch.len() < config.commit_max {
-                    match done_rx.try_recv() {
-                        Ok(d) => batch.push(d),
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => break 'window,
-                    }
                 }
             }
         }
@@ -202,6 +214,17 @@ pub(super) async fn commit_loop(
         batch.clear();
     }
     Ok(())
+}
+
+/// Moves outcomes from the front of `from` to `batch` until it holds `max` (the rest stay in
+/// `from`, in order).
+fn take_upto(batch: &mut Vec<Done>, from: &mut Vec<Done>, max: usize) {
+    let room = max.saturating_sub(batch.len());
+    if from.len() <= room {
+        batch.append(from);
+    } else {
+        batch.extend(from.drain(..room));
+    }
 }
 
 /// The recent rate of outcomes reaching the committer (an exponentially weighted average over

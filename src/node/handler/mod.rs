@@ -22,6 +22,7 @@
 pub mod commit;
 pub mod fetch;
 pub mod runner;
+mod waits;
 
 pub use commit::commit;
 pub use fetch::{fetch, fetch_limited, FetchLimits, Fetched};
