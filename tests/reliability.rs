@@ -470,6 +470,60 @@ async fn a_redis_restored_from_an_older_snapshot_halts_every_copy() {
     );
 }
 
+/// A rollback that puts back no counter (a snapshot taken while generation was held up by
+/// backpressure, then restored: `next_id` and the epoch are unchanged, only outcomes and queue
+/// moves are lost) is still caught: Redis counts every guarded call of each copy in
+/// `{ns}:writes`, and a copy whose successful calls outnumber that count is refused at its next
+/// call, before it writes anything. Seen in `sim --rollback-redis --seed 5`, where such a
+/// rollback let a successor generate again (the high-water marks alone cannot see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_went_back_on_a_copys_calls_refuses_it_even_when_no_counter_went_back() {
+    use leaderq::node::handler;
+    let fx = Fixture::new();
+    let mut con = fx.con().await;
+    let keys = &fx.keys;
+    let inc = leaderq::node::incarnation::Incarnation::join(&mut con, keys, false)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc)
+            .await
+            .expect("an intact Redis accepts the copy's calls");
+    }
+    let counts: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(keys.writes())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![3]);
+    // The restore: Redis remembers only the first of the three calls.
+    let copy = counts.keys().next().unwrap().clone();
+    redis::cmd("HSET")
+        .arg(keys.writes())
+        .arg(&copy)
+        .arg(1)
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    let refused = handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc).await;
+    match refused {
+        Err(leaderq::error::Error::RedisForgot(why)) => {
+            assert!(why.contains("went back from 3 to 1"), "{why}")
+        }
+        other => panic!("expected a FORGOTTEN refusal, got {other:?}"),
+    }
+    let counts_after: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(keys.writes())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        counts_after.get(&copy),
+        Some(&1),
+        "a refused call writes nothing"
+    );
+}
+
 /// Issue 9: Redis's own configuration is checked at start. An evicting maxmemory-policy is
 /// refused (exit 2, naming the setting) unless --allow-eviction; no persistence at all, and an
 /// AOF that Redis would load truncated, are named in a warning.

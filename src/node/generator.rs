@@ -71,11 +71,12 @@ pub async fn generate(
         .key(keys.wake())
         .key(keys.incarnation())
         .key(keys.errors())
+        .key(keys.writes())
         .arg(&lease.value)
         .arg(lease.epoch)
         .arg(batch_max)
         .arg(queue_max)
-        .arg(incarnation.token())
+        .arg(incarnation.guard())
         .arg(incarnation.max_next_id())
         .arg(crate::protocol::message::ID_MAX + 1);
     if let Some(data) = data {
@@ -89,6 +90,7 @@ pub async fn generate(
             Some("ERR") if e.to_string().contains("generate:") => Error::Corrupt(e.to_string()),
             _ => Error::from(e),
         })?;
+    incarnation.acknowledged();
     if status > 0 {
         incarnation.saw_next_id(first_id + count);
     }

@@ -28,6 +28,11 @@ pub struct Incarnation {
     max_epoch: Arc<AtomicU64>,
     /// Highest next id seen (lease polls, own generation): `next_id` must never be below it.
     max_next_id: Arc<AtomicU64>,
+    /// This copy's random id in `{ns}:writes`.
+    copy: Arc<str>,
+    /// How many of this copy's guarded script calls it saw succeed: Redis counts each of them in
+    /// `{ns}:writes`, so finding fewer there means Redis went back on a write it acknowledged.
+    acked: Arc<AtomicU64>,
 }
 
 impl Incarnation {
@@ -54,6 +59,14 @@ impl Incarnation {
             tracing::warn!(halt = %halted, "--accept-data-loss: clearing the halt; the group starts over from what Redis holds now");
             // Compare-and-delete, then create: two copies accepting at once agree on one token.
             crate::node::lease::release_lock(con, &key, &halted).await?;
+            // A write-count hash of the wrong type (damage is one way to halt) would refuse
+            // every call again; a valid one is kept (another copy accepting at the same time
+            // may already be counting in it).
+            let writes = keys.writes();
+            let kind: String = redis::cmd("TYPE").arg(&writes).query_async(con).await?;
+            if kind != "none" && kind != "hash" {
+                let () = redis::cmd("DEL").arg(&writes).query_async(con).await?;
+            }
             current = None;
         }
         let token = match current {
@@ -83,12 +96,31 @@ impl Incarnation {
             token: Arc::from(token),
             max_epoch: Arc::new(AtomicU64::new(number(epoch))),
             max_next_id: Arc::new(AtomicU64::new(number(next_id))),
+            copy: Arc::from(format!("{:016x}", rand::random::<u64>())),
+            acked: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// The token this copy joined.
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The argument every guarded script takes (prelude.lua, `forgotten`):
+    /// `"<token>/<copy>/<acked>"`. Taken when the call is built: any call that succeeds after
+    /// that only raises Redis's count further.
+    pub fn guard(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.token,
+            self.copy,
+            self.acked.load(Ordering::Relaxed)
+        )
+    }
+
+    /// One guarded call succeeded (its reply was not an error): Redis counted it.
+    pub fn acknowledged(&self) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Raises the epoch high-water mark.

@@ -48,14 +48,16 @@ pub async fn try_acquire(
             .key(keys.next_id())
             .key(keys.errors())
             .key(keys.stats())
+            .key(keys.writes())
             .arg(instance)
             .arg(lease_ms)
             .arg(client_id)
-            .arg(incarnation.token())
+            .arg(incarnation.guard())
             .arg(incarnation.max_epoch())
             .arg(incarnation.max_next_id())
             .invoke_async(con)
             .await?;
+        incarnation.acknowledged();
         incarnation.saw_epoch(epoch_now);
         incarnation.saw_next_id(next_id_now);
         if epoch > 0 {
@@ -108,11 +110,13 @@ pub async fn renew(
         .key(keys.incarnation())
         .key(keys.errors())
         .key(keys.stats())
+        .key(keys.writes())
         .arg(&lease.value)
         .arg(lease_ms)
-        .arg(incarnation.token())
+        .arg(incarnation.guard())
         .invoke_async(con)
         .await?;
+    incarnation.acknowledged();
     Ok(renewed == 1)
 }
 

@@ -187,13 +187,14 @@ pub async fn reclaim(
     for level in crate::protocol::SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
-    call.key(keys.incarnation());
+    call.key(keys.incarnation()).key(keys.writes());
     let (dead, moved, poisoned): (u64, u64, u64) = call
         .arg(keys.prefix())
         .arg(MAX_RECLAIMS)
-        .arg(incarnation.token())
+        .arg(incarnation.guard())
         .invoke_async(con)
         .await?;
+    incarnation.acknowledged();
     if poisoned > 0 {
         tracing::warn!(poisoned, "poison messages moved to the error store: every handler holding them died {MAX_RECLAIMS} times");
     }

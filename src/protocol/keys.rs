@@ -45,6 +45,14 @@ impl Keys {
     pub fn incarnation(&self) -> String {
         self.key("incarnation")
     }
+    /// Hash: a copy's random id -> how many of its guarded script calls passed the incarnation
+    /// check. A copy knows how many of its calls it saw succeed, so a Redis that went back in time
+    /// on any of them is caught at its next call (docs/PROTOCOL.md, invariant 9). One field per
+    /// copy started; never pruned while the namespace lives (a pruned field would read as a
+    /// rollback).
+    pub fn writes(&self) -> String {
+        self.key("writes")
+    }
     /// String `"<epoch>:<instance>"` with a TTL: who generates now.
     pub fn lease(&self) -> String {
         self.key("lease")

@@ -80,7 +80,8 @@ pub async fn commit(
         .key(keys.stats())
         .key(keys.incarnation())
         .key(keys.batches(&first.owner))
-        .arg(incarnation.token())
+        .key(keys.writes())
+        .arg(incarnation.guard())
         .arg(groups.len());
     for (batch_first, group) in &groups {
         call.arg(batch_first)
@@ -107,6 +108,7 @@ pub async fn commit(
         };
     }
     let reply: Vec<u64> = call.invoke_async(con).await?;
+    incarnation.acknowledged();
     let time_us = reply.first().copied().unwrap_or(0);
     let mut refused: Vec<usize> = reply
         .iter()

@@ -122,7 +122,9 @@ pub async fn fetch_limited(
     for level in SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
-    call.key(keys.incarnation()).key(keys.batches(handler));
+    call.key(keys.incarnation())
+        .key(keys.batches(handler))
+        .key(keys.writes());
     let reply: Vec<redis::Value> = call
         .arg(handler)
         .arg(limits.count)
@@ -131,9 +133,10 @@ pub async fn fetch_limited(
         .arg(limits.hold.level)
         .arg(limits.hold.count)
         .arg(limits.suspect_base)
-        .arg(incarnation.token())
+        .arg(incarnation.guard())
         .invoke_async(con)
         .await?;
+    incarnation.acknowledged();
     let mut items = reply.into_iter();
     let (time_us, lapsed, b) = match (items.next(), items.next(), items.next()) {
         (Some(redis::Value::Int(t)), Some(redis::Value::Int(l)), Some(redis::Value::Int(b))) => {

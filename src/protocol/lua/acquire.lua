@@ -7,10 +7,11 @@
 -- KEYS[5]: next id ({ns}:next_id), integer, absent = 0
 -- KEYS[6]: error store ({ns}:errors), for the entry naming a key set aside (wrong type)
 -- KEYS[7]: stats hash ({ns}:stats)
+-- KEYS[8]: write counts ({ns}:writes), hash copy -> guarded calls (prelude.lua, forgotten)
 -- ARGV[1]: instance id (unique per process)
 -- ARGV[2]: lease_ms, integer > 0
 -- ARGV[3]: the caller's Redis connection id (CLIENT ID), recorded for fast death detection
--- ARGV[4]: the incarnation token this copy joined
+-- ARGV[4]: the guard "<token>/<copy>/<acked>": the incarnation token this copy joined, its copy id and its count of guarded calls seen to succeed
 -- ARGV[5]: min_epoch, integer >= 0: the highest epoch this copy has seen
 -- ARGV[6]: min_next_id, integer >= 0: the highest next id this copy has seen
 -- Returns: {epoch, value, epoch_now, next_id_now}: epoch > 0 and value = "<epoch>:<instance>" when
@@ -36,7 +37,7 @@ end
 if not min_epoch or min_epoch < 0 or not min_next or min_next < 0 then
   return redis.error_reply('ERR acquire: bad high-water marks')
 end
-local gone = forgotten(KEYS[4], ARGV[4])
+local gone = forgotten(KEYS[4], ARGV[4], KEYS[8])
 if gone then return gone end
 local bad = damaged('acquire', KEYS[2]) or damaged('acquire', KEYS[5])
 if bad then return bad end

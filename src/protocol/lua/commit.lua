@@ -6,9 +6,10 @@
 -- KEYS[5]: stats hash ({ns}:stats)
 -- KEYS[6]: incarnation ({ns}:incarnation)
 -- KEYS[7]: this handler's batch records ({ns}:batches:<handler>), hash (see fetch.lua)
+-- KEYS[8]: write counts ({ns}:writes), hash copy -> guarded calls (prelude.lua, forgotten)
 -- A key it writes that has the wrong type is set aside first (an error entry names it), so no
 -- write can fail after the first ownership change: an outcome is never half-recorded.
--- ARGV[1]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
+-- ARGV[1]: the guard "<token>/<copy>/<acked>": the incarnation token this copy joined, its copy id and its count of guarded calls seen to succeed (FORGOTTEN error, nothing written, otherwise)
 -- ARGV[2]: g, integer >= 0: the number of batch groups that follow
 -- ARGV[3 .. 2+3g]: per batch group (first_id, tokens, reasons), outcomes of messages of the batch
 --   record first_id in KEYS[7]: tokens is a string of 3-byte big-endian numbers index*4 + kind
@@ -56,7 +57,7 @@ for i = singles, #ARGV, 3 do
     return redis.error_reply('ERR commit: bad kind ' .. kind)
   end
 end
-local gone = forgotten(KEYS[6], ARGV[1])
+local gone = forgotten(KEYS[6], ARGV[1], KEYS[8])
 if gone then return gone end
 local now, now_us = redis_now()
 guard('commit', now, KEYS[4], KEYS[5], {{KEYS[1], 'set'}, {KEYS[2], 'string'}, {KEYS[3], 'string'}, {KEYS[7], 'hash'}})

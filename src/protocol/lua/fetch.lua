@@ -13,6 +13,7 @@
 --           "<open>:<count>:<epoch>:<generated_us>:<mask>", mask = ceil(count/8) bytes, bit i
 --           (MSB first) set while message first_id+i is this handler's and has no outcome from it;
 --           open = the number of set bits. The per-message in-flight set holds everything else.
+-- KEYS[15]: write counts ({ns}:writes), hash copy -> guarded calls (prelude.lua, forgotten)
 -- ARGV[1]: handler id
 -- ARGV[2]: count, integer >= 1: messages to take in all
 -- ARGV[3]: heartbeat_ms, integer > 0 (a fetch is proof of life: it refreshes the heartbeat)
@@ -21,7 +22,7 @@
 -- ARGV[5]: held_level: the level (2..6) of the suspects the handler holds, 0 if none
 -- ARGV[6]: held_count: how many suspects it holds
 -- ARGV[7]: suspect_base, integer >= 1: the group size at level L is max(1, base / 10^(L-1))
--- ARGV[8]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
+-- ARGV[8]: the guard "<token>/<copy>/<acked>": the incarnation token this copy joined, its copy id and its count of guarded calls seen to succeed (FORGOTTEN error, nothing written, otherwise)
 -- Returns: {time_us, lapsed, b, batch_1 .. batch_b, payload, payload, ...}: the b batches taken
 --   from the queue as "<first_id>:<count>:<epoch>:<generated_us>" (now records in KEYS[14]), then
 --   the single payloads (now members of KEYS[2]); nothing after b when there is nothing to do;
@@ -48,7 +49,7 @@ if not count or count < 1 or not hb_ms or hb_ms <= 0 or not retry_max or retry_m
   or (held_level ~= 0 and (held_level < 2 or held_level > 6)) then
   return redis.error_reply('ERR fetch: bad arguments')
 end
-local gone = forgotten(KEYS[13], ARGV[8])
+local gone = forgotten(KEYS[13], ARGV[8], KEYS[15])
 if gone then return gone end
 local now, now_us = redis_now()
 guard('fetch', now, KEYS[5], KEYS[6], {

@@ -9,12 +9,13 @@
 -- KEYS[7]: wake-up channel ({ns}:wake): PUBLISHed the count after a batch, for idle handlers
 -- KEYS[8]: incarnation ({ns}:incarnation)
 -- KEYS[9]: error store ({ns}:errors), for entries naming keys of the wrong type set aside
+-- KEYS[10]: write counts ({ns}:writes), hash copy -> guarded calls (prelude.lua, forgotten)
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: our epoch (integer)
 -- ARGV[3]: batch_max, integer >= 1: at most this many messages
 -- ARGV[4]: queue_max, integer >= 1: generate only while the queue holds fewer messages (its
 --          ids are contiguous, so that is next_id minus the head entry's first id)
--- ARGV[5]: the incarnation token this copy joined
+-- ARGV[5]: the guard "<token>/<copy>/<acked>": the incarnation token this copy joined, its copy id and its count of guarded calls seen to succeed
 -- ARGV[6]: min_next_id, integer >= 0: the highest next id this copy has seen. A lower next_id
 --          means Redis went back in time (restored from an older copy): FORGOTTEN, nothing written.
 -- ARGV[7]: id_limit, integer >= 1: ids are 0 .. id_limit-1 (the outcome bitmaps' size); never
@@ -51,7 +52,7 @@ end
 if ARGV[8] and ARGV[8] ~= '' and (not string.match(ARGV[8], '^%d+$') or #ARGV < 9) then
   return redis.error_reply('ERR generate: data must follow the id it begins at')
 end
-local gone = forgotten(KEYS[8], ARGV[5])
+local gone = forgotten(KEYS[8], ARGV[5], KEYS[10])
 if gone then return gone end
 local bad = damaged('generate', KEYS[2]) or damaged('generate', KEYS[3])
 if bad then return bad end

@@ -9,26 +9,48 @@ local function redis_now()
   return s, tonumber(s)
 end
 
--- nil when the namespace's incarnation key (KEYS entry `key`) still holds `token`, the one the
--- caller joined; otherwise the FORGOTTEN error reply the script must return before writing
--- anything: Redis lost data (wiped, flushed, restarted empty, restored from an older copy) or a
--- copy halted the namespace after it saw that happen (docs/PROTOCOL.md, invariant 9).
-local function forgotten(key, token)
+-- nil when the namespace's incarnation key (KEYS entry `key`) still holds the token the caller
+-- joined and Redis has not gone back on this copy's writes; otherwise the FORGOTTEN error reply
+-- the script must return before writing anything: Redis lost data (wiped, flushed, restarted
+-- empty, restored from an older copy, failed over to a lagging replica) or a copy halted the
+-- namespace after it saw that happen (docs/PROTOCOL.md, invariant 9).
+-- `guard` is "<token>/<copy>/<acked>": the token, a random id of the calling copy, and how many of
+-- its guarded calls it has seen succeed. `writes` (KEYS entry, {ns}:writes) is a hash of copy id
+-- -> guarded calls that passed this check; a passing call adds one, so it can never be found at
+-- or below what the copy already saw succeed unless Redis went back in time.
+local function forgotten(key, guard, writes)
+  local token, copy, acked = string.match(guard or '', '^([^/]*)/([%w.-]+)/(%d+)$')
+  if not token then
+    return redis.error_reply('ERR the guard argument must be "<token>/<copy>/<acked>", not "' .. tostring(guard) .. '"')
+  end
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'none' and kind ~= 'string' then
     return redis.error_reply('FORGOTTEN ' .. key .. ' has type ' .. kind .. ' (damaged)')
   end
   local v = redis.call('GET', key)
-  if v == token then
-    return nil
+  if v ~= token then
+    if v and string.sub(v, 1, 7) == 'halted:' then
+      return redis.error_reply('FORGOTTEN the namespace was halted by a copy that ' .. string.sub(v, 8))
+    end
+    if v then
+      return redis.error_reply('FORGOTTEN ' .. key .. ' holds "' .. v .. '", not this copy\'s "' .. token .. '"')
+    end
+    return redis.error_reply('FORGOTTEN ' .. key .. ' is gone (this copy joined "' .. token .. '")')
   end
-  if v and string.sub(v, 1, 7) == 'halted:' then
-    return redis.error_reply('FORGOTTEN the namespace was halted by a copy that ' .. string.sub(v, 8))
+  kind = redis.call('TYPE', writes)['ok']
+  if kind ~= 'none' and kind ~= 'hash' then
+    return redis.error_reply('FORGOTTEN ' .. writes .. ' has type ' .. kind .. ' (damaged)')
   end
-  if v then
-    return redis.error_reply('FORGOTTEN ' .. key .. ' holds "' .. v .. '", not this copy\'s "' .. tostring(token) .. '"')
+  local made = redis.call('HGET', writes, copy) or '0'
+  if not string.match(made, '^%d+$') then
+    return redis.error_reply('FORGOTTEN ' .. writes .. ' holds "' .. string.sub(made, 1, 40) .. '" for copy ' .. copy .. ' (damaged)')
   end
-  return redis.error_reply('FORGOTTEN ' .. key .. ' is gone (this copy joined "' .. tostring(token) .. '")')
+  if tonumber(made) < tonumber(acked) then
+    return redis.error_reply('FORGOTTEN ' .. writes .. ' went back from ' .. acked .. ' to ' .. made
+      .. ' for copy ' .. copy .. ' (its guarded calls seen to succeed)')
+  end
+  redis.call('HSET', writes, copy, string.format('%d', tonumber(made) + 1))
+  return nil
 end
 
 -- Moves `key` (found with type `kind`) aside to <key>:quarantine:<time_us> and records why in the

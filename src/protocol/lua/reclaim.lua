@@ -7,12 +7,13 @@
 -- KEYS[5]: stats hash ({ns}:stats)
 -- KEYS[6..10]: suspect lists ({ns}:suspects:2 .. {ns}:suspects:6)
 -- KEYS[11]: incarnation ({ns}:incarnation)
+-- KEYS[12]: write counts ({ns}:writes), hash copy -> guarded calls (prelude.lua, forgotten)
 -- ARGV[1]: key prefix "{ns}:" — per-handler keys are derived here as <prefix>hb:<handler>,
 --          <prefix>inflight:<handler> and <prefix>batches:<handler> (see fetch.lua). They are not declared in KEYS
 --          because the set of handlers is only known inside the script; all share the {ns} hash
 --          tag, so they live in the same cluster slot as KEYS[1].
 -- ARGV[2]: max_reclaims, integer 3..7: a message reclaimed this many times is poison
--- ARGV[3]: the incarnation token this copy joined (FORGOTTEN error, nothing written, otherwise)
+-- ARGV[3]: the guard "<token>/<copy>/<acked>": the incarnation token this copy joined, its copy id and its count of guarded calls seen to succeed (FORGOTTEN error, nothing written, otherwise)
 -- Returns: {handlers_reclaimed, messages_given_back, messages_poisoned}
 --
 -- A handler is dead when its heartbeat key has expired (SIGKILL runs no cleanup; the TTL is the
@@ -39,7 +40,7 @@ local max_reclaims = tonumber(ARGV[2])
 if not prefix or prefix == '' or not max_reclaims or max_reclaims < 3 or max_reclaims > 7 then
   return redis.error_reply('ERR reclaim: bad arguments')
 end
-local gone = forgotten(KEYS[11], ARGV[3])
+local gone = forgotten(KEYS[11], ARGV[3], KEYS[12])
 if gone then return gone end
 local now = redis_now()
 guard('reclaim', now, KEYS[4], KEYS[5], {
