@@ -113,24 +113,24 @@ pub struct Flags {
     #[arg(long, default_value_t = 30_000)]
     pub handler_timeout_ms: u64,
     /// Passed to every app: messages a handler holds at once.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 150_000)]
     pub max_in_flight: u64,
     /// Passed to every app: messages per fetch.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 8000)]
     pub batch: u64,
     /// Passed to every app: backpressure, the generator waits while this many are queued.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 8_000)]
     pub queue_max: u64,
     /// Passed to every app: under load, how long a handler gathers outcomes before committing
     /// them (0 = at once).
     #[arg(long, default_value_t = 50)]
     pub commit_window_ms: u64,
     /// Passed to every app: outcomes per commit call, at most (cuts a commit window short).
-    #[arg(long, default_value_t = 4_000)]
+    #[arg(long, default_value_t = 8_000)]
     pub commit_max: u64,
     /// Passed to every app: messages per generate call (one queue entry, which becomes one batch
     /// record when a handler fetches it whole).
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 8_000)]
     pub gen_batch: u64,
     /// Passed to every app: ms between generated messages (0 = as fast as handlers take them).
     #[arg(long, default_value_t = 0)]
@@ -169,7 +169,7 @@ pub struct Flags {
 /// A preset of `sim` settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Profile {
-    /// The flags' own defaults: the headline configuration (1M messages, batch 1000, 50k in flight).
+    /// The flags' own defaults: the headline configuration (1M messages, batches of 8000, 150k in flight per handler).
     Default,
     /// Small batches and few messages in flight, so fault windows are hit often (for soaks).
     Small,
@@ -185,10 +185,18 @@ impl Flags {
     }
 
     fn apply_profile(&mut self, matches: &ArgMatches) {
-        if self.profile != Profile::Small {
-            return;
-        }
         let defaulted = |id: &str| matches.value_source(id) == Some(ValueSource::DefaultValue);
+        if self.profile == Profile::Small {
+            self.apply_small(&defaulted);
+        }
+        // A batch left at its default never exceeds what a handler may hold (the app refuses an
+        // explicit --batch above --max-in-flight).
+        if defaulted("batch") {
+            self.batch = self.batch.min(self.max_in_flight);
+        }
+    }
+
+    fn apply_small(&mut self, defaulted: &dyn Fn(&str) -> bool) {
         for (id, field, value) in [
             ("messages", &mut self.messages, 200_000),
             ("batch", &mut self.batch, 100),

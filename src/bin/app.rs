@@ -158,27 +158,31 @@ struct RunFlags {
     /// Handler heartbeat TTL. A SIGKILLed handler's messages are reclaimed within about this long.
     #[arg(long, default_value_t = 750)]
     heartbeat_ms: u64,
-    /// Messages per fetch (one script call each).
-    #[arg(long, default_value_t = 1000)]
-    batch: u64,
-    /// Messages a handler holds at once (fetched, not yet committed). With the task's 0-999 ms
-    /// handler a handler completes about this many per 0.5 s (see reports/PERFORMANCE.md).
-    #[arg(long, default_value_t = 50_000)]
+    /// Messages per fetch (one script call each; a handler fetches once it has room for this
+    /// many, and takes what is queued, up to this many). Default 8000, or --max-in-flight when
+    /// that is smaller.
+    #[arg(long)]
+    batch: Option<u64>,
+    /// Messages a handler holds at once (fetched, not yet committed; about 150 bytes of memory
+    /// each). With the task's 0-999 ms handler a handler completes about this many per 0.5 s
+    /// (see reports/PERFORMANCE.md).
+    #[arg(long, default_value_t = 150_000)]
     max_in_flight: usize,
     /// Outcomes per commit (one script call each), at most.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 8000)]
     commit_max: usize,
     /// Under load, how long a handler gathers outcomes before committing them, so each commit
     /// carries many outcomes per batch (Redis's cost is per batch per commit). Light traffic
     /// (fewer than 64 outcomes expected in the window) is committed at once. 0 = always at once.
     #[arg(long, default_value_t = 50)]
     commit_window_ms: u64,
-    /// Messages per generate call when --interval-ms is 0.
-    #[arg(long, default_value_t = 1000)]
+    /// Messages per generate call when --interval-ms is 0: one queue entry, which a handler that
+    /// takes it whole holds as one batch record (Redis's costs are per batch).
+    #[arg(long, default_value_t = 8000)]
     gen_batch: u64,
     /// Backpressure: the generator waits while this many messages are queued (bounds Redis
     /// memory and the time a message waits before a handler takes it).
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 8_000)]
     queue_max: u64,
     /// Unique id of this copy (default: host-pid-random).
     #[arg(long)]
@@ -329,7 +333,9 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
         },
         handler: HandlerConfig {
             instance_id,
-            batch: f.batch,
+            batch: f
+                .batch
+                .unwrap_or(leaderq::node::builder::DEFAULT_BATCH.min(f.max_in_flight as u64)),
             max_in_flight: f.max_in_flight,
             commit_max: f.commit_max,
             commit_window_ms: f.commit_window_ms,

@@ -24,6 +24,10 @@ pub struct Node<H = TaskHandler, S = Counter> {
     source: Arc<S>,
 }
 
+/// Messages per fetch unless set: one fetch takes one generated batch of the default
+/// `--gen-batch` whole (Redis's costs are per batch; reports/PERFORMANCE.md).
+pub const DEFAULT_BATCH: u64 = 8000;
+
 impl Node {
     /// A builder for a copy that joins the Redis at `redis_url` (`redis://` or `rediss://`),
     /// with the task's handler and counter and the `app` defaults; change what you need.
@@ -34,15 +38,15 @@ impl Node {
             instance_id: None,
             generator: GeneratorConfig {
                 interval_ms: 500,
-                batch_max: 1000,
-                queue_max: 5000,
+                batch_max: 8000,
+                queue_max: 8000,
                 lease_ms: 600,
             },
             handler_config: HandlerConfig {
                 instance_id: String::new(),
-                batch: 1000,
-                max_in_flight: 50_000,
-                commit_max: 4000,
+                batch: DEFAULT_BATCH,
+                max_in_flight: 150_000,
+                commit_max: 8000,
                 commit_window_ms: 50,
                 heartbeat_ms: 750,
                 redis_down_max_ms: 30_000,
@@ -53,6 +57,7 @@ impl Node {
             drain_timeout_ms: 35_000,
             handler: TaskHandler::default(),
             source: Counter,
+            batch_set: false,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct NodeBuilder<H = TaskHandler, S = Counter> {
     drain_timeout_ms: u64,
     handler: H,
     source: S,
+    /// Whether [`NodeBuilder::batch`] was called (otherwise the batch fits `max_in_flight`).
+    batch_set: bool,
 }
 
 impl<H: Handler, S: Source> NodeBuilder<H, S> {
@@ -105,6 +112,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             instance_id: self.instance_id,
             generator: self.generator,
             handler_config: self.handler_config,
+            batch_set: self.batch_set,
             max_messages: self.max_messages,
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
@@ -121,6 +129,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             instance_id: self.instance_id,
             generator: self.generator,
             handler_config: self.handler_config,
+            batch_set: self.batch_set,
             max_messages: self.max_messages,
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
@@ -153,20 +162,21 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
         self
     }
 
-    /// Backpressure: generate only while the queue holds fewer messages (default 5000).
+    /// Backpressure: generate only while the queue holds fewer messages (default 8000).
     pub fn queue_max(mut self, messages: u64) -> Self {
         self.generator.queue_max = messages;
         self
     }
 
-    /// Messages per fetch (default 1000).
+    /// Messages per fetch (default [`DEFAULT_BATCH`], or `max_in_flight` when that is smaller).
     pub fn batch(mut self, messages: u64) -> Self {
         self.handler_config.batch = messages;
+        self.batch_set = true;
         self
     }
 
     /// Messages fetched and not yet committed, at most: how many handler calls run at once
-    /// (default 50000).
+    /// (default 150000).
     pub fn max_in_flight(mut self, messages: usize) -> Self {
         self.handler_config.max_in_flight = messages;
         self
@@ -205,7 +215,11 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
     }
 
     /// Checks every setting and makes the [`Node`].
-    pub fn build(self) -> Result<Node<H, S>, Error> {
+    pub fn build(mut self) -> Result<Node<H, S>, Error> {
+        if !self.batch_set {
+            let held = self.handler_config.max_in_flight as u64;
+            self.handler_config.batch = self.handler_config.batch.min(held);
+        }
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         let config = Config {
             redis: RedisTarget::new(&self.redis_url)?,
