@@ -1,19 +1,25 @@
 //! Planned handlings waiting out their time ([`crate::work::Handler::planned`]): one bucket per
-//! millisecond of due time, in a `BTreeMap`.
+//! [`BUCKET_US`] of due time, in a `BTreeMap`.
 //!
 //! Why not a timer per message, or `tokio_util`'s `DelayQueue`: with the task's handler a copy
 //! holds 50k–150k waits at once, and the `DelayQueue`'s slab and wheel links cost about a quarter
 //! of the copies' CPU in the 1M run (perf, 2026-11-29). Here an insert is one map lookup among at
-//! most `timeout_ms` keys and a push onto a vector, the runner sleeps on one timer for the
-//! earliest bucket, and everything due is taken at once, in one vector for the committer.
+//! most `timeout / BUCKET_US` keys and a push onto a vector, the runner sleeps on one timer for
+//! the earliest bucket, and everything due is taken at once, in one vector for the committer.
 //!
-//! Due times are rounded *up* to the millisecond, so a wait never ends early (a planned handling
-//! of `wait` is over at `start + wait` or up to 1 ms after, plus the scheduler's lateness).
+//! Due times are rounded *up* to the bucket, so a wait never ends early (a planned handling of
+//! `wait` is over at `start + wait` or up to one bucket after, plus the timer's own lateness:
+//! tokio's timer fires on millisecond ticks).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 use tokio::time::Instant;
 
-/// Items waiting until their due millisecond (counted from `origin`).
+/// The width of a bucket: small beside tokio's 1 ms timer tick, so light traffic is not delayed
+/// by the bucketing; under load a copy's ~1 s of waits spread over ~10,000 buckets.
+pub(super) const BUCKET_US: u64 = 100;
+
+/// Items waiting until their due bucket (counted from `origin`).
 #[derive(Debug)]
 pub(super) struct Waits<T> {
     origin: Instant,
@@ -42,11 +48,11 @@ impl<T> Waits<T> {
         self.len == 0
     }
 
-    /// `item` is due at `due` (or within the millisecond after it).
+    /// `item` is due at `due` (or within the bucket after it).
     pub(super) fn insert(&mut self, due: Instant, item: T) {
         let us = due.saturating_duration_since(self.origin).as_micros() as u64;
         self.buckets
-            .entry(us.div_ceil(1000))
+            .entry(us.div_ceil(BUCKET_US))
             .or_default()
             .push(item);
         self.len += 1;
@@ -54,15 +60,15 @@ impl<T> Waits<T> {
 
     /// When the earliest bucket is due, if any item waits.
     pub(super) fn next_due(&self) -> Option<Instant> {
-        let (&ms, _) = self.buckets.first_key_value()?;
-        Some(self.origin + std::time::Duration::from_millis(ms))
+        let (&bucket, _) = self.buckets.first_key_value()?;
+        Some(self.origin + Duration::from_micros(bucket * BUCKET_US))
     }
 
     /// Moves every item due at `now` or before into `out` (earliest bucket first).
     pub(super) fn take_due(&mut self, now: Instant, out: &mut Vec<T>) {
-        let now_ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+        let now_bucket = now.saturating_duration_since(self.origin).as_micros() as u64 / BUCKET_US;
         while let Some(entry) = self.buckets.first_entry() {
-            if *entry.key() > now_ms {
+            if *entry.key() > now_bucket {
                 break;
             }
             let items = entry.remove();
@@ -75,7 +81,6 @@ impl<T> Waits<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn nothing_is_taken_before_its_due_time_and_everything_due_is_taken_in_due_order() {
@@ -93,7 +98,7 @@ mod tests {
         }
         assert_eq!(waits.len(), 5);
         let mut out = Vec::new();
-        // 1.2 ms rounds up to ms 2: not due at ms 1.
+        // Not due at 1 ms (due at 1.2 ms).
         waits.take_due(t0 + Duration::from_micros(1_000), &mut out);
         assert!(out.is_empty(), "taken early: {out:?}");
         waits.take_due(t0 + Duration::from_micros(6_000), &mut out);
