@@ -119,6 +119,7 @@ for i = 3, singles - 1, 3 do
     open, n = tonumber(open), tonumber(n)
     local prefix = ':' .. epoch .. ':' .. gen .. '\t'
     local timeout_tail = prefix .. 'handler timeout\t' .. now
+    local error_tail = prefix .. 'handler error\t' .. now
     local mask = bytes(string.sub(record, at), math.ceil(n / 8))
     local lo, hi = math.floor(first / 8), math.floor((first + n - 1) / 8)
     local lo_s, hi_s = fmt('%d', lo), fmt('%d', hi)
@@ -128,16 +129,14 @@ for i = 3, singles - 1, 3 do
     for from = 1, #tokens, 3999 do
       local tb = {string.byte(tokens, from, math.min(from + 3998, #tokens))}
       for j = 1, #tb, 3 do
-        item = item + 1
         local t = tb[j] * 65536 + tb[j + 1] * 256 + tb[j + 2]
         local kind = t % 4
         local index = (t - kind) / 4
-        runs = runs + 1
         local m = (index - index % 8) / 8 + 1
         local mbit = POW[index % 8]
         local mb = mask[m]
         if index >= n or mb % (mbit + mbit) < mbit then
-          result[#result + 1] = item
+          result[#result + 1] = item + (from + j + 1) / 3
           if kind == 3 then taken = taken + 1 end
         else
           mask[m] = mb - mbit
@@ -161,18 +160,20 @@ for i = 3, singles - 1, 3 do
               errors = errors + 1
               timeouts = timeouts + 1
             else
-              local reason = 'handler error'
               if kind == 3 then
                 taken = taken + 1
-                reason = reasons[taken] or reason
+                fail(fmt('%d', id) .. prefix .. (reasons[taken] or 'handler error') .. '\t' .. now)
+              else
+                fail(fmt('%d', id) .. error_tail)
               end
-              fail(fmt('%d', id) .. prefix .. reason .. '\t' .. now)
               errors = errors + 1
             end
           end
         end
       end
     end
+    item = item + #tokens / 3
+    runs = runs + #tokens / 3
     if done_changed then redis.call('SETRANGE', KEYS[2], lo_s, text(done)) end
     if ok_changed then redis.call('SETRANGE', KEYS[3], lo_s, text(ok)) end
     if open <= 0 then
