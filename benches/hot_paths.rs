@@ -9,6 +9,10 @@
 //! - `commit/<batch>_msgs`: one commit.lua call recording `batch` outcomes (15% errors, as the
 //!   task's `eventHandler` fails). Only the commit is timed; the fetch that fills the in-flight set
 //!   and building the items are not. The handler's output cost per message.
+//! - `commit_spread/<records>x<per>_of_8000`: one commit.lua call as a handler makes it under
+//!   the task's handler at the defaults: outcomes of `per` random indexes in each of `records`
+//!   batch records of 8,000 (the outcomes of a batch arrive over a second, so each commit window
+//!   carries a slice of many batches). Redis's cost per commit is per record and per outcome.
 //! - `pipeline/<n>_msgs`: one lease holder generating N messages (batches of 1,000) while one
 //!   handler fetches batches of 1,000 and commits each at once (handler delay 0), on a fresh
 //!   database, timed until all N outcomes are recorded. The whole system's Redis + client cost per
@@ -101,13 +105,25 @@ async fn del(con: &mut Conn, key: &str) {
 
 /// Appends `n` messages to the queue (untimed setup for fetch and commit).
 async fn refill(con: &mut Conn, keys: &Keys, lease: &Lease, inc: &Incarnation, n: u64) {
+    refill_in(con, keys, lease, inc, n, REFILL_BATCH).await
+}
+
+/// Appends `n` messages to the queue in generated batches (queue entries) of `batch`.
+async fn refill_in(
+    con: &mut Conn,
+    keys: &Keys,
+    lease: &Lease,
+    inc: &Incarnation,
+    n: u64,
+    batch: u64,
+) {
     let mut left = n;
     while left > 0 {
         match generator::generate(
             con,
             keys,
             lease,
-            left.min(REFILL_BATCH),
+            left.min(batch),
             QUEUE_UNBOUNDED,
             inc,
             None,
@@ -201,7 +217,7 @@ fn bench_fetch(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     let handler_id = "bench-fetch";
-    for count in [1u64, 10, 100, 1_000] {
+    for count in [1u64, 10, 100, 1_000, 8_000] {
         group.throughput(Throughput::Elements(count));
         group.bench_function(format!("{count}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
@@ -256,7 +272,7 @@ fn bench_commit(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     let owner: Arc<str> = Arc::from("bench-commit");
-    for batch in [1u64, 10, 100, 1_000] {
+    for batch in [1u64, 10, 100, 1_000, 8_000] {
         group.throughput(Throughput::Elements(batch));
         group.bench_function(format!("{batch}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
@@ -436,11 +452,91 @@ fn bench_pipeline(c: &mut Criterion) {
     drop(redis);
 }
 
+/// Records of the default batch size, and how a commit at the defaults spreads over them.
+const SPREAD_RECORD: u64 = 8_000;
+
+/// Commit as the default 1M run makes it: `per` outcomes from each of `records` records of
+/// 8,000, at random indexes, so each record is committed in `8000 / per` slices. The fetches that
+/// make the records and building the items are untimed.
+fn bench_commit_spread(c: &mut Criterion) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let b = Bench::start();
+    let mut group = c.benchmark_group("commit_spread");
+    group
+        .sample_size(15)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let owner: Arc<str> = Arc::from("bench-spread");
+    for (records, per) in [(40u64, 200u64), (20, 400)] {
+        group.throughput(Throughput::Elements(records * per));
+        group.bench_function(format!("{records}x{per}_of_8000"), |bencher| {
+            bencher.to_async(&b.rt).iter_custom(|iters| {
+                let (mut con, keys, lease, inc) = (
+                    b.con.clone(),
+                    b.keys.clone(),
+                    b.lease.clone(),
+                    b.inc.clone(),
+                );
+                let owner = owner.clone();
+                async move {
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(SEED);
+                    // Each round: `per` items of every record; a new set of records when spent.
+                    let mut rounds: Vec<Vec<Done>> = Vec::new();
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        if rounds.is_empty() {
+                            for key in [keys.queue(), keys.inflight(&owner), keys.batches(&owner)] {
+                                del(&mut con, &key).await;
+                            }
+                            del(&mut con, &keys.errors()).await;
+                            let n = records * SPREAD_RECORD;
+                            refill_in(&mut con, &keys, &lease, &inc, n, SPREAD_RECORD).await;
+                            let slices = (SPREAD_RECORD / per) as usize;
+                            rounds = (0..slices).map(|_| Vec::new()).collect();
+                            for _ in 0..records {
+                                let fetched = handler::fetch(
+                                    &mut con,
+                                    &keys,
+                                    &owner,
+                                    SPREAD_RECORD,
+                                    HEARTBEAT_MS,
+                                    &inc,
+                                )
+                                .await
+                                .expect("fetch");
+                                assert_eq!(fetched.len() as u64, SPREAD_RECORD);
+                                let mut items = done_items(&owner, fetched);
+                                items.shuffle(&mut rng);
+                                for (round, chunk) in
+                                    rounds.iter_mut().zip(items.chunks(per as usize))
+                                {
+                                    round.extend_from_slice(chunk);
+                                }
+                            }
+                        }
+                        let items = rounds.pop().expect("a round");
+                        let start = Instant::now();
+                        let (_, refused) = handler::commit(&mut con, &keys, &items, &inc)
+                            .await
+                            .expect("commit");
+                        timed += start.elapsed();
+                        assert!(refused.is_empty(), "commit refused {refused:?}");
+                    }
+                    timed
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     bench_generate,
     bench_fetch,
     bench_commit,
+    bench_commit_spread,
     bench_pipeline
 );
 criterion_main!(benches);

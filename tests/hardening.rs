@@ -502,11 +502,8 @@ fn connection_problems_are_named() {
 async fn generation_stops_cleanly_at_the_end_of_the_id_space() {
     use leaderq::node::generator::{self, Generated};
     let fx = Fixture::new();
-    let mut con = fx.con().await;
+    let (mut con, inc) = fx.joined().await;
     let keys = &fx.keys;
-    let inc = leaderq::node::incarnation::Incarnation::join(&mut con, keys, false)
-        .await
-        .unwrap();
     let lease = leaderq::node::lease::try_acquire(&mut con, keys, "g", 60_000, &inc)
         .await
         .unwrap()

@@ -480,11 +480,8 @@ async fn a_redis_restored_from_an_older_snapshot_halts_every_copy() {
 async fn a_redis_that_went_back_on_a_copys_calls_refuses_it_even_when_no_counter_went_back() {
     use leaderq::node::handler;
     let fx = Fixture::new();
-    let mut con = fx.con().await;
+    let (mut con, inc) = fx.joined().await;
     let keys = &fx.keys;
-    let inc = leaderq::node::incarnation::Incarnation::join(&mut con, keys, false)
-        .await
-        .unwrap();
     for _ in 0..3 {
         handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc)
             .await
@@ -522,6 +519,44 @@ async fn a_redis_that_went_back_on_a_copys_calls_refuses_it_even_when_no_counter
         Some(&1),
         "a refused call writes nothing"
     );
+}
+
+/// A write-count hash of the wrong type is damage, not a rollback to repair silently: every
+/// guarded call is refused naming it, and `--accept-data-loss` (which clears a halt) removes it so
+/// the group can start over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_write_count_halts_and_accept_data_loss_clears_it() {
+    use leaderq::node::{handler, incarnation};
+    let fx = Fixture::new();
+    let (mut con, inc) = fx.joined().await;
+    let keys = &fx.keys;
+    redis::cmd("SET")
+        .arg(keys.writes())
+        .arg("garbage")
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    match handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc).await {
+        Err(leaderq::error::Error::RedisForgot(why)) => {
+            assert!(why.contains("writes has type string (damaged)"), "{why}")
+        }
+        other => panic!("expected a FORGOTTEN refusal, got {other:?}"),
+    }
+    incarnation::halt(&mut con, keys, "saw damage")
+        .await
+        .unwrap();
+    let fresh = incarnation::Incarnation::join(&mut con, keys, true)
+        .await
+        .expect("--accept-data-loss joins a halted namespace");
+    handler::fetch(&mut con, keys, "h.0", 10, 60_000, &fresh)
+        .await
+        .expect("a guarded call works again after --accept-data-loss");
+    let kind: String = redis::cmd("TYPE")
+        .arg(keys.writes())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
 }
 
 /// Issue 9: Redis's own configuration is checked at start. An evicting maxmemory-policy is

@@ -89,6 +89,16 @@ impl Fixture {
         conn::connect(&self.url(), 5000).await.expect("connect")
     }
 
+    /// A connection, and the namespace joined on it as a copy would (for tests that call the
+    /// library's script wrappers directly).
+    pub async fn joined(&self) -> (conn::Conn, leaderq::node::incarnation::Incarnation) {
+        let mut con = self.con().await;
+        let inc = leaderq::node::incarnation::Incarnation::join(&mut con, &self.keys, false)
+            .await
+            .expect("join");
+        (con, inc)
+    }
+
     /// Common flags plus `extra`.
     pub fn args(&self, extra: &[&str]) -> Vec<String> {
         let mut a: Vec<String> = ["--redis-url", &self.url(), "--namespace", NS]
