@@ -91,9 +91,11 @@ pub struct Flags {
     /// own Redis.
     #[arg(long)]
     pub wipe_redis: bool,
-    /// Restart Redis once from an RDB snapshot taken halfway to a seeded point: Redis goes back
-    /// in time with the namespace's token intact. Judged like --wipe-redis. Needs the sim's own
-    /// Redis; not with --restart-redis.
+    /// Restart Redis once from an RDB snapshot taken before a seeded point (far back, or one
+    /// batch back): Redis goes back in time with the namespace's token intact. For half the
+    /// seeds the rollback is quiet: the generator is stopped before the snapshot and the restore
+    /// follows 20 outcomes later, so no counter goes back and only the copies' write counts can
+    /// tell. Judged like --wipe-redis. Needs the sim's own Redis; not with --restart-redis.
     #[arg(long)]
     pub rollback_redis: bool,
     /// Run the real `app getErrors` this many times during the run, at seeded points while

@@ -16,6 +16,12 @@ use std::time::{Duration, Instant};
 
 /// How long a generator fault may wait for the generator to finish its leftover handler work.
 const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
+/// A quiet rollback stops the generator this long (half the default lease, so no successor
+/// takes over) and rolls back within [`QUIET_ROLLBACK_AFTER`] outcomes of the snapshot.
+const QUIET_ROLLBACK_PAUSE: Duration = Duration::from_millis(300);
+/// Outcomes between a quiet rollback's snapshot and the rollback: handlers' commits the restore
+/// takes back, while no counter moves.
+const QUIET_ROLLBACK_AFTER: u64 = 20;
 
 impl Run<'_> {
     /// Every due getErrors drain starts now (they disturb nothing); of the other faults, at most
@@ -75,7 +81,7 @@ impl Run<'_> {
             FaultKind::KillWorker => self.kill_worker(done).await?,
             FaultKind::DropConnections => Some(self.drop_connections(done).await?),
             FaultKind::DrainErrors => unreachable!("drains start above"),
-            FaultKind::SnapshotRedis => Some(self.snapshot_redis(done).await?),
+            FaultKind::SnapshotRedis => Some(self.snapshot_redis(i, now, done).await?),
             FaultKind::RollbackRedis | FaultKind::WipeRedis => {
                 Some(self.lose_redis_data(kind, done).await?)
             }
@@ -208,7 +214,30 @@ impl Run<'_> {
     }
 
     /// Keeps an RDB snapshot for a later rollback.
-    async fn snapshot_redis(&mut self, done: u64) -> anyhow::Result<String> {
+    async fn snapshot_redis(
+        &mut self,
+        i: usize,
+        now: Instant,
+        done: u64,
+    ) -> anyhow::Result<String> {
+        let mut quiet = String::new();
+        if self.faults[i].quiet {
+            let found = current_generator(&mut self.con, &self.keys, &self.world.apps).await?;
+            if let Some((_, idx)) = found {
+                self.world.pause(idx, now + QUIET_ROLLBACK_PAUSE)?;
+                // Let what it already sent reach Redis before the snapshot.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let name = &self.world.apps[idx].instance_id;
+                quiet = format!(" (quiet: generator {name} stopped first)");
+            }
+            if let Some(rollback) = self
+                .faults
+                .iter_mut()
+                .find(|f| f.kind == FaultKind::RollbackRedis && !f.done)
+            {
+                rollback.at = rollback.at.min(done + QUIET_ROLLBACK_AFTER);
+            }
+        }
         let server = self
             .world
             .server
@@ -220,7 +249,7 @@ impl Run<'_> {
             server.dir().join("older.rdb"),
         )
         .context("keeping the snapshot")?;
-        Ok(format!("redis snapshot taken at {done} outcomes"))
+        Ok(format!("redis snapshot taken at {done} outcomes{quiet}"))
     }
 
     /// Wipes Redis, or restarts it from the older snapshot; from now on the loop only waits for
