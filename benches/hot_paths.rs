@@ -137,6 +137,17 @@ async fn refill_in(
     }
 }
 
+/// One commit.lua call for `items`, timed; every outcome must be recorded (none refused).
+async fn timed_commit(con: &mut Conn, keys: &Keys, items: &[Done], inc: &Incarnation) -> Duration {
+    let start = Instant::now();
+    let (_, refused) = handler::commit(con, keys, items, inc)
+        .await
+        .expect("commit");
+    let took = start.elapsed();
+    assert!(refused.is_empty(), "commit refused {refused:?}");
+    took
+}
+
 /// The outcome the task's `eventHandler` would give message `id` (delay 0).
 fn verdict(id: u64) -> Verdict {
     if outcome::seeded(SEED, id, ERROR_RATE, 0).failed {
@@ -309,12 +320,7 @@ fn bench_commit(c: &mut Criterion) {
                             .iter()
                             .filter(|d| matches!(d.verdict, Verdict::Failed(_)))
                             .count() as u64;
-                        let start = Instant::now();
-                        let (_, refused) = handler::commit(&mut con, &keys, &items, &inc)
-                            .await
-                            .expect("commit");
-                        timed += start.elapsed();
-                        assert!(refused.is_empty(), "commit refused {refused:?}");
+                        timed += timed_commit(&mut con, &keys, &items, &inc).await;
                     }
                     timed
                 }
@@ -516,12 +522,7 @@ fn bench_commit_spread(c: &mut Criterion) {
                             }
                         }
                         let items = rounds.pop().expect("a round");
-                        let start = Instant::now();
-                        let (_, refused) = handler::commit(&mut con, &keys, &items, &inc)
-                            .await
-                            .expect("commit");
-                        timed += start.elapsed();
-                        assert!(refused.is_empty(), "commit refused {refused:?}");
+                        timed += timed_commit(&mut con, &keys, &items, &inc).await;
                     }
                     timed
                 }

@@ -16,11 +16,9 @@ use std::time::{Duration, Instant};
 
 /// How long a generator fault may wait for the generator to finish its leftover handler work.
 const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
-/// A quiet rollback stops the generator this long (half the default lease, so no successor
-/// takes over) and rolls back within [`QUIET_ROLLBACK_AFTER`] outcomes of the snapshot.
-const QUIET_ROLLBACK_PAUSE: Duration = Duration::from_millis(300);
 /// Outcomes between a quiet rollback's snapshot and the rollback: handlers' commits the restore
-/// takes back, while no counter moves.
+/// takes back, while no counter moves. The generator stays stopped for half its lease meanwhile,
+/// so no successor takes over.
 const QUIET_ROLLBACK_AFTER: u64 = 20;
 
 impl Run<'_> {
@@ -224,7 +222,8 @@ impl Run<'_> {
         if self.faults[i].quiet {
             let found = current_generator(&mut self.con, &self.keys, &self.world.apps).await?;
             if let Some((_, idx)) = found {
-                self.world.pause(idx, now + QUIET_ROLLBACK_PAUSE)?;
+                let half_lease = Duration::from_millis(self.flags.lease_ms / 2);
+                self.world.pause(idx, now + half_lease)?;
                 // Let what it already sent reach Redis before the snapshot.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let name = &self.world.apps[idx].instance_id;

@@ -3,8 +3,8 @@
 //!
 //! Two ways to run one: a future per message (`handle`), or, for a handler that can say what its
 //! handling will be ([`Handler::planned`]: a wait and a result, like the task's `eventHandler`),
-//! an entry in one bucket per millisecond ([`Waits`]), which costs a vector slot instead of a
-//! future and a timer of its own.
+//! an entry in a bucket of due times (`waits::Waits`, 100 µs wide), which costs a vector slot
+//! instead of a future and a timer of its own.
 //!
 //! Outcomes go to the committer in vectors (all that finished together), not one send each.
 

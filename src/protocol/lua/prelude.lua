@@ -16,8 +16,8 @@ end
 -- namespace after it saw that happen (docs/PROTOCOL.md, invariant 9).
 -- `guard` is "<token>/<copy>/<acked>": the token, a random id of the calling copy, and how many of
 -- its guarded calls it has seen succeed. `writes` (KEYS entry, {ns}:writes) is a hash of copy id
--- -> guarded calls that passed this check; a passing call adds one, so it can never be found at
--- or below what the copy already saw succeed unless Redis went back in time.
+-- -> guarded calls that passed this check; a passing call adds one, so Redis's count is never
+-- below what the copy saw succeed unless Redis went back in time.
 local function forgotten(key, guard, writes)
   local token, copy, acked = string.match(guard or '', '^([^/]*)/([%w.-]+)/(%d+)$')
   if not token then
