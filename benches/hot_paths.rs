@@ -62,6 +62,16 @@ struct Bench {
 }
 
 impl Bench {
+    /// Owned copies of the connection, keys, lease and incarnation, for one async iteration.
+    fn handles(&self) -> (Conn, Keys, Lease, Incarnation) {
+        (
+            self.con.clone(),
+            self.keys.clone(),
+            self.lease.clone(),
+            self.inc.clone(),
+        )
+    }
+
     fn start() -> Bench {
         let redis = RedisServer::start().expect("start redis-server");
         let rt = Runtime::new().expect("tokio runtime");
@@ -101,6 +111,19 @@ async fn del(con: &mut Conn, key: &str) {
         .query_async(con)
         .await
         .expect("DEL");
+}
+
+/// A group of the micro benches: 15 samples of 3 s after 1 s of warm-up.
+fn short_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
+    group
+        .sample_size(15)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    group
 }
 
 /// Appends `n` messages to the queue (untimed setup for fetch and commit).
@@ -170,21 +193,12 @@ fn done_items(owner: &Arc<str>, fetched: handler::Fetched) -> Vec<Done> {
 /// (lease check, TIME, counter, epoch log) amortised over the batch.
 fn bench_generate(c: &mut Criterion) {
     let b = Bench::start();
-    let mut group = c.benchmark_group("generate");
-    group
-        .sample_size(15)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    let mut group = short_group(c, "generate");
     for batch in [1u64, 10, 100, 1_000, 10_000] {
         group.throughput(Throughput::Elements(batch));
         group.bench_function(format!("{batch}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
-                let (mut con, keys, lease, inc) = (
-                    b.con.clone(),
-                    b.keys.clone(),
-                    b.lease.clone(),
-                    b.inc.clone(),
-                );
+                let (mut con, keys, lease, inc) = b.handles();
                 async move {
                     let mut queued = 0;
                     let mut timed = Duration::ZERO;
@@ -222,22 +236,13 @@ fn bench_generate(c: &mut Criterion) {
 /// the heartbeat and registry writes every fetch makes.
 fn bench_fetch(c: &mut Criterion) {
     let b = Bench::start();
-    let mut group = c.benchmark_group("fetch");
-    group
-        .sample_size(15)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    let mut group = short_group(c, "fetch");
     let handler_id = "bench-fetch";
     for count in [1u64, 10, 100, 1_000, 8_000] {
         group.throughput(Throughput::Elements(count));
         group.bench_function(format!("{count}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
-                let (mut con, keys, lease, inc) = (
-                    b.con.clone(),
-                    b.keys.clone(),
-                    b.lease.clone(),
-                    b.inc.clone(),
-                );
+                let (mut con, keys, lease, inc) = b.handles();
                 async move {
                     del(&mut con, &keys.queue()).await;
                     del(&mut con, &keys.inflight(handler_id)).await;
@@ -277,22 +282,13 @@ fn bench_fetch(c: &mut Criterion) {
 /// error-list `RPUSH` for the 15% that failed, per message; stats once per batch.
 fn bench_commit(c: &mut Criterion) {
     let b = Bench::start();
-    let mut group = c.benchmark_group("commit");
-    group
-        .sample_size(15)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    let mut group = short_group(c, "commit");
     let owner: Arc<str> = Arc::from("bench-commit");
     for batch in [1u64, 10, 100, 1_000, 8_000] {
         group.throughput(Throughput::Elements(batch));
         group.bench_function(format!("{batch}_msgs"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
-                let (mut con, keys, lease, inc) = (
-                    b.con.clone(),
-                    b.keys.clone(),
-                    b.lease.clone(),
-                    b.inc.clone(),
-                );
+                let (mut con, keys, lease, inc) = b.handles();
                 let owner = owner.clone();
                 async move {
                     del(&mut con, &keys.queue()).await;
@@ -468,22 +464,13 @@ fn bench_commit_spread(c: &mut Criterion) {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     let b = Bench::start();
-    let mut group = c.benchmark_group("commit_spread");
-    group
-        .sample_size(15)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    let mut group = short_group(c, "commit_spread");
     let owner: Arc<str> = Arc::from("bench-spread");
     for (records, per) in [(40u64, 200u64), (20, 400)] {
         group.throughput(Throughput::Elements(records * per));
         group.bench_function(format!("{records}x{per}_of_8000"), |bencher| {
             bencher.to_async(&b.rt).iter_custom(|iters| {
-                let (mut con, keys, lease, inc) = (
-                    b.con.clone(),
-                    b.keys.clone(),
-                    b.lease.clone(),
-                    b.inc.clone(),
-                );
+                let (mut con, keys, lease, inc) = b.handles();
                 let owner = owner.clone();
                 async move {
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(SEED);

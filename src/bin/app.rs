@@ -163,8 +163,8 @@ struct RunFlags {
     /// that is smaller.
     #[arg(long)]
     batch: Option<u64>,
-    /// Messages a handler holds at once (fetched, not yet committed; about 150 bytes of memory
-    /// each). With the task's 0-999 ms handler a handler completes about this many per 0.5 s
+    /// Messages a handler holds at once (fetched, not yet committed; about 300 bytes of memory
+    /// each, measured). With the task's 0-999 ms handler a handler completes about this many per 0.5 s
     /// (see reports/PERFORMANCE.md).
     #[arg(long, default_value_t = 150_000)]
     max_in_flight: usize,
@@ -335,7 +335,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
             instance_id,
             batch: f
                 .batch
-                .unwrap_or(leaderq::node::builder::DEFAULT_BATCH.min(f.max_in_flight as u64)),
+                .unwrap_or_else(|| leaderq::node::builder::default_batch(f.max_in_flight)),
             max_in_flight: f.max_in_flight,
             commit_max: f.commit_max,
             commit_window_ms: f.commit_window_ms,

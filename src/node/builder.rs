@@ -28,6 +28,12 @@ pub struct Node<H = TaskHandler, S = Counter> {
 /// `--gen-batch` whole (Redis's costs are per batch; reports/PERFORMANCE.md).
 pub const DEFAULT_BATCH: u64 = 8000;
 
+/// The fetch size when none is given: [`DEFAULT_BATCH`], or all a handler may hold when that is
+/// less (an explicit batch above `max_in_flight` is refused instead).
+pub fn default_batch(max_in_flight: usize) -> u64 {
+    DEFAULT_BATCH.min(max_in_flight as u64)
+}
+
 impl Node {
     /// A builder for a copy that joins the Redis at `redis_url` (`redis://` or `rediss://`),
     /// with the task's handler and counter and the `app` defaults; change what you need.
@@ -217,8 +223,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
     /// Checks every setting and makes the [`Node`].
     pub fn build(mut self) -> Result<Node<H, S>, Error> {
         if !self.batch_set {
-            let held = self.handler_config.max_in_flight as u64;
-            self.handler_config.batch = self.handler_config.batch.min(held);
+            self.handler_config.batch = default_batch(self.handler_config.max_in_flight);
         }
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         let config = Config {
