@@ -265,10 +265,13 @@ fn bench_fetch(c: &mut Criterion) {
                                 .await
                                 .expect("fetch");
                         timed += start.elapsed();
-                        assert_eq!(fetched.len() as u64, count);
+                        // A split batch leaves its rest starting on a multiple of 8: up to 7
+                        // fewer than asked.
+                        let got = fetched.len() as u64;
+                        assert!(got <= count && got + 7 >= count, "{got} of {count}");
                         black_box(fetched);
-                        queued -= count;
-                        inflight += count;
+                        queued -= got;
+                        inflight += got;
                     }
                     timed
                 }

@@ -291,3 +291,122 @@ async fn a_planted_copy_of_a_batch_message_is_counted_as_a_duplicate() {
     assert_eq!((c.processed + c.errors, c.duplicates), (5, 1));
     drop(s.fx);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_split_leaves_the_rest_starting_on_a_multiple_of_8() {
+    let mut s = setup().await;
+    s.generate(20).await;
+    let owner: Arc<str> = Arc::from("h.0");
+    // 12 asked: 8 taken, so the rest starts at id 8 (commit.lua's bitmaps then need no shift).
+    let ids: Vec<u64> = s
+        .fetch(&owner, 12)
+        .await
+        .iter()
+        .map(|d| d.envelope.id)
+        .collect();
+    assert_eq!(ids, (0..8).collect::<Vec<_>>());
+    let q = s.queue().await;
+    assert!(q.len() == 1 && q[0].starts_with("*8:12:"), "{q:?}");
+    // Fewer than 8 asked: taken as asked (nothing to cut at).
+    let ids: Vec<u64> = s
+        .fetch(&owner, 3)
+        .await
+        .iter()
+        .map(|d| d.envelope.id)
+        .collect();
+    assert_eq!(ids, vec![8, 9, 10]);
+    drop(s.fx);
+}
+
+/// One commit over batches of every shape: aligned ones side by side (one span), one whose first
+/// id is not a multiple of 8 (its own span, shifted), one whose record is gone (refused), and a
+/// message whose done bit is already set (a duplicate, not recorded again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_commit_records_many_batches_of_every_shape() {
+    let mut s = setup().await;
+    let owner: Arc<str> = Arc::from("h.0");
+    // Batches 0..16, 16..32, 32..37, 37..50: two aligned, one aligned but short, one not aligned.
+    for n in [16, 16, 5, 13] {
+        s.generate(n).await;
+    }
+    let items = s.fetch(&owner, 50).await;
+    assert_eq!(items.len(), 50);
+    let mut items: Vec<Done> = items;
+    for (i, d) in items.iter_mut().enumerate() {
+        d.verdict = match i % 5 {
+            0 => Verdict::Failed(leaderq::work::HANDLER_ERROR.into()),
+            1 => Verdict::Failed(format!("reason {i}")),
+            2 => Verdict::TimedOut,
+            _ => Verdict::Ok,
+        };
+    }
+    // Batch 16..32's record goes (as a reclaim takes it), and id 40's done bit is set already.
+    redis::cmd("HDEL")
+        .arg(s.keys.batches("h.0"))
+        .arg("16")
+        .query_async::<()>(&mut s.con)
+        .await
+        .unwrap();
+    redis::cmd("SETBIT")
+        .arg(s.keys.done())
+        .arg(40)
+        .arg(1)
+        .query_async::<()>(&mut s.con)
+        .await
+        .unwrap();
+    let refused = s.commit(&items).await;
+    assert_eq!(refused, (16..32).collect::<Vec<usize>>());
+    let c = s.counters().await;
+    assert_eq!((c.duplicates, c.refused, c.runs), (1, 16, 50));
+    let recorded: Vec<usize> = (0..50)
+        .filter(|i| !(16..32).contains(i) && *i != 40)
+        .collect();
+    let oks = recorded.iter().filter(|i| *i % 5 >= 3).count() as u64;
+    assert_eq!((c.processed, c.errors), (oks, recorded.len() as u64 - oks));
+    for id in 0..56u64 {
+        let i = id as usize;
+        let done = s.bit(&s.keys.done(), id).await;
+        let ok = s.bit(&s.keys.ok(), id).await;
+        let want_done = u8::from(recorded.contains(&i) || id == 40);
+        let want_ok = u8::from(recorded.contains(&i) && i % 5 >= 3);
+        assert_eq!((done, ok), (want_done, want_ok), "id {id}");
+    }
+    let errors: Vec<String> = redis::cmd("LRANGE")
+        .arg(s.keys.errors())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    let mut ids: Vec<usize> = errors
+        .iter()
+        .map(|e| e.split(':').next().unwrap().parse().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let want: Vec<usize> = recorded.iter().copied().filter(|i| i % 5 < 3).collect();
+    assert_eq!(ids, want, "{errors:?}");
+    for e in &errors {
+        let id: usize = e.split(':').next().unwrap().parse().unwrap();
+        let reason = e.split('\t').nth(1).unwrap();
+        let expected = match id % 5 {
+            0 => "handler error".to_string(),
+            1 => format!("reason {id}"),
+            _ => "handler timeout".to_string(),
+        };
+        assert_eq!(reason, expected, "{e}");
+    }
+    // Every record that took part is gone (no bit left), and no scratch key is left behind.
+    let records: u64 = redis::cmd("HLEN")
+        .arg(s.keys.batches("h.0"))
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    assert_eq!(records, 0);
+    let scratch: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*scratch*", s.keys.prefix()))
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    assert!(scratch.is_empty(), "{scratch:?}");
+    drop(s.fx);
+}

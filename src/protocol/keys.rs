@@ -123,6 +123,11 @@ impl Keys {
     pub fn ok(&self) -> String {
         self.key("ok")
     }
+    /// Scratch string `i` (1..=6) of commit.lua: it combines bitmaps there with `BITOP` and deletes
+    /// them before it returns, without replicating them; no key outlives a call.
+    pub fn scratch(&self, i: u8) -> String {
+        self.key(&format!("scratch:{i}"))
+    }
     /// List of error entries, `"<payload>\t<reason>\t<time_us>"`: the task's place for failures.
     pub fn errors(&self) -> String {
         self.key("errors")

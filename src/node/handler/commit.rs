@@ -9,7 +9,7 @@ use crate::protocol::keys::Keys;
 use crate::protocol::scripts;
 use crate::stats;
 use crate::work::HANDLER_ERROR;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,20 +17,30 @@ use tokio::sync::{mpsc, Semaphore};
 
 /// The outcomes of one batch record's messages in one commit call, as commit.lua takes them.
 #[derive(Debug, Default)]
-struct Group {
-    /// 3-byte big-endian tokens, `index * 4 + kind`.
-    tokens: Vec<u8>,
-    /// The reasons of the kind-3 tokens, joined by `\n`.
-    reasons: Vec<u8>,
-    /// Which items of the call these are, in token order.
-    members: Vec<usize>,
+struct Group<'a> {
+    /// Bitmap of the indexes with an outcome (bit i, MSB first, is message first + i).
+    sel: Vec<u8>,
+    /// Bitmap of the indexes handled ok.
+    oks: Vec<u8>,
+    /// The others: index, kind (1 handler error, 2 timeout, 3 error with its reason), reason.
+    failed: Vec<(u64, u64, Option<&'a str>)>,
+}
+
+/// Sets bit `index` (MSB first) of `bitmap`, growing it as needed.
+fn set_bit(bitmap: &mut Vec<u8>, index: u64) {
+    let byte = (index / 8) as usize;
+    if bitmap.len() <= byte {
+        bitmap.resize(byte + 1, 0);
+    }
+    bitmap[byte] |= 0x80 >> (index % 8);
 }
 
 /// Runs commit.lua for `items`, which must all have the same owner.
 /// Returns the Redis time of the commit (µs) and the indexes of the items it refused.
 ///
-/// The messages of batches go as one group per batch record (packed 3-byte tokens, see
-/// commit.lua), the payloads as one triple each.
+/// The messages of batches go as one group per batch record (bitmaps of the indexes with an
+/// outcome and of those ok, and a 3-byte token per failure; see commit.lua), the payloads as one
+/// triple each.
 pub async fn commit(
     con: &mut Conn,
     keys: &Keys,
@@ -40,37 +50,47 @@ pub async fn commit(
     let Some(first) = items.first() else {
         return Ok((0, Vec::new()));
     };
-    // Item numbers in the order commit.lua counts them: each group's tokens, then the triples.
-    let mut order: Vec<usize> = Vec::with_capacity(items.len());
+    // The items of the triples, in the order commit.lua numbers them.
+    let mut singles: Vec<usize> = Vec::new();
     let mut groups: BTreeMap<u64, Group> = BTreeMap::new();
-    for (i, d) in items.iter().enumerate() {
+    for d in items {
         debug_assert!(Arc::ptr_eq(&d.owner, &first.owner) || d.owner == first.owner);
         let Some(batch_first) = d.batch else { continue };
-        let Group {
-            tokens,
-            reasons,
-            members,
-        } = groups.entry(batch_first).or_default();
+        let Group { sel, oks, failed } = groups.entry(batch_first).or_default();
         let index = d.envelope.id - batch_first;
-        let kind = match &d.verdict {
-            Verdict::Ok => 0,
-            Verdict::Failed(reason) if reason == HANDLER_ERROR || reason.is_empty() => 1,
-            Verdict::TimedOut => 2,
-            Verdict::Failed(reason) => {
+        set_bit(sel, index);
+        failed.push(match &d.verdict {
+            Verdict::Ok => {
+                set_bit(oks, index);
+                continue;
+            }
+            Verdict::Failed(reason) if reason == HANDLER_ERROR || reason.is_empty() => {
+                (index, 1, None)
+            }
+            Verdict::TimedOut => (index, 2, None),
+            Verdict::Failed(reason) => (index, 3, Some(reason.as_str())),
+            // A batch message is made by the handler from its record: never unparseable.
+            Verdict::Bad(_) => (index, 1, None),
+        });
+    }
+    // Per group: the failures' tokens in index order, and the reasons of the kind-3 ones in the
+    // same order.
+    let mut packed: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(groups.len());
+    for group in groups.values_mut() {
+        group.failed.sort_unstable_by_key(|f| f.0);
+        let (mut errs, mut reasons) = (Vec::with_capacity(group.failed.len() * 3), Vec::new());
+        for &(index, kind, reason) in &group.failed {
+            errs.extend_from_slice(&((index << 2) | kind).to_be_bytes()[5..]);
+            if let Some(reason) = reason {
                 if !reasons.is_empty() {
                     reasons.push(b'\n');
                 }
                 // One line each (stored_reason makes it so); a stray newline would shift the
                 // reasons of every later token.
                 reasons.extend(reason.bytes().map(|b| if b == b'\n' { b' ' } else { b }));
-                3
             }
-            // A batch message is made by the handler from its record: never unparseable.
-            Verdict::Bad(_) => 1,
-        };
-        let token = (index << 2) | kind;
-        tokens.extend_from_slice(&token.to_be_bytes()[5..]);
-        members.push(i);
+        }
+        packed.push((errs, reasons));
     }
     let mut call = scripts::COMMIT.prepare_invoke();
     call.key(keys.inflight(&first.owner))
@@ -80,20 +100,23 @@ pub async fn commit(
         .key(keys.stats())
         .key(keys.incarnation())
         .key(keys.batches(&first.owner))
-        .key(keys.writes())
-        .arg(incarnation.guard())
-        .arg(groups.len());
-    for (batch_first, group) in &groups {
+        .key(keys.writes());
+    for i in 1..=6 {
+        call.key(keys.scratch(i));
+    }
+    call.arg(incarnation.guard()).arg(groups.len());
+    for ((batch_first, group), (errs, reasons)) in groups.iter().zip(&packed) {
         call.arg(batch_first)
-            .arg(&group.tokens[..])
-            .arg(&group.reasons[..]);
-        order.extend_from_slice(&group.members);
+            .arg(&group.sel[..])
+            .arg(&group.oks[..])
+            .arg(&errs[..])
+            .arg(&reasons[..]);
     }
     for (i, d) in items.iter().enumerate() {
         if d.batch.is_some() {
             continue;
         }
-        order.push(i);
+        singles.push(i);
         match &d.verdict {
             Verdict::Ok => call.arg("o").arg(&d.payload[..]).arg(d.envelope.id),
             Verdict::Failed(reason) if reason == HANDLER_ERROR => {
@@ -110,11 +133,22 @@ pub async fn commit(
     let reply: Vec<u64> = call.invoke_async(con).await?;
     incarnation.acknowledged();
     let time_us = reply.first().copied().unwrap_or(0);
+    let ids = reply.get(1).copied().unwrap_or(0) as usize;
+    let refused_ids: HashSet<u64> = reply.iter().skip(2).take(ids).copied().collect();
     let mut refused: Vec<usize> = reply
         .iter()
-        .skip(1)
-        .filter_map(|&n| order.get((n as usize).checked_sub(1)?).copied())
+        .skip(2 + ids)
+        .filter_map(|&n| singles.get((n as usize).checked_sub(1)?).copied())
         .collect();
+    if !refused_ids.is_empty() {
+        refused.extend(
+            items
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.batch.is_some() && refused_ids.contains(&d.envelope.id))
+                .map(|(i, _)| i),
+        );
+    }
     refused.sort_unstable();
     Ok((time_us, refused))
 }

@@ -30,7 +30,9 @@
 --   heartbeat had expired, so reclaim.lua may have taken its in-flight set, and the handler must
 --   reconcile what it holds with its set (docs/PROTOCOL.md, invariant 5).
 -- A batch entry of the queue (generate.lua) is taken whole when it fits in what is left of
--- count; otherwise its head is taken and the entry left at the head of the queue with the rest.
+-- count; otherwise its head is taken and the entry left at the head of the queue with the rest
+-- (which starts on a multiple of 8 when the head can be cut there: the call may then take up to
+-- 7 fewer than count).
 -- Suspects come first: a handler holding none takes a group from the highest non-empty level; one
 -- holding some takes more of that level only, up to the group size. So every handler holds
 -- suspects of one level only, and a group that dies together climbs together (see reclaim.lua).
@@ -92,6 +94,8 @@ end
 -- entries are looked at, 64 at a time.
 want = count - #msgs
 local batches, records = {}, {}
+-- Set when a batch entry was split: its rest is the queue's head, so nothing after it is taken.
+local split = false
 while want > 0 do
   local asked = math.min(want, 64)
   local head = redis.call('LRANGE', KEYS[1], 0, asked - 1)
@@ -106,6 +110,12 @@ while want > 0 do
     else
       local k = math.min(n, want)
       if k < n then
+        -- Split so the rest starts on a multiple of 8 when it can: commit.lua combines a
+        -- batch's bitmaps without shifting them then.
+        if k > (first + k) % 8 then
+          k = k - (first + k) % 8
+        end
+        split = true
         redis.call('LSET', KEYS[1], whole, '*' .. (first + k) .. ':' .. (n - k) .. ':' .. epoch .. ':' .. gen)
       else
         whole = whole + 1
@@ -119,12 +129,12 @@ while want > 0 do
       records[#records + 1] = k .. ':' .. k .. ':' .. epoch .. ':' .. gen .. ':' .. mask
       want = want - k
     end
-    if want == 0 then break end
+    if want == 0 or split then break end
   end
   if whole > 0 then
     redis.call('LPOP', KEYS[1], whole)
   end
-  if #head < asked then break end
+  if #head < asked or split then break end
 end
 if #msgs == 0 and #batches == 0 then
   return {now_us, lapsed, 0}
