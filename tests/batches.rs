@@ -410,3 +410,19 @@ async fn one_commit_records_many_batches_of_every_shape() {
     assert!(scratch.is_empty(), "{scratch:?}");
     drop(s.fx);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outcome_for_a_message_in_the_same_commit_is_refused() {
+    let mut s = setup().await;
+    s.generate(8).await;
+    let owner: Arc<str> = Arc::from("h.0");
+    let items = s.fetch(&owner, 8).await;
+    let mut twice = items.clone();
+    let mut again = items[3].clone();
+    again.verdict = Verdict::TimedOut;
+    twice.push(again);
+    assert_eq!(s.commit(&twice).await, vec![8]);
+    let c = s.counters().await;
+    assert_eq!((c.processed + c.errors, c.refused, c.duplicates), (8, 0, 0));
+    drop(s.fx);
+}

@@ -26,13 +26,16 @@ struct Group<'a> {
     failed: Vec<(u64, u64, Option<&'a str>)>,
 }
 
-/// Sets bit `index` (MSB first) of `bitmap`, growing it as needed.
-fn set_bit(bitmap: &mut Vec<u8>, index: u64) {
+/// Sets bit `index` (MSB first) of `bitmap`, growing it as needed; false if it was set already.
+fn set_bit(bitmap: &mut Vec<u8>, index: u64) -> bool {
     let byte = (index / 8) as usize;
     if bitmap.len() <= byte {
         bitmap.resize(byte + 1, 0);
     }
-    bitmap[byte] |= 0x80 >> (index % 8);
+    let bit = 0x80 >> (index % 8);
+    let fresh = bitmap[byte] & bit == 0;
+    bitmap[byte] |= bit;
+    fresh
 }
 
 /// Runs commit.lua for `items`, which must all have the same owner.
@@ -53,12 +56,18 @@ pub async fn commit(
     // The items of the triples, in the order commit.lua numbers them.
     let mut singles: Vec<usize> = Vec::new();
     let mut groups: BTreeMap<u64, Group> = BTreeMap::new();
-    for d in items {
+    // A second outcome for the same message in one call (never made by a handler): refused here,
+    // as commit.lua would refuse it after the first cleared the mask bit.
+    let mut repeated: Vec<usize> = Vec::new();
+    for (i, d) in items.iter().enumerate() {
         debug_assert!(Arc::ptr_eq(&d.owner, &first.owner) || d.owner == first.owner);
         let Some(batch_first) = d.batch else { continue };
         let Group { sel, oks, failed } = groups.entry(batch_first).or_default();
         let index = d.envelope.id - batch_first;
-        set_bit(sel, index);
+        if !set_bit(sel, index) {
+            repeated.push(i);
+            continue;
+        }
         failed.push(match &d.verdict {
             Verdict::Ok => {
                 set_bit(oks, index);
@@ -140,6 +149,7 @@ pub async fn commit(
         .skip(2 + ids)
         .filter_map(|&n| singles.get((n as usize).checked_sub(1)?).copied())
         .collect();
+    refused.append(&mut repeated);
     if !refused_ids.is_empty() {
         refused.extend(
             items
@@ -150,6 +160,7 @@ pub async fn commit(
         );
     }
     refused.sort_unstable();
+    refused.dedup();
     Ok((time_us, refused))
 }
 
