@@ -426,3 +426,29 @@ async fn a_second_outcome_for_a_message_in_the_same_commit_is_refused() {
     assert_eq!((c.processed + c.errors, c.refused, c.duplicates), (8, 0, 0));
     drop(s.fx);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_past_the_end_of_its_batch_is_refused_and_not_recorded() {
+    let mut s = setup().await;
+    s.generate(5).await;
+    let owner: Arc<str> = Arc::from("h.0");
+    let mut items = s.fetch(&owner, 5).await;
+    // Index 12 of a 5-message batch: past its mask's last byte, so the only outcome refused.
+    let mut past = items[0].clone();
+    past.envelope.id = 12;
+    past.verdict = Verdict::Failed("made up".into());
+    items.push(past.clone());
+    assert_eq!(s.commit(&items).await, vec![5]);
+    // Index 6: in the mask's last byte, past the batch's end.
+    past.envelope.id = 6;
+    assert_eq!(s.commit(&[past]).await, vec![0]);
+    let c = s.counters().await;
+    assert_eq!((c.processed + c.errors, c.refused), (5, 2));
+    let errors: u64 = redis::cmd("LLEN")
+        .arg(s.keys.errors())
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    assert_eq!(errors, c.errors, "no error entry for a refused outcome");
+    drop(s.fx);
+}

@@ -230,6 +230,7 @@ for from = 1, #groups, 1000 do
     else
       gr.n_s, gr.epoch, gr.gen = n, epoch, gen
       n = tonumber(n)
+      gr.n = n
       local width = math.ceil(n / 8)
       local mask = string.sub(record, at, at + width - 1)
       mask = mask .. zeros(width - #mask)
@@ -329,7 +330,7 @@ for _, sp in ipairs(spans) do
           local kind = t % 4
           local index = (t - kind) / 4
           if kind == 3 then taken = taken + 1 end
-          if not rec or has(rec, index - base) then
+          if index < gr.n and (not rec or has(rec, index - base)) then
             local id = gr.first + index
             if kind == 2 then
               fail(fmt('%d', id) .. timeout_tail)
