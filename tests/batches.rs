@@ -77,8 +77,18 @@ impl Setup {
     }
 
     async fn queue(&mut self) -> Vec<String> {
+        let key = self.keys.queue();
+        self.list(&key).await
+    }
+
+    async fn errors(&mut self) -> Vec<String> {
+        let key = self.keys.errors();
+        self.list(&key).await
+    }
+
+    async fn list(&mut self, key: &str) -> Vec<String> {
         redis::cmd("LRANGE")
-            .arg(self.keys.queue())
+            .arg(key)
             .arg(0)
             .arg(-1)
             .query_async(&mut self.con)
@@ -184,13 +194,7 @@ async fn a_commit_records_each_batch_message_once() {
     for id in 23..40 {
         assert_eq!(s.bit(&s.keys.done(), id).await, 0, "done {id} untouched");
     }
-    let errors: Vec<String> = redis::cmd("LRANGE")
-        .arg(s.keys.errors())
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut s.con)
-        .await
-        .unwrap();
+    let errors = s.errors().await;
     let reasons: Vec<(&str, &str)> = errors
         .iter()
         .map(|e| {
@@ -371,13 +375,7 @@ async fn one_commit_records_many_batches_of_every_shape() {
         let want_ok = u8::from(recorded.contains(&i) && i % 5 >= 3);
         assert_eq!((done, ok), (want_done, want_ok), "id {id}");
     }
-    let errors: Vec<String> = redis::cmd("LRANGE")
-        .arg(s.keys.errors())
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut s.con)
-        .await
-        .unwrap();
+    let errors = s.errors().await;
     let mut ids: Vec<usize> = errors
         .iter()
         .map(|e| e.split(':').next().unwrap().parse().unwrap())
