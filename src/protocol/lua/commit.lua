@@ -348,12 +348,8 @@ for _, sp in ipairs(spans) do
   end
 end
 redis.set_repl(redis.REPL_ALL)
-for from = 1, #set_fields, 1000 do
-  redis.call('HSET', KEYS[7], unpack(set_fields, from, math.min(from + 999, #set_fields)))
-end
-for from = 1, #del_fields, 1000 do
-  redis.call('HDEL', KEYS[7], unpack(del_fields, from, math.min(from + 999, #del_fields)))
-end
+in_chunks('HSET', KEYS[7], set_fields)
+in_chunks('HDEL', KEYS[7], del_fields)
 local result = {now_us, #refused_ids}
 for _, id in ipairs(refused_ids) do result[#result + 1] = id end
 local item = 0

@@ -139,12 +139,8 @@ end
 if #msgs == 0 and #batches == 0 then
   return {now_us, lapsed, 0}
 end
-for i = 1, #msgs, 1000 do
-  redis.call('SADD', KEYS[2], unpack(msgs, i, math.min(i + 999, #msgs)))
-end
-for i = 1, #records, 1000 do
-  redis.call('HSET', KEYS[14], unpack(records, i, math.min(i + 999, #records)))
-end
+in_chunks('SADD', KEYS[2], msgs)
+in_chunks('HSET', KEYS[14], records)
 redis.call('SADD', KEYS[3], ARGV[1])
 local reply = {now_us, lapsed, #batches}
 for _, b in ipairs(batches) do reply[#reply + 1] = b end

@@ -53,6 +53,14 @@ local function forgotten(key, guard, writes)
   return nil
 end
 
+-- `command key v1 v2 …` over every value of the list `values`, 1000 at a time: unpack() of a
+-- huge table would overflow Lua's C stack. 1000 is even, so field/value pairs (HSET) stay whole.
+local function in_chunks(command, key, values)
+  for i = 1, #values, 1000 do
+    redis.call(command, key, unpack(values, i, math.min(i + 999, #values)))
+  end
+end
+
 -- Moves `key` (found with type `kind`) aside to <key>:quarantine:<time_us> and records why in the
 -- error store (an entry naming both keys, printed by getErrors) and the `bad` counter: the data is
 -- kept for a person to look at, and the group goes on with a fresh key.

@@ -113,13 +113,9 @@ for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         end
       end
     end
-    for i = 1, #retry, 1000 do
-      redis.call('SADD', KEYS[2], unpack(retry, i, math.min(i + 999, #retry)))
-    end
+    in_chunks('SADD', KEYS[2], retry)
     for level, list in pairs(suspects) do
-      for i = 1, #list, 1000 do
-        redis.call('RPUSH', KEYS[6 + level - 2], unpack(list, i, math.min(i + 999, #list)))
-      end
+      in_chunks('RPUSH', KEYS[6 + level - 2], list)
     end
     redis.call('DEL', set, records)
     redis.call('SREM', KEYS[1], h)
