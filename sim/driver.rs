@@ -80,8 +80,8 @@ struct Baseline {
     calls_before: u64,
     /// Scripts (EVALSHA) Redis had run before the run.
     scripts_before: u64,
-    /// Redis's own CPU time before the run, seconds.
-    redis_cpu_before_s: f64,
+    /// Each Redis node's own CPU time before the run, seconds.
+    redis_cpu_before_s: Vec<f64>,
 }
 
 /// One run: its processes, the fault plan and what the loop has seen so far. Fields drop in
@@ -107,6 +107,8 @@ struct Run<'f> {
     world: World,
     /// The sim's own connection to Redis (never through the proxy).
     con: conn::Conn,
+    /// A connection to each Redis node (each master of a cluster), for its CPU and commands.
+    meters: Vec<conn::Conn>,
     /// Redis before the first copy started.
     baseline: Baseline,
     /// When the loop started: fault times and the timeline are seconds since then.
@@ -205,13 +207,20 @@ impl<'f> Run<'f> {
             .await?
             .remove("redis_version")
             .unwrap_or_default();
-        let (calls_before, scripts_before) = inspect::command_calls(&mut con).await?;
+        let mut meters = Vec::new();
+        for url in world.node_urls() {
+            meters.push(match world.node_urls().len() {
+                1 => con.clone(),
+                _ => conn::connect(&url, 5000).await?,
+            });
+        }
+        let (calls_before, scripts_before) = command_calls(&mut meters).await?;
         let baseline = Baseline {
             started_utc,
             redis_version,
             calls_before,
             scripts_before,
-            redis_cpu_before_s: redis_cpu_s(&mut con).await,
+            redis_cpu_before_s: redis_cpu_s(&mut meters).await,
         };
         world.spawn_copies(flags.processes)?;
 
@@ -227,6 +236,7 @@ impl<'f> Run<'f> {
             faults,
             world,
             con,
+            meters,
             baseline,
             started,
             deadline: started + Duration::from_secs(flags.timeout_s),
@@ -286,6 +296,12 @@ impl<'f> Run<'f> {
             self.watch_reclaims().await;
         }
         if self.complete(now, done, &counters) {
+            // A generator fault still waiting for a pure generator (one without handler work
+            // left) acts now, when every outcome is in and no copy holds anything, instead of
+            // never (seen in CI: a slow cluster run ended inside the wait, exit 5).
+            for _ in 0..self.faults.len() {
+                self.execute_due_faults(now, done, &counters).await?;
+            }
             return Ok(ControlFlow::Break(()));
         }
         if now >= self.deadline {
@@ -402,14 +418,31 @@ impl<'f> Run<'f> {
 }
 
 /// Redis's own CPU time so far (INFO cpu), seconds.
-async fn redis_cpu_s(con: &mut conn::Conn) -> f64 {
-    let Ok(info) = inspect::info(con, "cpu").await else {
-        return 0.0;
-    };
-    ["used_cpu_user", "used_cpu_sys"]
-        .iter()
-        .filter_map(|k| info.get(*k)?.parse::<f64>().ok())
-        .sum()
+/// Each node's own CPU time so far (`INFO cpu`, user + system), seconds; 0 when unreadable.
+async fn redis_cpu_s(meters: &mut [conn::Conn]) -> Vec<f64> {
+    let mut each = Vec::with_capacity(meters.len());
+    for con in meters {
+        let cpu = match inspect::info(con, "cpu").await {
+            Ok(info) => ["used_cpu_user", "used_cpu_sys"]
+                .iter()
+                .filter_map(|k| info.get(*k)?.parse::<f64>().ok())
+                .sum(),
+            Err(_) => 0.0,
+        };
+        each.push(cpu);
+    }
+    each
+}
+
+/// Commands and script calls every node has run so far, summed.
+async fn command_calls(meters: &mut [conn::Conn]) -> anyhow::Result<(u64, u64)> {
+    let (mut calls, mut scripts) = (0, 0);
+    for con in meters {
+        let (c, s) = inspect::command_calls(con).await?;
+        calls += c;
+        scripts += s;
+    }
+    Ok((calls, scripts))
 }
 
 /// `{ns}:next_id` now (absent = 0).

@@ -160,6 +160,11 @@ pub struct Flags {
     /// Not with --redis-url or with the faults that need the sim's own single Redis or the proxy.
     #[arg(long, default_value_t = 0)]
     pub redis_cluster: u32,
+    /// Passed to every app: spread the namespace over S shards (hash tags), each on its own
+    /// master of a cluster of S masters (docs/PROTOCOL.md, "Sharding"). The verdict merges the
+    /// shards (an id recorded in two is a duplicate). Not with --inject-duplicates.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub shards: u32,
     /// The `app` binary (default: the one next to `sim`).
     #[arg(long)]
     pub app_bin: Option<PathBuf>,
@@ -233,6 +238,10 @@ fn main() -> ExitCode {
             || flags.lose_replies + flags.partition_leader > 0)
     {
         eprintln!("sim: --redis-cluster starts its own cluster: not with --redis-url, --restart-redis, --wipe-redis, --rollback-redis, --lose-replies or --partition-leader (they need one plain Redis)");
+        return ExitCode::from(2);
+    }
+    if flags.shards > 1 && flags.inject_duplicates > 0 {
+        eprintln!("sim: --inject-duplicates plants copies in one slot's in-flight sets: not with --shards above 1");
         return ExitCode::from(2);
     }
     if flags.rollback_redis && (flags.restart_redis > 0 || flags.wipe_redis) {

@@ -139,8 +139,15 @@ pub struct Summary {
     /// Script calls (EVALSHA) per message: how well batching amortises round trips.
     pub redis_scripts_per_msg: f64,
     pub app_peak_rss_mb: f64,
-    /// CPU seconds Redis spent during the run (INFO cpu; restarts reset it).
+    /// CPU seconds Redis spent during the run (INFO cpu; restarts reset it); on a cluster, the
+    /// sum over its masters.
     pub redis_cpu_s: f64,
+    /// On a cluster, each master's CPU seconds, in slot order (empty otherwise).
+    #[serde(default)]
+    pub redis_cpu_s_per_node: Vec<f64>,
+    /// Shards the namespace was spread over (`--shards`).
+    #[serde(default)]
+    pub shards: u32,
     /// CPU seconds all app processes spent (sampled every 10 ms; a killed one keeps its last).
     pub apps_cpu_s: f64,
     pub command_line: String,
@@ -226,7 +233,14 @@ fn summary_markdown(s: &Summary) -> String {
         .map(|c| c.map_or("running".into(), |c| c.to_string()))
         .collect();
     let halt_codes = halt_codes.join(", ");
-    let rows: [(&str, &dyn Display); 65] = [
+    let per_node = format!(
+        "{:?}",
+        s.redis_cpu_s_per_node
+            .iter()
+            .map(|c| (c * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
+    let rows: [(&str, &dyn Display); 67] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -285,6 +299,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("lease_ms", &s.lease_ms),
         ("heartbeat_ms", &s.heartbeat_ms),
         ("redis_cluster_masters", &s.redis_cluster_masters),
+        ("shards", &s.shards),
         ("redis_version", &s.redis_version),
         (
             "redis_used_memory_peak_bytes",
@@ -293,6 +308,7 @@ fn summary_markdown(s: &Summary) -> String {
         ("redis_commands_per_msg", &cmds),
         ("app_peak_rss_mb", &rss),
         ("redis_cpu_s", &cpu.0),
+        ("redis_cpu_s_per_node", &per_node),
         ("apps_cpu_s", &cpu.1),
         ("violations", &s.violations.len()),
     ];

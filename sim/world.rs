@@ -103,6 +103,15 @@ impl World {
         })
     }
 
+    /// Plain URLs of every Redis node the run uses (each master of the sim's own cluster, or
+    /// the one Redis), for reading each node's own CPU and command counts.
+    pub fn node_urls(&self) -> Vec<String> {
+        match &self._cluster {
+            Some(c) => c.nodes().iter().map(|n| n.url()).collect(),
+            None => vec![self.url.clone()],
+        }
+    }
+
     /// Starts the reply-losing proxy when a fault needs it. The copies go through it; the sim
     /// and getErrors do not.
     pub async fn start_proxy(&mut self, flags: &Flags) -> anyhow::Result<()> {
@@ -262,6 +271,7 @@ pub fn app_args(flags: &Flags, namespace: &str, seed: u64) -> Vec<String> {
         ("--gen-batch", flags.gen_batch.to_string()),
         ("--lease-ms", flags.lease_ms.to_string()),
         ("--heartbeat-ms", flags.heartbeat_ms.to_string()),
+        ("--shards", flags.shards.to_string()),
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v])

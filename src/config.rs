@@ -64,6 +64,10 @@ pub struct Config {
     /// Run on a Redis whose maxmemory-policy may evict keys (refused otherwise: eviction loses
     /// messages silently).
     pub allow_eviction: bool,
+    /// How many shards the namespace's hot keys are spread over (1 = unsharded; docs/PROTOCOL.md,
+    /// "Sharding"). Stored in Redis by the first copy; a copy started with another count is
+    /// refused.
+    pub shards: u32,
 }
 
 impl Config {
@@ -79,6 +83,13 @@ impl Config {
         {
             return bad(format!(
                 "--instance-id {id:?} must be 1-64 characters without whitespace or braces"
+            ));
+        }
+        if self.shards == 0 || self.shards > crate::protocol::shards::SHARDS_MAX {
+            return bad(format!(
+                "--shards {} must be between 1 and {}",
+                self.shards,
+                crate::protocol::shards::SHARDS_MAX
             ));
         }
         let g = &self.generator;

@@ -70,13 +70,41 @@ impl Counters {
         }
     }
 
-    /// Reads `{ns}:stats`.
+    /// Reads the namespace's counters: `{ns}:stats`, or the sum of every shard's when the
+    /// namespace is spread over shards.
     pub async fn read(con: &mut Conn, keys: &Keys) -> Result<Counters, Error> {
+        let mut total = Counters::read_one(con, keys).await?;
+        let lanes = crate::protocol::shards::lanes(con, keys).await?;
+        if lanes.len() > 1 {
+            // The control slot's own hash counts only keys it set aside; the shards count the rest.
+            for (mut con, keys) in lanes {
+                total.add(&Counters::read_one(&mut con, &keys).await?);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Reads one shard's `stats` hash (an unsharded namespace's only one).
+    pub async fn read_one(con: &mut Conn, keys: &Keys) -> Result<Counters, Error> {
         let map: HashMap<String, u64> = redis::cmd("HGETALL")
             .arg(keys.stats())
             .query_async(con)
             .await?;
         Ok(Counters::from_fields(|k| map.get(k).copied().unwrap_or(0)))
+    }
+
+    /// Adds `other` to these counters, field by field.
+    pub fn add(&mut self, other: &Counters) {
+        self.generated += other.generated;
+        self.processed += other.processed;
+        self.errors += other.errors;
+        self.duplicates += other.duplicates;
+        self.runs += other.runs;
+        self.reclaimed += other.reclaimed;
+        self.refused += other.refused;
+        self.bad += other.bad;
+        self.poisoned += other.poisoned;
+        self.timeouts += other.timeouts;
     }
 }
 

@@ -2,7 +2,7 @@
 //! printed, hand it to the checker, and write the report. After a data loss, the halt is judged
 //! instead.
 
-use super::{read_next_id, redis_cpu_s, End, HaltWatch, Run, APP_EXIT_HALTED};
+use super::{command_calls, read_next_id, redis_cpu_s, End, HaltWatch, Run, APP_EXIT_HALTED};
 use crate::drains::DrainOutput;
 use crate::faults::{Fault, FaultKind};
 use crate::report::{self, KillEvent, Percentiles, Summary, Timeline};
@@ -33,8 +33,8 @@ struct Collected {
     calls_after: u64,
     /// Scripts (EVALSHA) Redis has run by now.
     scripts_after: u64,
-    /// Redis's own CPU time during the run, seconds.
-    redis_cpu_used_s: f64,
+    /// Each Redis node's own CPU time during the run, seconds (one entry without a cluster).
+    redis_cpu_per_node_s: Vec<f64>,
 }
 
 impl Run<'_> {
@@ -122,8 +122,13 @@ impl Run<'_> {
         let snap = leaderq::testkit::snapshot::snapshot(con, &self.keys).await?;
         let latencies = Latencies::collect(con, &self.keys).await?;
         let memory = inspect::info(con, "memory").await?;
-        let (calls_after, scripts_after) = inspect::command_calls(con).await?;
-        let redis_cpu_used_s = (redis_cpu_s(con).await - self.baseline.redis_cpu_before_s).max(0.0);
+        let (calls_after, scripts_after) = command_calls(&mut self.meters).await?;
+        let redis_cpu_per_node_s: Vec<f64> = redis_cpu_s(&mut self.meters)
+            .await
+            .iter()
+            .zip(&self.baseline.redis_cpu_before_s)
+            .map(|(after, before)| (after - before).max(0.0))
+            .collect();
         Ok(Collected {
             error_lines,
             drained,
@@ -133,7 +138,7 @@ impl Run<'_> {
             memory,
             calls_after,
             scripts_after,
-            redis_cpu_used_s,
+            redis_cpu_per_node_s,
         })
     }
 
@@ -266,7 +271,13 @@ impl Run<'_> {
             redis_commands_per_msg: calls as f64 / messages_done,
             redis_scripts_per_msg: scripts as f64 / messages_done,
             app_peak_rss_mb: self.world.rss_mb_max,
-            redis_cpu_s: collected.redis_cpu_used_s,
+            redis_cpu_s: collected.redis_cpu_per_node_s.iter().sum(),
+            redis_cpu_s_per_node: if collected.redis_cpu_per_node_s.len() > 1 {
+                collected.redis_cpu_per_node_s.clone()
+            } else {
+                Vec::new()
+            },
+            shards: flags.shards,
             apps_cpu_s: self.world.apps_cpu_s(),
             ..base_summary(self)
         }

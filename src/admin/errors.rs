@@ -213,8 +213,30 @@ pub struct Drained {
 }
 
 /// Hands every error entry to `sink` and deletes it: first what a killed earlier call left in the
-/// drain list, then the whole store as it is now.
+/// drain list, then the whole store as it is now. In a namespace spread over shards, every
+/// shard's store in turn (after the control slot's own, which holds only keys set aside), each
+/// with the same protocol and its own lock: a call killed halfway leaves each store in a state
+/// the next call resumes from.
 pub async fn drain(
+    con: &mut Conn,
+    keys: &Keys,
+    config: &DrainConfig,
+    sink: &mut impl ErrorSink,
+) -> Result<Drained, Error> {
+    let mut total = drain_store(con, keys, config, sink).await?;
+    let lanes = crate::protocol::shards::lanes(con, keys).await?;
+    if lanes.len() > 1 {
+        for (mut con, keys) in lanes {
+            let d = drain_store(&mut con, &keys, config, sink).await?;
+            total.printed += d.printed;
+            total.bad += d.bad;
+        }
+    }
+    Ok(total)
+}
+
+/// [`drain`] of one error store (one shard's, or an unsharded namespace's).
+async fn drain_store(
     con: &mut Conn,
     keys: &Keys,
     config: &DrainConfig,
@@ -431,6 +453,26 @@ pub struct Peeked {
 /// while handlers keep appending. A concurrent drain trimming the drain list meanwhile can make
 /// this skip or repeat a few entries: peek is for looking; the drain is the record.
 pub async fn peek(
+    con: &mut Conn,
+    keys: &Keys,
+    chunk: usize,
+    format: LineFormat,
+    out: &mut impl Write,
+) -> Result<Peeked, Error> {
+    let mut total = peek_store(con, keys, chunk, format, out).await?;
+    let lanes = crate::protocol::shards::lanes(con, keys).await?;
+    if lanes.len() > 1 {
+        for (mut con, keys) in lanes {
+            let p = peek_store(&mut con, &keys, chunk, format, out).await?;
+            total.draining += p.draining;
+            total.stored += p.stored;
+        }
+    }
+    Ok(total)
+}
+
+/// [`peek`] of one error store.
+async fn peek_store(
     con: &mut Conn,
     keys: &Keys,
     chunk: usize,

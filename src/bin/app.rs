@@ -208,6 +208,13 @@ struct RunFlags {
     /// queue, in-flight set or outcome bitmap loses messages without an error.
     #[arg(long)]
     allow_eviction: bool,
+    /// Spread the namespace's hot keys (queue, in-flight records, outcome bitmaps, error store)
+    /// over this many hash tags, `{NAMESPACE/0}` .. `{NAMESPACE/S-1}`, so that on a Redis Cluster
+    /// they land on different masters; the lease, epoch and id counter stay in `{NAMESPACE}`.
+    /// Set by the first copy and stored; every copy of the group must use the same count.
+    /// Messages without data only (the task's counter). See docs/PROTOCOL.md, "Sharding".
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: no exporter, no cost).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -348,6 +355,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
         redis_down_max_ms: f.redis_down_max_ms,
         accept_data_loss: f.accept_data_loss,
         allow_eviction: f.allow_eviction,
+        shards: f.shards,
         drain_timeout_ms: f
             .drain_timeout_ms
             .unwrap_or(f.handler_delay_max_ms.min(f.handler_timeout_ms) + 5000),

@@ -61,6 +61,7 @@ impl Node {
             max_messages: None,
             connect_timeout_ms: 5000,
             drain_timeout_ms: 35_000,
+            shards: 1,
             handler: TaskHandler::default(),
             source: Counter,
             batch_set: false,
@@ -102,6 +103,7 @@ pub struct NodeBuilder<H = TaskHandler, S = Counter> {
     max_messages: Option<Limit>,
     connect_timeout_ms: u64,
     drain_timeout_ms: u64,
+    shards: u32,
     handler: H,
     source: S,
     /// Whether [`NodeBuilder::batch`] was called (otherwise the batch fits `max_in_flight`).
@@ -122,6 +124,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             max_messages: self.max_messages,
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
+            shards: self.shards,
             source: self.source,
         }
     }
@@ -139,6 +142,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             max_messages: self.max_messages,
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
+            shards: self.shards,
             handler: self.handler,
         }
     }
@@ -220,6 +224,14 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
         self
     }
 
+    /// Spreads the namespace's hot keys over this many shards (default 1; docs/PROTOCOL.md,
+    /// "Sharding"): on a Redis Cluster they land on different masters. Every copy of a group
+    /// must use the same count; messages without data only.
+    pub fn shards(mut self, shards: u32) -> Self {
+        self.shards = shards;
+        self
+    }
+
     /// Checks every setting and makes the [`Node`].
     pub fn build(mut self) -> Result<Node<H, S>, Error> {
         if !self.batch_set {
@@ -241,6 +253,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             drain_timeout_ms: self.drain_timeout_ms,
             accept_data_loss: false,
             allow_eviction: false,
+            shards: self.shards,
         };
         Node::from_config(config, self.handler, self.source)
     }

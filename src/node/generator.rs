@@ -134,6 +134,7 @@ pub enum LeadEnd {
 ///
 /// Correctness does not depend on this loop noticing a lost lease quickly: generate.lua checks
 /// the lease on every call. Noticing only matters so the process goes back to handling.
+#[allow(clippy::too_many_arguments)]
 pub async fn lead<S: Source>(
     con: &mut Conn,
     keys: &Keys,
@@ -141,8 +142,12 @@ pub async fn lead<S: Source>(
     config: &GeneratorConfig,
     incarnation: &Incarnation,
     source: &S,
+    mut sharded: Option<&mut crate::node::sharded::ShardedGen>,
     stop: &CancellationToken,
 ) -> Result<LeadEnd, Error> {
+    if let Some(g) = sharded.as_deref_mut() {
+        g.reset();
+    }
     let renew_every = Duration::from_millis((config.lease_ms / 3).max(1));
     let lease_ttl = Duration::from_millis(config.lease_ms);
     let interval = Duration::from_millis(config.interval_ms);
@@ -219,7 +224,14 @@ pub async fn lead<S: Source>(
                     }
                 };
                 let data = payloads.as_deref().map(|payloads| Data { first_id: next_id_guess, payloads });
-                next_generate = match generate(con, keys, lease, batch, config.queue_max, incarnation, data).await {
+                let made = match (sharded.as_deref_mut(), data) {
+                    (Some(_), Some(_)) => Err(Error::Config(
+                        "a namespace spread over shards (--shards above 1) takes messages without data only; this source gave data".into(),
+                    )),
+                    (Some(g), None) => g.step(con, keys, lease, incarnation, batch, config.queue_max).await,
+                    (None, data) => generate(con, keys, lease, batch, config.queue_max, incarnation, data).await,
+                };
+                next_generate = match made {
                     Ok(Generated::Batch { first_id, count, .. }) => {
                         failures = 0;
                         next_id_guess = first_id + count;
@@ -245,6 +257,7 @@ pub async fn lead<S: Source>(
                         return Ok(LeadEnd::Lost);
                     }
                     Err(e) if e.halts_the_group() => return Err(e),
+                    Err(e @ Error::Config(_)) => return Err(e),
                     Err(Error::Corrupt(msg)) => {
                         // Never reset the counter: ids would repeat. Keep the lease (so no one
                         // else trips over the same data in a loop) and say so, loudly and rarely.

@@ -92,6 +92,8 @@ pub struct Presence {
     pub in_flight: Arc<AtomicU64>,
     /// Redis time when this process joined, µs.
     pub started_us: u64,
+    /// The namespace is spread over shards: the history's counters are summed over them.
+    pub sharded: bool,
 }
 
 impl Presence {
@@ -159,7 +161,22 @@ pub async fn prune(con: &mut Conn, keys: &Keys, max_age_ms: u64) -> Result<u64, 
 
 /// Pushes one counters sample to the history if `lease_value` still holds the lease
 /// (sample.lua). Returns whether it did.
-pub async fn sample(con: &mut Conn, keys: &Keys, lease_value: &str) -> Result<bool, Error> {
+pub async fn sample(
+    con: &mut Conn,
+    keys: &Keys,
+    lease_value: &str,
+    sharded: bool,
+) -> Result<bool, Error> {
+    // Sharded: the counters live in the shards' slots, so they are summed here and passed in.
+    let summed = if sharded {
+        let c = crate::stats::Counters::read(con, keys).await?;
+        format!(
+            "{},{},{},{},{}",
+            c.generated, c.processed, c.errors, c.duplicates, c.reclaimed
+        )
+    } else {
+        String::new()
+    };
     let pushed: i64 = scripts::SAMPLE
         .key(keys.lease())
         .key(keys.stats())
@@ -167,6 +184,7 @@ pub async fn sample(con: &mut Conn, keys: &Keys, lease_value: &str) -> Result<bo
         .key(keys.errors())
         .arg(lease_value)
         .arg(HISTORY_LEN)
+        .arg(summed)
         .invoke_async(con)
         .await?;
     Ok(pushed == 1)
@@ -216,11 +234,15 @@ pub struct Beat {
 /// `heartbeat_ms / 5`, until `stop`; keeps the registry entry and, as generator, the counters
 /// history fresh once a second. Fails with [`Error::Unreachable`] when Redis has not answered
 /// for `redis_down_max_ms` (the process then exits; its messages are reclaimed by the others).
+///
+/// In a namespace spread over shards, each shard runs its own beat (`presence` `None`: its
+/// handler's heartbeat and reclaim), and the control slot one with `beat` `None` (the registry
+/// entry and the history, summed over the shards).
 pub async fn run(
     mut con: Conn,
     keys: Keys,
-    beat: Beat,
-    presence: Presence,
+    beat: Option<Beat>,
+    presence: Option<Presence>,
     heartbeat_ms: u64,
     redis_down_max_ms: u64,
     stop: CancellationToken,
@@ -239,30 +261,40 @@ pub async fn run(
             _ = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let handler = beat.owner.borrow().clone();
-        let swept = match heartbeat(&mut con, &keys, &handler, heartbeat_ms).await {
-            Ok(alive) => {
-                if !alive {
-                    beat.lapsed.store(true, Ordering::Release);
+        let handler = beat.as_ref().map(|b| b.owner.borrow().clone());
+        let swept = match (&beat, &handler) {
+            (Some(beat), Some(handler)) => {
+                match heartbeat(&mut con, &keys, handler, heartbeat_ms).await {
+                    Ok(alive) => {
+                        if !alive {
+                            beat.lapsed.store(true, Ordering::Release);
+                        }
+                        reclaim(&mut con, &keys, &beat.incarnation).await
+                    }
+                    Err(e) => Err(e),
                 }
-                reclaim(&mut con, &keys, &beat.incarnation).await
             }
-            Err(e) => Err(e),
+            _ => Ok((0, 0)),
         };
-        let role = *presence.role.borrow();
-        crate::admin::metrics::in_flight(presence.in_flight.load(Ordering::Relaxed));
-        if swept.is_ok() {
+        let role = presence
+            .as_ref()
+            .map_or(Role::Handler, |p| *p.role.borrow());
+        if let (Some(presence), true) = (&presence, swept.is_ok()) {
+            crate::admin::metrics::in_flight(presence.in_flight.load(Ordering::Relaxed));
+            let handler = handler
+                .clone()
+                .unwrap_or_else(|| Arc::from(format!("{}.0", presence.instance)));
             let due = announced.is_none_or(|(at, r)| r != role || at.elapsed() >= every_s);
             let mut result = Ok(());
             if due {
-                result = announce(&mut con, &keys, &presence, &handler, heartbeat_ms)
+                result = announce(&mut con, &keys, presence, &handler, heartbeat_ms)
                     .await
                     .map(|_| announced = Some((Instant::now(), role)));
             }
             if let Role::Generator { epoch } = role {
                 if result.is_ok() && sampled.is_none_or(|at| at.elapsed() >= every_s) {
                     let lease_value = format!("{epoch}:{}", presence.instance);
-                    result = sample(&mut con, &keys, &lease_value)
+                    result = sample(&mut con, &keys, &lease_value, presence.sharded)
                         .await
                         .map(|_| sampled = Some(Instant::now()));
                 }

@@ -11,6 +11,7 @@ pub mod incarnation;
 pub mod lease;
 pub mod liveness;
 pub mod redis_config;
+pub mod sharded;
 pub mod wake;
 
 use crate::config::{Config, Limit};
@@ -66,18 +67,20 @@ async fn run_in_span<H: Handler, S: Source>(
     // its AOF), within the connect bound. (A copy started during a sim fault once exited with
     // "broken pipe" from the configuration check alone.)
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
-    let (started_us, incarnation) = loop {
+    let ((started_us, incarnation), shards) = loop {
         let attempt = async {
             let warnings =
                 crate::node::redis_config::check(&mut con, config.allow_eviction).await?;
-            Ok::<_, Error>((start_up(&mut con, &keys, &config).await?, warnings))
+            let joined = start_up(&mut con, &keys, &config).await?;
+            let shards = join_shards(&mut con, &keys, &config).await?;
+            Ok::<_, Error>((joined, shards, warnings))
         };
         match attempt.await {
-            Ok((joined, warnings)) => {
+            Ok((joined, shards, warnings)) => {
                 for warning in warnings {
                     tracing::warn!("{}", warning.0);
                 }
-                break joined;
+                break (joined, shards);
             }
             Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "start-up failed; retrying");
@@ -97,11 +100,37 @@ async fn run_in_span<H: Handler, S: Source>(
     tracing::info!("joined");
 
     let (role_tx, role_rx) = watch::channel(Role::Handler);
-    let (owner_tx, owner_rx) =
-        watch::channel::<Arc<str>>(Arc::from(format!("{}.0", config.instance_id)));
     let shared = HandlerShared::default();
     // Liveness and publishing outlive the handler's drain, so they have their own token.
     let background = CancellationToken::new();
+    // One lane per shard, each a handler of today's kind against that shard's keys; unsharded,
+    // one lane on the namespace itself. The lanes share the in-flight gauge and the histograms.
+    let sharded = shards.len() > 1;
+    let lanes: Vec<Lane> = if sharded {
+        let each = (config.handler.max_in_flight / shards.len()).max(1);
+        shards
+            .iter()
+            .map(|s| {
+                Lane::new(
+                    &config,
+                    s.con.clone(),
+                    s.keys.clone(),
+                    s.incarnation.clone(),
+                    &shared,
+                    each,
+                )
+            })
+            .collect()
+    } else {
+        vec![Lane::new(
+            &config,
+            con.clone(),
+            keys.clone(),
+            incarnation.clone(),
+            &shared,
+            config.handler.max_in_flight,
+        )]
+    };
 
     let mut leader = spawn(leader_loop(
         con.clone(),
@@ -110,46 +139,89 @@ async fn run_in_span<H: Handler, S: Source>(
         config.instance_id.clone(),
         config.generator.clone(),
         source,
+        sharded.then(|| sharded::ShardedGen::new(shards.clone())),
         role_tx,
         stop.clone(),
     ));
-    let mut handling = spawn(handler::run(
-        handler,
-        con.clone(),
-        keys.clone(),
-        incarnation.clone(),
-        config.handler.clone(),
-        role_rx.clone(),
-        owner_tx,
-        shared.clone(),
-        stop.clone(),
-    ));
+    let mut handling = spawn({
+        let runs: Vec<_> = lanes
+            .iter()
+            .map(|lane| {
+                handler::run(
+                    handler.clone(),
+                    lane.con.clone(),
+                    lane.keys.clone(),
+                    lane.incarnation.clone(),
+                    lane.config.clone(),
+                    role_rx.clone(),
+                    lane.owner_tx.clone(),
+                    lane.shared.clone(),
+                    stop.clone(),
+                )
+            })
+            .collect();
+        async move { futures_util::future::try_join_all(runs).await.map(|_| ()) }
+    });
     let presence = Presence {
         instance: config.instance_id.clone(),
         role: role_rx.clone(),
         in_flight: shared.in_flight.clone(),
         started_us,
+        sharded,
     };
-    let beat = liveness::Beat {
-        owner: owner_rx.clone(),
-        lapsed: shared.heartbeat_lapsed.clone(),
-        incarnation,
+    let beat = |lane: &Lane| liveness::Beat {
+        owner: lane.owner_tx.subscribe(),
+        lapsed: lane.shared.heartbeat_lapsed.clone(),
+        incarnation: lane.incarnation.clone(),
     };
-    let mut alive = spawn(liveness::run(
-        con.clone(),
-        keys.clone(),
-        beat,
-        presence,
-        config.handler.heartbeat_ms,
-        config.redis_down_max_ms,
-        background.clone(),
-    ));
-    let wake = tokio::spawn(crate::node::wake::listen(
-        config.redis.clone(),
-        keys.clone(),
-        shared.wake.clone(),
-        background.clone(),
-    ));
+    let (heartbeat_ms, down_ms) = (config.handler.heartbeat_ms, config.redis_down_max_ms);
+    let mut beats = Vec::new();
+    if sharded {
+        // The control slot keeps the registry entry and the history; each shard its heartbeat.
+        beats.push(liveness::run(
+            con.clone(),
+            keys.clone(),
+            None,
+            Some(presence),
+            heartbeat_ms,
+            down_ms,
+            background.clone(),
+        ));
+        for lane in &lanes {
+            beats.push(liveness::run(
+                lane.con.clone(),
+                lane.keys.clone(),
+                Some(beat(lane)),
+                None,
+                heartbeat_ms,
+                down_ms,
+                background.clone(),
+            ));
+        }
+    } else {
+        beats.push(liveness::run(
+            con.clone(),
+            keys.clone(),
+            Some(beat(&lanes[0])),
+            Some(presence),
+            heartbeat_ms,
+            down_ms,
+            background.clone(),
+        ));
+    }
+    let mut alive =
+        spawn(async move { futures_util::future::try_join_all(beats).await.map(|_| ()) });
+    let wakes: Vec<_> = lanes
+        .iter()
+        .map(|lane| {
+            tokio::spawn(crate::node::wake::listen(
+                config.redis.clone(),
+                lane.keys.clone(),
+                lane.shared.wake.clone(),
+                background.clone(),
+            ))
+        })
+        .collect();
     let mut publisher = spawn(publish_loop(
         con.clone(),
         keys.clone(),
@@ -196,7 +268,9 @@ async fn run_in_span<H: Handler, S: Source>(
     background.cancel();
     let _ = alive.await;
     let _ = publisher.await;
-    let _ = wake.await;
+    for wake in wakes {
+        let _ = wake.await;
+    }
     let latencies = shared
         .latencies
         .lock()
@@ -206,12 +280,83 @@ async fn run_in_span<H: Handler, S: Source>(
         .publish(&mut con, &keys, &config.instance_id)
         .await?;
     if shared.in_flight.load(Ordering::Relaxed) == 0 {
-        let owner = owner_rx.borrow().clone();
-        liveness::forget(&mut con, &keys, &owner).await?;
+        for lane in &lanes {
+            let owner = lane.owner_tx.borrow().clone();
+            liveness::forget(&mut lane.con.clone(), &lane.keys, &owner).await?;
+        }
     }
     liveness::leave(&mut con, &keys, &config.instance_id).await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// One shard as this copy's handler works it: its connection, keys and incarnation, the handler
+/// settings (its share of `--max-in-flight`), the handler id it heartbeats, its own suspects,
+/// wake-up and lapse flag, and the process's shared in-flight gauge and histograms.
+struct Lane {
+    con: Conn,
+    keys: Keys,
+    incarnation: Incarnation,
+    config: handler::HandlerConfig,
+    owner_tx: watch::Sender<Arc<str>>,
+    shared: HandlerShared,
+}
+
+impl Lane {
+    fn new(
+        config: &Config,
+        con: Conn,
+        keys: Keys,
+        incarnation: Incarnation,
+        process: &HandlerShared,
+        max_in_flight: usize,
+    ) -> Lane {
+        let mut handler = config.handler.clone();
+        handler.max_in_flight = max_in_flight;
+        handler.batch = handler.batch.min(max_in_flight as u64);
+        let (owner_tx, _) =
+            watch::channel::<Arc<str>>(Arc::from(format!("{}.0", config.instance_id)));
+        Lane {
+            con,
+            keys,
+            incarnation,
+            config: handler,
+            owner_tx,
+            shared: HandlerShared {
+                in_flight: process.in_flight.clone(),
+                latencies: process.latencies.clone(),
+                ..HandlerShared::default()
+            },
+        }
+    }
+}
+
+/// Settles the namespace's shard count (`--shards`, stored once) and, when it is above 1, joins
+/// every shard: its connection (pinned to its slot), its scripts and its incarnation. Empty when
+/// unsharded.
+async fn join_shards(
+    con: &mut Conn,
+    keys: &Keys,
+    config: &Config,
+) -> Result<Vec<sharded::Shard>, Error> {
+    crate::protocol::shards::settle(con, keys, config.shards).await?;
+    if config.shards <= 1 {
+        return Ok(Vec::new());
+    }
+    let mut shards = Vec::new();
+    for (index, shard_keys) in keys.shards(config.shards).into_iter().enumerate() {
+        let mut shard_con = crate::protocol::shards::conn_for(con, &shard_keys);
+        scripts::load_all(&mut shard_con).await?;
+        let incarnation =
+            Incarnation::join(&mut shard_con, &shard_keys, config.accept_data_loss).await?;
+        shards.push(sharded::Shard {
+            index: index as u32,
+            con: shard_con,
+            keys: shard_keys,
+            incarnation,
+        });
+    }
+    Ok(shards)
 }
 
 /// Loads the scripts, joins the namespace's incarnation, stores `--max-messages`, and returns
@@ -289,6 +434,7 @@ async fn leader_loop<S: Source>(
     instance: String,
     config: GeneratorConfig,
     source: Arc<S>,
+    mut sharded: Option<sharded::ShardedGen>,
     role: watch::Sender<Role>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
@@ -308,6 +454,7 @@ async fn leader_loop<S: Source>(
                     &config,
                     &incarnation,
                     &*source,
+                    sharded.as_mut(),
                     &stop,
                 )
                 .instrument(tracing::info_span!("generator", epoch = lease.epoch))

@@ -36,6 +36,49 @@ impl Keys {
         &self.prefix
     }
 
+    /// The namespace these keys were built from (inside the hash tag).
+    pub fn namespace(&self) -> &str {
+        &self.prefix[1..self.prefix.len() - 2]
+    }
+
+    /// The keys of shard `index` of a namespace spread over `of` shards (docs/PROTOCOL.md,
+    /// "Sharding"): the hash tag `{<namespace>/<index>}`, or `{<namespace>/<index>.<k>}` with
+    /// the smallest `k` that puts its slot in the `index`-th `of`-th of the slot space. So the
+    /// shards spread evenly over the slots, and on a cluster whose masters own equal ranges of
+    /// slots (as `redis-cli --cluster create` assigns them) `of` shards over `of` masters land
+    /// one per master. Every copy computes the same tags. With one shard, the namespace's own
+    /// keys: an unsharded namespace is shard 0 of 1, laid out exactly as before sharding.
+    pub fn shard(&self, index: u32, of: u32) -> Keys {
+        if of <= 1 {
+            return self.clone();
+        }
+        let (lo, hi) = (
+            u64::from(index) * 16384 / u64::from(of),
+            (u64::from(index) + 1) * 16384 / u64::from(of),
+        );
+        let in_range = |tag: &str| {
+            let slot = u64::from(crate::conn::key_slot(tag.as_bytes()));
+            (lo..hi).contains(&slot)
+        };
+        let mut tag = format!("{}/{index}", self.namespace());
+        // Bounded: a range is at least 16384/64 slots, so a tag is found within a few hundred
+        // tries in expectation; past the bound the last tag is used (still a valid shard).
+        for k in 1..100_000u32 {
+            if in_range(&tag) {
+                break;
+            }
+            tag = format!("{}/{index}.{k}", self.namespace());
+        }
+        Keys {
+            prefix: format!("{{{tag}}}:"),
+        }
+    }
+
+    /// The keys of every shard of a namespace spread over `of` shards, in shard order.
+    pub fn shards(&self, of: u32) -> Vec<Keys> {
+        (0..of.max(1)).map(|i| self.shard(i, of)).collect()
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
@@ -159,6 +202,28 @@ impl Keys {
     pub fn instances(&self) -> String {
         self.key("instances")
     }
+    /// Integer: how many shards the namespace is spread over, set once by its first copy (absent
+    /// = 1, unsharded). Copies started with another `--shards` are refused.
+    pub fn shard_count(&self) -> String {
+        self.key("shards")
+    }
+    /// String `"<epoch>:<first_id>:<count>:<shard>:<time_us>"`: the last id range allocated
+    /// (allocate.lua). It is appended to its shard by append.lua; a generator that dies between
+    /// the two leaves it here, and its successor appends it before allocating anything itself.
+    pub fn pending(&self) -> String {
+        self.key("pending")
+    }
+    /// Integer, on a shard: the end of the highest id range appended to it. append.lua appends a
+    /// range only at or past it, so a retried or repeated append adds nothing.
+    pub fn alloc_mark(&self) -> String {
+        self.key("alloc_mark")
+    }
+    /// Integer, on a shard: the highest generator epoch the shard accepted (a takeover seals
+    /// every shard with its epoch). append.lua refuses older epochs: the fencing token the
+    /// storage checks.
+    pub fn epoch_seen(&self) -> String {
+        self.key("epoch_seen")
+    }
     /// List of counter samples, newest first, at most 16: one a second from the generator
     /// (sample.lua), so `status` can compute rates over the last ~10 s without any process
     /// keeping state for it.
@@ -178,6 +243,36 @@ mod tests {
         assert_eq!(k.inflight("h1"), "{app}:inflight:h1");
         assert_eq!(k.batches("h1"), "{app}:batches:h1");
         assert!(k.histograms("x").starts_with("{app}:"));
+    }
+
+    #[test]
+    fn shards_have_their_own_hash_tags() {
+        let k = Keys::new("app").unwrap();
+        assert_eq!(k.namespace(), "app");
+        assert_eq!(k.shard(0, 1).queue(), "{app}:queue");
+        let shards = k.shards(3);
+        assert_eq!(shards.len(), 3);
+        for (i, shard) in shards.iter().enumerate() {
+            assert!(
+                shard.queue().starts_with(&format!("{{app/{i}")),
+                "{}",
+                shard.queue()
+            );
+            let slot = crate::conn::key_slot(shard.queue().as_bytes()) as usize;
+            assert!(
+                (i * 16384 / 3..(i + 1) * 16384 / 3).contains(&slot),
+                "shard {i} slot {slot}"
+            );
+            assert_eq!(
+                shard.inflight("h.0"),
+                format!("{}inflight:h.0", shard.prefix())
+            );
+        }
+        assert_eq!(
+            k.shards(3)[1].prefix(),
+            shards[1].prefix(),
+            "every copy computes the same tags"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod epoch_log;
 pub mod keys;
 pub mod message;
 pub mod scripts;
+pub mod shards;
 
 /// Reclaim counts that make a message a suspect with its own list (`{ns}:suspects:<level>`);
 /// one more than the last is poison ([`MAX_RECLAIMS`]). Passed to the scripts as arguments.

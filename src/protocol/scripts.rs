@@ -21,6 +21,8 @@ script!(ACQUIRE, "acquire.lua");
 script!(RENEW, "renew.lua");
 script!(RELEASE, "release.lua");
 script!(GENERATE, "generate.lua");
+script!(ALLOCATE, "allocate.lua");
+script!(APPEND, "append.lua");
 script!(FETCH, "fetch.lua");
 script!(COMMIT, "commit.lua");
 script!(RECLAIM, "reclaim.lua");
@@ -51,6 +53,8 @@ pub async fn load_all<C: redis::aio::ConnectionLike>(con: &mut C) -> redis::Redi
         &*RENEW,
         &*RELEASE,
         &*GENERATE,
+        &*ALLOCATE,
+        &*APPEND,
         &*FETCH,
         &*COMMIT,
         &*RECLAIM,

@@ -25,10 +25,66 @@ pub struct Snapshot {
     pub next_id: u64,
     /// The current lease value, `"epoch:instance"`, if held.
     pub lease: Option<String>,
+    /// Shards the namespace is spread over (1 = unsharded).
+    pub shards: u32,
+    /// Ids whose success bit is set in more than one shard (each id is generated into one shard,
+    /// so any is a duplicate outcome the merged bitmap would hide).
+    pub ok_in_two_shards: Vec<u64>,
 }
 
-/// Takes a snapshot. Not atomic across keys: call it when the group is idle or stopped.
+/// Takes a snapshot. Not atomic across keys: call it when the group is idle or stopped. A
+/// namespace spread over shards reads as one: the success bitmaps merged, the other counts
+/// summed.
 pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
+    let lanes = crate::protocol::shards::lanes(con, keys).await?;
+    if lanes.len() == 1 {
+        return snapshot_one(con, keys).await;
+    }
+    let mut snap = snapshot_one(con, keys).await?; // control: epoch log, next id, lease
+    snap.shards = lanes.len() as u32;
+    snap.counters = Counters::read(con, keys).await?;
+    for (mut con, keys) in lanes {
+        let ok: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(keys.ok())
+            .query_async(&mut con)
+            .await?;
+        let ok = ok.unwrap_or_default();
+        if snap.ok_bitmap.len() < ok.len() {
+            snap.ok_bitmap.resize(ok.len(), 0);
+        }
+        for (i, (merged, byte)) in snap.ok_bitmap.iter_mut().zip(&ok).enumerate() {
+            let both = *merged & byte;
+            for bit in 0..8 {
+                if both & (0x80 >> bit) != 0 {
+                    snap.ok_in_two_shards.push(i as u64 * 8 + bit);
+                }
+            }
+            *merged |= byte;
+        }
+        let queued = crate::protocol::shards::queued(&mut con, &keys, u64::MAX / 2).await?;
+        snap.queue_len += queued + reclaimed_waiting(&mut con, &keys).await?;
+        snap.error_store_len += redis::cmd("LLEN")
+            .arg(keys.errors())
+            .query_async::<u64>(&mut con)
+            .await?;
+        snap.in_flight += in_flight_matching_one(&mut con, &keys, "*").await?;
+    }
+    Ok(snap)
+}
+
+/// Messages waiting in the retry set and the suspect lists.
+async fn reclaimed_waiting(con: &mut Conn, keys: &Keys) -> Result<u64, Error> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SCARD").arg(keys.retry());
+    for level in crate::protocol::SUSPECT_LEVELS {
+        pipe.cmd("LLEN").arg(keys.suspects(level));
+    }
+    let waiting: Vec<u64> = pipe.query_async(con).await?;
+    Ok(waiting.iter().sum())
+}
+
+/// [`snapshot`] of an unsharded namespace, or of a sharded one's control slot.
+async fn snapshot_one(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
     let ok_bitmap: Option<Vec<u8>> = redis::cmd("GET").arg(keys.ok()).query_async(con).await?;
     let epoch_log: Vec<String> = redis::cmd("LRANGE")
         .arg(keys.epochs())
@@ -36,7 +92,7 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         .arg(-1)
         .query_async(con)
         .await?;
-    let counters = Counters::read(con, keys).await?;
+    let counters = Counters::read_one(con, keys).await?;
     let (entries, head): (u64, Option<Vec<u8>>) = redis::pipe()
         .cmd("LLEN")
         .arg(keys.queue())
@@ -45,13 +101,7 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         .arg(0)
         .query_async(con)
         .await?;
-    let mut pipe = redis::pipe();
-    pipe.cmd("SCARD").arg(keys.retry());
-    for level in crate::protocol::SUSPECT_LEVELS {
-        pipe.cmd("LLEN").arg(keys.suspects(level));
-    }
-    let waiting: Vec<u64> = pipe.query_async(con).await?;
-    let reclaimed: u64 = waiting.iter().sum();
+    let reclaimed = reclaimed_waiting(con, keys).await?;
     let error_store_len: u64 = redis::cmd("LLEN")
         .arg(keys.errors())
         .query_async(con)
@@ -62,7 +112,7 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         .await?;
     let lease: Option<String> = redis::cmd("GET").arg(keys.lease()).query_async(con).await?;
     let queue_len = reclaimed + queued_messages(entries, head.as_deref(), next_id.unwrap_or(0));
-    let in_flight = in_flight_matching(con, keys, "*").await?;
+    let in_flight = in_flight_matching_one(con, keys, "*").await?;
     Ok(Snapshot {
         ok_bitmap: ok_bitmap.unwrap_or_default(),
         epoch_log,
@@ -72,12 +122,27 @@ pub async fn snapshot(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
         error_store_len,
         next_id: next_id.unwrap_or(0),
         lease,
+        shards: 1,
+        ok_in_two_shards: Vec::new(),
     })
 }
 
 /// Messages in the in-flight sets and the open messages of the batch records of handler ids
-/// matching `handler_glob` (e.g. `"<instance>.*"`). Bounded SCANs.
+/// matching `handler_glob` (e.g. `"<instance>.*"`), over every shard. Bounded SCANs.
 pub async fn in_flight_matching(
+    con: &mut Conn,
+    keys: &Keys,
+    handler_glob: &str,
+) -> Result<u64, Error> {
+    let mut total = 0;
+    for (mut con, keys) in crate::protocol::shards::lanes(con, keys).await? {
+        total += in_flight_matching_one(&mut con, &keys, handler_glob).await?;
+    }
+    Ok(total)
+}
+
+/// [`in_flight_matching`] in one shard.
+async fn in_flight_matching_one(
     con: &mut Conn,
     keys: &Keys,
     handler_glob: &str,

@@ -32,6 +32,9 @@ pub struct Observed {
     pub handler_timeout_ms: u64,
     /// Redis bitmap of successes: id `i` is bit `i`, MSB-first within each byte (SETBIT order).
     pub ok_bitmap: Vec<u8>,
+    /// Ids whose success bit is set in two shards of a sharded namespace (merged in
+    /// `ok_bitmap`): each is one more outcome for the id.
+    pub ok_in_two_shards: Vec<u64>,
     /// Lines printed by every `app getErrors` that ran to completion (during the run and the
     /// final one): one decimal id per failed message.
     pub error_lines: Vec<String>,
@@ -81,6 +84,7 @@ impl Observed {
             delay_max_ms,
             handler_timeout_ms: 0,
             ok_bitmap: snap.ok_bitmap.clone(),
+            ok_in_two_shards: snap.ok_in_two_shards.clone(),
             error_lines,
             error_lines_killed: Vec::new(),
             epoch_log: snap
@@ -221,6 +225,14 @@ pub fn check(o: &Observed) -> Verdict {
                 r.out_of_range += 1;
                 v.push(|| format!("ok bitmap has id {id} outside 0..{n}"));
             }
+        }
+    }
+
+    // A success recorded in two shards is two outcomes, though the merged bitmap shows one.
+    for &id in &o.ok_in_two_shards {
+        if let Some(count) = slot(&mut seen, id) {
+            r.processed += 1;
+            *count = count.saturating_add(1);
         }
     }
 
@@ -421,6 +433,18 @@ mod tests {
         o.worker_kills = 1;
         let v = check(&o);
         assert!(v.pass && v.reruns == 2, "{v:?}");
+    }
+
+    #[test]
+    fn an_ok_recorded_in_two_shards_is_a_duplicate() {
+        let mut o = clean();
+        o.ok_in_two_shards.push(first_ok(&o));
+        let v = check(&o);
+        assert!(!v.pass && v.duplicates == 1, "{v:?}");
+        assert!(
+            v.violations.iter().any(|l| l.contains("2 outcomes")),
+            "{v:?}"
+        );
     }
 
     /// One fault per row: what it breaks, the message expected, and

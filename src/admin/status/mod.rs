@@ -74,6 +74,27 @@ pub struct Status {
     pub warnings: Vec<String>,
     /// Redis's memory use against its limit (`INFO memory`), when it says.
     pub memory: Option<Memory>,
+    /// Per shard, when the namespace is spread over shards (`--shards`); empty otherwise. The
+    /// totals above are their sums.
+    #[serde(default)]
+    pub shards: Vec<ShardStatus>,
+}
+
+/// One shard of a namespace spread over shards: read one after another (not at one instant).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    /// The shard's index (its keys are `{<namespace>/<index>}:…`).
+    pub shard: u32,
+    /// Messages waiting in its queue.
+    pub queue_depth: u64,
+    /// Messages reclaimed from dead handlers waiting in its retry set and suspect lists.
+    pub reclaimed_waiting: u64,
+    /// Entries in its error store.
+    pub error_store: u64,
+    /// Entries in its drain list.
+    pub error_draining: u64,
+    /// Its counters.
+    pub counters: Totals,
 }
 
 /// Redis's memory, from `INFO memory`.
@@ -228,6 +249,19 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
     };
     let mut status = interpret(keys, replies, warnings)?;
     status.memory = memory;
+    let lanes = crate::protocol::shards::lanes(con, keys).await?;
+    if lanes.len() > 1 {
+        for (index, (mut con, keys)) in lanes.into_iter().enumerate() {
+            let shard = shard_status(&mut con, &keys, index as u32).await?;
+            status.queue_depth += shard.queue_depth;
+            status.reclaimed_waiting += shard.reclaimed_waiting;
+            status.error_store += shard.error_store;
+            status.error_draining += shard.error_draining;
+            status.counters.add(&shard.counters);
+            status.empty &= shard.counters == Totals::default() && shard.queue_depth == 0;
+            status.shards.push(shard);
+        }
+    }
     let ids: Vec<u64> = status
         .instances
         .iter()
@@ -243,6 +277,31 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
         .instances
         .sort_by(|a, b| b.alive.cmp(&a.alive).then(a.instance.cmp(&b.instance)));
     Ok(status)
+}
+
+/// One shard's depths and counters.
+async fn shard_status(con: &mut Conn, keys: &Keys, shard: u32) -> Result<ShardStatus, Error> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SCARD").arg(keys.retry());
+    for level in crate::protocol::SUSPECT_LEVELS {
+        pipe.cmd("LLEN").arg(keys.suspects(level));
+    }
+    let waiting: Vec<u64> = pipe.query_async(con).await?;
+    let (error_store, error_draining): (u64, u64) = redis::pipe()
+        .cmd("LLEN")
+        .arg(keys.errors())
+        .cmd("LLEN")
+        .arg(keys.errors_drain())
+        .query_async(con)
+        .await?;
+    Ok(ShardStatus {
+        shard,
+        queue_depth: crate::protocol::shards::queued(con, keys, u32::MAX as u64).await?,
+        reclaimed_waiting: waiting.iter().sum(),
+        error_store,
+        error_draining,
+        counters: Totals::read_one(con, keys).await?,
+    })
 }
 
 /// Sends the status reads, in one MULTI when `atomic`.
@@ -426,6 +485,7 @@ fn interpret(
         rates: rates(&samples, redis_time_us),
         warnings,
         memory: None,
+        shards: Vec::new(),
     })
 }
 

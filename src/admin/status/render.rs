@@ -130,6 +130,20 @@ pub fn render_text(s: &Status) -> String {
         "errors      {} in the store, {} being drained by getErrors",
         s.error_store, s.error_draining
     );
+    for shard in &s.shards {
+        let _ = writeln!(
+            out,
+            "  shard {:<3} queue {}   reclaimed waiting {}   error store {} ({} draining)   generated {}   processed {}   errors {}",
+            shard.shard,
+            shard.queue_depth,
+            shard.reclaimed_waiting,
+            shard.error_store,
+            shard.error_draining,
+            shard.counters.generated,
+            shard.counters.processed,
+            shard.counters.errors
+        );
+    }
     let c = &s.counters;
     let _ = writeln!(
         out,

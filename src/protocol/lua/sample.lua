@@ -5,6 +5,9 @@
 -- KEYS[4]: error store ({ns}:errors), for entries naming keys of the wrong type set aside
 -- ARGV[1]: our lease value "<epoch>:<instance>"
 -- ARGV[2]: samples to keep, integer 1..1000
+-- ARGV[3]: optional, for a namespace spread over shards (whose counters live in the shards'
+--          slots): the counters summed by the caller, "<generated>,<processed>,<errors>,
+--          <duplicates>,<reclaimed>", used instead of KEYS[2]'s
 -- Returns: 1 when a sample was pushed; 0 when the lease is not ours (nothing changed).
 -- A sample: {"time_us":T,"generated":N,"processed":N,"errors":N,"duplicates":N,"reclaimed":N}.
 -- One script so the push and the trim never separate (the list stays bounded even if the caller
@@ -20,7 +23,15 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 local parts = {'{"time_us":' .. redis_now()}
 local names = {'generated', 'processed', 'errors', 'duplicates', 'reclaimed'}
-local values = redis.call('HMGET', KEYS[2], unpack(names))
+local values
+if ARGV[3] and ARGV[3] ~= '' then
+  values = {}
+  for v in string.gmatch(ARGV[3], '[^,]+') do
+    values[#values + 1] = v
+  end
+else
+  values = redis.call('HMGET', KEYS[2], unpack(names))
+end
 for i, name in ipairs(names) do
   local v = values[i]
   -- Only digits go into the JSON: a corrupt counter reads as 0 here rather than breaking status.

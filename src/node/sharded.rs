@@ -1,0 +1,323 @@
+//! Generation in a namespace spread over shards (docs/PROTOCOL.md, "Sharding"): ids are
+//! allocated in the control slot (allocate.lua, fenced by the lease) and appended to one shard
+//! (append.lua, fenced by the shard's `epoch_seen`), strictly in turn, so at most one allocated
+//! range is not yet appended: the one in `{ns}:pending`, which a successor appends before it
+//! allocates anything. Ids stay gap-free and unique across shards, and a deposed generator can
+//! write to no shard.
+
+use crate::conn::Conn;
+use crate::error::Error;
+use crate::node::generator::Generated;
+use crate::node::incarnation::Incarnation;
+use crate::node::lease::Lease;
+use crate::protocol::keys::Keys;
+use crate::protocol::{scripts, shards};
+
+/// One shard as the generator and the handlers reach it.
+#[derive(Clone)]
+pub struct Shard {
+    /// Its index, 0-based.
+    pub index: u32,
+    /// A connection pinned to its slot.
+    pub con: Conn,
+    /// Its keys (`{ns/index}`).
+    pub keys: Keys,
+    /// The shard's incarnation as this copy joined it (its scripts are guarded by it).
+    pub incarnation: Incarnation,
+}
+
+/// An id range allocated and not yet seen appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// The epoch that allocated it.
+    pub epoch: u64,
+    /// First id.
+    pub first_id: u64,
+    /// How many ids.
+    pub count: u64,
+    /// The shard it goes to.
+    pub shard: u32,
+    /// Its generation time (Redis µs at allocation).
+    pub time_us: u64,
+}
+
+impl Range {
+    /// Parses `{ns}:pending`, `"<epoch>:<first_id>:<count>:<shard>:<time_us>"`.
+    pub fn parse(raw: &str) -> Option<Range> {
+        let mut f = raw.split(':').map(|x| x.parse::<u64>().ok());
+        let r = Range {
+            epoch: f.next()??,
+            first_id: f.next()??,
+            count: f.next()??,
+            shard: u32::try_from(f.next()??).ok()?,
+            time_us: f.next()??,
+        };
+        f.next().is_none().then_some(r)
+    }
+}
+
+/// What append.lua answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Appended now (or, for a seal, the shard's `epoch_seen` raised).
+    Now,
+    /// Appended before (by an earlier try, or by a successor).
+    Already,
+    /// The shard has seen a later epoch: this generator is deposed.
+    Fenced,
+}
+
+/// Appends `range` to `shard` (append.lua); a count of 0 only seals the shard with its epoch.
+pub async fn append(shard: &mut Shard, range: &Range) -> Result<Appended, Error> {
+    let keys = &shard.keys;
+    let (status, _mark, _seen): (i64, u64, u64) = scripts::APPEND
+        .key(keys.queue())
+        .key(keys.alloc_mark())
+        .key(keys.epoch_seen())
+        .key(keys.stats())
+        .key(keys.wake())
+        .key(keys.incarnation())
+        .key(keys.errors())
+        .key(keys.writes())
+        .arg(range.epoch)
+        .arg(range.first_id)
+        .arg(range.count)
+        .arg(range.time_us)
+        .arg(shard.incarnation.guard())
+        .invoke_async(&mut shard.con)
+        .await
+        .map_err(|e| match e.code() {
+            Some("ERR") if e.to_string().contains("append:") => Error::Corrupt(e.to_string()),
+            _ => Error::from(e),
+        })?;
+    shard.incarnation.acknowledged();
+    Ok(match status {
+        1 => Appended::Now,
+        2 => Appended::Already,
+        _ => Appended::Fenced,
+    })
+}
+
+/// Allocates up to `wanted` ids for shard `shard` under `lease` (allocate.lua). `cut`: the count
+/// was bounded by the shard's room, so the range is cut to end on a multiple of 8 when it can
+/// (batches then stay aligned with the outcome bitmaps' bytes, as generate.lua keeps them).
+pub async fn allocate(
+    con: &mut Conn,
+    keys: &Keys,
+    lease: &Lease,
+    incarnation: &Incarnation,
+    wanted: u64,
+    cut: bool,
+    shard: u32,
+) -> Result<(Generated, Option<Range>), Error> {
+    let (status, first_id, count, time_us): (i64, u64, u64, u64) = scripts::ALLOCATE
+        .key(keys.lease())
+        .key(keys.next_id())
+        .key(keys.max())
+        .key(keys.epochs())
+        .key(keys.pending())
+        .key(keys.incarnation())
+        .key(keys.errors())
+        .key(keys.stats())
+        .key(keys.writes())
+        .arg(&lease.value)
+        .arg(lease.epoch)
+        .arg(wanted)
+        .arg(incarnation.guard())
+        .arg(incarnation.max_next_id())
+        .arg(crate::protocol::message::ID_MAX + 1)
+        .arg(shard)
+        .arg(u8::from(cut))
+        .invoke_async(con)
+        .await
+        .map_err(|e| match e.code() {
+            Some("ERR") if e.to_string().contains("allocate:") => Error::Corrupt(e.to_string()),
+            _ => Error::from(e),
+        })?;
+    incarnation.acknowledged();
+    if status > 0 {
+        incarnation.saw_next_id(first_id + count);
+    }
+    Ok(match status {
+        1 => (
+            Generated::Batch {
+                first_id,
+                count,
+                time_us,
+            },
+            Some(Range {
+                epoch: lease.epoch,
+                first_id,
+                count,
+                shard,
+                time_us,
+            }),
+        ),
+        3 => (Generated::Finished, None),
+        4 => (Generated::IdSpaceUsedUp, None),
+        _ => (Generated::Fenced, None),
+    })
+}
+
+/// The generator's state across calls in a sharded namespace.
+pub struct ShardedGen {
+    /// Every shard, in order.
+    pub shards: Vec<Shard>,
+    /// The shard asked first next time (round robin).
+    next: usize,
+    /// Set once the predecessor's pending range is appended and every shard sealed.
+    taken_over: bool,
+    /// A range this generator allocated and has not yet seen appended: appended (retried)
+    /// before anything else is allocated.
+    unappended: Option<Range>,
+}
+
+impl ShardedGen {
+    /// State for a fresh lease over `shards`.
+    pub fn new(shards: Vec<Shard>) -> ShardedGen {
+        ShardedGen {
+            shards,
+            next: 0,
+            taken_over: false,
+            unappended: None,
+        }
+    }
+
+    /// Starts a new lease: the takeover runs again before the first allocation.
+    pub fn reset(&mut self) {
+        self.taken_over = false;
+        self.unappended = None;
+    }
+
+    /// Appends `range` to its shard. `Ok(false)`: fenced (deposed).
+    async fn finish(&mut self, range: Range) -> Result<bool, Error> {
+        let count = self.shards.len();
+        let shard = self.shards.get_mut(range.shard as usize).ok_or_else(|| {
+            Error::Corrupt(format!("a range names shard {} of {count}", range.shard))
+        })?;
+        match append(shard, &range).await? {
+            Appended::Now | Appended::Already => Ok(true),
+            Appended::Fenced => Ok(false),
+        }
+    }
+
+    /// The takeover: append the predecessor's pending range (with its own epoch: no shard has
+    /// seen a later one before this runs), then seal every shard with `lease`'s epoch. `Ok(false)`:
+    /// a later epoch already sealed a shard (this lease is deposed).
+    async fn take_over(
+        &mut self,
+        con: &mut Conn,
+        keys: &Keys,
+        lease: &Lease,
+    ) -> Result<bool, Error> {
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(keys.pending())
+            .query_async(con)
+            .await?;
+        if let Some(raw) = raw {
+            let range = Range::parse(&raw).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{} holds {raw:?}, not epoch:first:count:shard:time",
+                    keys.pending()
+                ))
+            })?;
+            if range.shard as usize >= self.shards.len() {
+                return Err(Error::Corrupt(format!(
+                    "{} names shard {} of a namespace of {} shards",
+                    keys.pending(),
+                    range.shard,
+                    self.shards.len()
+                )));
+            }
+            if !self.finish(range).await? {
+                // Only a takeover seals a shard, and it appends the pending range first, so a
+                // shard that refuses the pending range unappended would leave a gap in the ids:
+                // damage, said loudly (generation stops) rather than skipped.
+                return Err(Error::Corrupt(format!(
+                    "shard {} refuses the pending range {raw:?} (it has seen a later epoch) but never appended it: ids {}..{} would be missing",
+                    range.shard,
+                    range.first_id,
+                    range.first_id + range.count
+                )));
+            }
+        }
+        for i in 0..self.shards.len() {
+            let seal = Range {
+                epoch: lease.epoch,
+                first_id: 0,
+                count: 0,
+                shard: i as u32,
+                time_us: 0,
+            };
+            if append(&mut self.shards[i], &seal).await? == Appended::Fenced {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One generation step: the takeover if not done, the unappended range if any, else one
+    /// range of at most `batch_max` ids for the next shard (round robin) whose queue holds fewer
+    /// than `queue_max` messages, allocated and appended.
+    pub async fn step(
+        &mut self,
+        con: &mut Conn,
+        keys: &Keys,
+        lease: &Lease,
+        incarnation: &Incarnation,
+        batch_max: u64,
+        queue_max: u64,
+    ) -> Result<Generated, Error> {
+        if !self.taken_over {
+            if !self.take_over(con, keys, lease).await? {
+                return Ok(Generated::Fenced);
+            }
+            self.taken_over = true;
+        }
+        if let Some(range) = self.unappended {
+            if !self.finish(range).await? {
+                return Ok(Generated::Fenced);
+            }
+            self.unappended = None;
+            return Ok(Generated::Batch {
+                first_id: range.first_id,
+                count: range.count,
+                time_us: range.time_us,
+            });
+        }
+        // `queue_max` bounds each shard's queue (each master's memory): a share of it would cut
+        // batches to queue_max/S messages, and Redis's costs are per batch.
+        let share = queue_max.max(1);
+        for _ in 0..self.shards.len() {
+            let i = self.next;
+            self.next = (self.next + 1) % self.shards.len();
+            let shard = &mut self.shards[i];
+            let queued = shards::queued(&mut shard.con, &shard.keys, share).await?;
+            let room = share.saturating_sub(queued);
+            if room == 0 {
+                continue;
+            }
+            let wanted = batch_max.min(room);
+            let (generated, range) = allocate(
+                con,
+                keys,
+                lease,
+                incarnation,
+                wanted,
+                wanted < batch_max,
+                i as u32,
+            )
+            .await?;
+            let Some(range) = range else {
+                return Ok(generated);
+            };
+            self.unappended = Some(range);
+            if !self.finish(range).await? {
+                return Ok(Generated::Fenced);
+            }
+            self.unappended = None;
+            return Ok(generated);
+        }
+        Ok(Generated::QueueFull)
+    }
+}

@@ -1,0 +1,81 @@
+-- allocate.lua: step A of generation in a sharded namespace (docs/PROTOCOL.md, "Sharding"):
+-- fenced, gap-free ids handed out in the control slot, to be appended to one shard by append.lua.
+-- KEYS[1]: lease key ({ns}:lease)
+-- KEYS[2]: next id ({ns}:next_id), integer, absent = 0
+-- KEYS[3]: max messages ({ns}:max), integer, absent = unlimited
+-- KEYS[4]: epoch log ({ns}:epochs), list of "<epoch>:<first_id>:<count>:<time_us>"
+-- KEYS[5]: pending range ({ns}:pending), "<epoch>:<first_id>:<count>:<shard>:<time_us>"
+-- KEYS[6]: incarnation ({ns}:incarnation)
+-- KEYS[7]: error store ({ns}:errors), for entries naming keys of the wrong type set aside
+-- KEYS[8]: stats hash ({ns}:stats), for the `bad` count of a key set aside
+-- KEYS[9]: write counts ({ns}:writes), hash copy -> guarded calls (prelude.lua, forgotten)
+-- ARGV[1]: our lease value "<epoch>:<instance>"
+-- ARGV[2]: our epoch (integer)
+-- ARGV[3]: count wanted, integer >= 1 (the caller bounds it by the shard's room under queue_max)
+-- ARGV[4]: the guard "<token>/<copy>/<acked>" (prelude.lua, forgotten)
+-- ARGV[5]: min_next_id, integer >= 0: the highest next id this copy has seen; a lower next_id is
+--          FORGOTTEN (Redis went back in time), nothing written
+-- ARGV[6]: id_limit, integer >= 1: ids are 0 .. id_limit-1
+-- ARGV[7]: the shard the range is for, integer >= 0
+-- ARGV[8]: "1" when the count was cut short by the shard's room: the range then ends on a
+--          multiple of 8 when it can (up to 7 fewer), so batches stay aligned with the outcome
+--          bitmaps' bytes, as generate.lua keeps them; "0" otherwise
+-- Returns: {status, first_id, count, time_us}
+--   status 1: ids first_id .. first_id+count-1 allocated at Redis time time_us, and recorded as
+--             pending: the caller appends them to the shard (append.lua) before it allocates again
+--   status 3: max messages reached, nothing allocated
+--   status 4: the id space is used up, nothing allocated
+--   status -1: fenced: the lease is not ours; nothing allocated
+-- Errors (nothing mutated): bad arguments; DAMAGED for a next_id or max that is not a
+-- non-negative integer; FORGOTTEN (see above and prelude.lua).
+local epoch = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+local min_next = tonumber(ARGV[5])
+local id_limit = tonumber(ARGV[6])
+if not string.match(ARGV[2] or '', '^%d+$') or not string.match(ARGV[7] or '', '^%d+$') then
+  return redis.error_reply('ERR allocate: epoch and shard must be decimal integers')
+end
+if not wanted or wanted < 1 or not min_next or min_next < 0 or not id_limit or id_limit < 1 then
+  return redis.error_reply('ERR allocate: bad arguments')
+end
+local gone = forgotten(KEYS[6], ARGV[4], KEYS[9])
+if gone then return gone end
+local bad = damaged('allocate', KEYS[2]) or damaged('allocate', KEYS[3])
+if bad then return bad end
+local now, now_us = redis_now()
+guard('allocate', now, KEYS[7], KEYS[8], {{KEYS[1], 'string'}, {KEYS[4], 'list'}, {KEYS[5], 'string'}})
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {-1, 0, 0, now_us}
+end
+local next_id = tonumber(redis.call('GET', KEYS[2]) or '0')
+if next_id < min_next then
+  return redis.error_reply('FORGOTTEN ' .. KEYS[2] .. ' went back from ' .. min_next .. ' to ' .. next_id)
+end
+if next_id >= id_limit then
+  return {4, next_id, 0, now_us}
+end
+local n = math.min(wanted, id_limit - next_id)
+local raw_max = redis.call('GET', KEYS[3])
+if raw_max then
+  local max = tonumber(raw_max)
+  if next_id >= max then
+    return {3, next_id, 0, now_us}
+  end
+  n = math.min(n, max - next_id)
+end
+if ARGV[8] == '1' and n == wanted and n > (next_id + n) % 8 then
+  n = n - (next_id + n) % 8
+end
+redis.call('SET', KEYS[2], next_id + n)
+redis.call('SET', KEYS[5], ARGV[2] .. ':' .. next_id .. ':' .. n .. ':' .. ARGV[7] .. ':' .. now)
+-- Epoch log, as generate.lua keeps it: one range per epoch while its ids are contiguous.
+local last = redis.call('LINDEX', KEYS[4], -1)
+if last then
+  local e, first, count, t0 = string.match(last, '^(%d+):(%d+):(%d+):(%d+)$')
+  if e and tonumber(e) == epoch and tonumber(first) + tonumber(count) == next_id then
+    redis.call('LSET', KEYS[4], -1, e .. ':' .. first .. ':' .. (tonumber(count) + n) .. ':' .. t0)
+    return {1, next_id, n, now_us}
+  end
+end
+redis.call('RPUSH', KEYS[4], ARGV[2] .. ':' .. next_id .. ':' .. n .. ':' .. now)
+return {1, next_id, n, now_us}
