@@ -56,11 +56,28 @@ struct HaltWatch {
     what: String,
     /// When the fault happened.
     since: Instant,
-    /// `next_id` right after the loss (absent = 0 after a wipe; the snapshot's after a rollback):
-    /// it must still be this when every copy has stopped.
+    /// `next_id` from which on nothing may be generated: right after the loss (absent = 0 after
+    /// a wipe; the snapshot's after a rollback), or, after a master kill, when the first copy
+    /// was seen halted (the promoted replica may hand out ids legitimately until a copy finds
+    /// that a write it was told of is gone). It must still be this when every copy has stopped.
     next_id_after_loss: u64,
+    /// Since when `next_id_after_loss` holds, for the verdict's words: "Redis lost data".
+    frozen_since: &'static str,
     /// `next_id` just before the loss, for the report.
     next_id_before_loss: u64,
+}
+
+/// One executed `--kill-master`: the master of a namespace slot SIGKILLed, its replica promoted.
+struct MasterKill {
+    /// What happened, for the report and a halt's description.
+    what: String,
+    /// When the master was SIGKILLed.
+    killed_at: Instant,
+    /// From the SIGKILL until every live node said `cluster_state:ok` and the slot was served by
+    /// the promoted replica, ms (20 ms polling plus `redis-cli` round trips).
+    promotion_ms: f64,
+    /// `next_id` read just before the kill, for a halt's report.
+    next_id_before: u64,
 }
 
 /// How long the copies may take to halt after Redis lost data.
@@ -69,19 +86,102 @@ const HALT_WAIT_MAX: Duration = Duration::from_secs(20);
 /// The exit code of an `app` that halted because Redis lost data.
 const APP_EXIT_HALTED: i32 = 5;
 
-/// What Redis looked like before the first copy started, so the report can show what the run
-/// itself cost.
+/// What Redis looked like before the first copy started (what the run itself cost is in the
+/// [`Meter`]s).
 struct Baseline {
     /// When the run started, for the report.
     started_utc: String,
     /// Redis's `redis_version`, for the report.
     redis_version: String,
-    /// Commands Redis had run before the run.
-    calls_before: u64,
-    /// Scripts (EVALSHA) Redis had run before the run.
-    scripts_before: u64,
-    /// Each Redis node's own CPU time before the run, seconds.
-    redis_cpu_before_s: Vec<f64>,
+}
+
+/// What a Redis node has run so far (`INFO commandstats`, `INFO cpu`), or during the run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// Commands run.
+    calls: u64,
+    /// Script calls (EVALSHA, EVAL).
+    scripts: u64,
+    /// CPU time, user + system, seconds; 0 when unreadable.
+    cpu_s: f64,
+}
+
+impl Usage {
+    /// What the node at `con` has run since it started.
+    async fn read(con: &mut conn::Conn) -> anyhow::Result<Usage> {
+        let (calls, scripts) = inspect::command_calls(con).await?;
+        let cpu_s = match inspect::info(con, "cpu").await {
+            Ok(info) => ["used_cpu_user", "used_cpu_sys"]
+                .iter()
+                .filter_map(|k| info.get(*k)?.parse::<f64>().ok())
+                .sum(),
+            Err(_) => 0.0,
+        };
+        Ok(Usage {
+            calls,
+            scripts,
+            cpu_s,
+        })
+    }
+
+    /// `self - earlier`, never below 0 (a restarted Redis starts its counts again).
+    fn since(self, earlier: Usage) -> Usage {
+        Usage {
+            calls: self.calls.saturating_sub(earlier.calls),
+            scripts: self.scripts.saturating_sub(earlier.scripts),
+            cpu_s: (self.cpu_s - earlier.cpu_s).max(0.0),
+        }
+    }
+
+    fn plus(self, other: Usage) -> Usage {
+        Usage {
+            calls: self.calls + other.calls,
+            scripts: self.scripts + other.scripts,
+            cpu_s: self.cpu_s + other.cpu_s,
+        }
+    }
+}
+
+/// What the run cost one Redis node: the one Redis, or one master's slot range of a cluster.
+/// When `--kill-master` kills that master, what it ran until then is carried over and its
+/// promoted replica is metered from its promotion on (what it ran as a replica is not the run's
+/// cost on that range: it replayed the master's writes).
+struct Meter {
+    /// A connection to the node serving the range now.
+    con: conn::Conn,
+    /// That node's usage when its metering began.
+    from: Usage,
+    /// What the range's earlier masters ran during the run.
+    carried: Usage,
+}
+
+impl Meter {
+    async fn start(mut con: conn::Conn) -> anyhow::Result<Meter> {
+        let from = Usage::read(&mut con).await?;
+        Ok(Meter {
+            con,
+            from,
+            carried: Usage::default(),
+        })
+    }
+
+    /// What the range's nodes have run during the run so far.
+    async fn used(&mut self) -> anyhow::Result<Usage> {
+        Ok(Usage::read(&mut self.con)
+            .await?
+            .since(self.from)
+            .plus(self.carried))
+    }
+
+    /// The range's master was killed (having run `used` during the run, read just before): go
+    /// on metering at `con`, the promoted replica.
+    async fn hand_over(&mut self, used: Usage, con: conn::Conn) -> anyhow::Result<()> {
+        *self = Meter {
+            carried: used,
+            ..Meter::start(con).await?
+        };
+        Ok(())
+    }
 }
 
 /// One run: its processes, the fault plan and what the loop has seen so far. Fields drop in
@@ -107,8 +207,8 @@ struct Run<'f> {
     world: World,
     /// The sim's own connection to Redis (never through the proxy).
     con: conn::Conn,
-    /// A connection to each Redis node (each master of a cluster), for its CPU and commands.
-    meters: Vec<conn::Conn>,
+    /// What each Redis node (each master's slot range of a cluster) has run, for CPU and commands.
+    meters: Vec<Meter>,
     /// Redis before the first copy started.
     baseline: Baseline,
     /// When the loop started: fault times and the timeline are seconds since then.
@@ -135,6 +235,10 @@ struct Run<'f> {
     aof_repairs: u64,
     /// Set by a fault that made Redis lose data: the loop then only waits for the copies to halt.
     halt: Option<HaltWatch>,
+    /// The `--kill-master` faults executed so far.
+    master_kills: Vec<MasterKill>,
+    /// When a due master kill last looked whether it could act (a look costs a few `redis-cli`).
+    master_checked_at: Option<Instant>,
     /// The counters last read; kept while Redis does not answer.
     last_counters: Counters,
     /// Reads of the counters failed in a row (Redis restarting): no probes, no faults meanwhile.
@@ -209,18 +313,17 @@ impl<'f> Run<'f> {
             .unwrap_or_default();
         let mut meters = Vec::new();
         for url in world.node_urls() {
-            meters.push(match world.node_urls().len() {
-                1 => con.clone(),
-                _ => conn::connect(&url, 5000).await?,
-            });
+            meters.push(
+                Meter::start(match world.node_urls().len() {
+                    1 => con.clone(),
+                    _ => conn::connect(&url, 5000).await?,
+                })
+                .await?,
+            );
         }
-        let (calls_before, scripts_before) = command_calls(&mut meters).await?;
         let baseline = Baseline {
             started_utc,
             redis_version,
-            calls_before,
-            scripts_before,
-            redis_cpu_before_s: redis_cpu_s(&mut meters).await,
         };
         world.spawn_copies(flags.processes)?;
 
@@ -254,6 +357,8 @@ impl<'f> Run<'f> {
             injected: 0,
             aof_repairs: 0,
             halt: None,
+            master_kills: Vec::new(),
+            master_checked_at: None,
             last_counters: Counters::default(),
             redis_errors: 0,
             settle_since: None,
@@ -272,7 +377,7 @@ impl<'f> Run<'f> {
         self.world.resume_due(now, &self.progress);
         self.world.sample_usage();
         // After a data loss, exits are expected: they are judged when the wait ends.
-        if self.halt.is_none() {
+        if self.halt.is_none() && self.watch_master_kill_halt().await {
             if let Err(e) = self.world.check_running() {
                 self.progress.finish();
                 return Err(e);
@@ -391,6 +496,33 @@ impl<'f> Run<'f> {
         Ok(self.stalled.is_some())
     }
 
+    /// After a master kill, a copy that exited with code 5 found that Redis lost a write (the
+    /// promoted replica lacked it): from now on the loop waits for every copy to halt, and the
+    /// run is judged like a wipe. Returns whether the copies' exits are to be checked as usual
+    /// (not when one halted: if `next_id` cannot be read yet, the next tick tries again).
+    async fn watch_master_kill_halt(&mut self) -> bool {
+        let Some(kill) = self.master_kills.last() else {
+            return true;
+        };
+        let Some(name) = self.world.exited_with(APP_EXIT_HALTED) else {
+            return true;
+        };
+        if let Ok(next_id) = read_next_id(&mut self.con, &self.keys).await {
+            let what = format!("{}; {name} halted first", kill.what);
+            self.progress.note(&format!(
+                "{what}: every copy must now halt with exit code {APP_EXIT_HALTED}"
+            ));
+            self.halt = Some(HaltWatch {
+                what,
+                since: kill.killed_at,
+                next_id_after_loss: next_id,
+                frozen_since: "the first copy halted",
+                next_id_before_loss: kill.next_id_before,
+            });
+        }
+        false
+    }
+
     /// Checks killed handlers' in-flight sets; records how long each took to be reclaimed.
     async fn watch_reclaims(&mut self) {
         let mut still = Vec::new();
@@ -415,34 +547,6 @@ impl<'f> Run<'f> {
         }
         self.watched = still;
     }
-}
-
-/// Redis's own CPU time so far (INFO cpu), seconds.
-/// Each node's own CPU time so far (`INFO cpu`, user + system), seconds; 0 when unreadable.
-async fn redis_cpu_s(meters: &mut [conn::Conn]) -> Vec<f64> {
-    let mut each = Vec::with_capacity(meters.len());
-    for con in meters {
-        let cpu = match inspect::info(con, "cpu").await {
-            Ok(info) => ["used_cpu_user", "used_cpu_sys"]
-                .iter()
-                .filter_map(|k| info.get(*k)?.parse::<f64>().ok())
-                .sum(),
-            Err(_) => 0.0,
-        };
-        each.push(cpu);
-    }
-    each
-}
-
-/// Commands and script calls every node has run so far, summed.
-async fn command_calls(meters: &mut [conn::Conn]) -> anyhow::Result<(u64, u64)> {
-    let (mut calls, mut scripts) = (0, 0);
-    for con in meters {
-        let (c, s) = inspect::command_calls(con).await?;
-        calls += c;
-        scripts += s;
-    }
-    Ok((calls, scripts))
 }
 
 /// `{ns}:next_id` now (absent = 0).

@@ -29,6 +29,9 @@ pub enum FaultKind {
     WipeRedis,
     /// Start an `app getErrors` (or two) that may be SIGKILLed mid-drain.
     DrainErrors,
+    /// SIGKILL the cluster master of one of the namespace's slots; its replica is promoted. The
+    /// group must either lose nothing it was told, or halt.
+    KillMaster,
 }
 
 impl FaultKind {
@@ -48,6 +51,7 @@ impl FaultKind {
             FaultKind::RollbackRedis => "redis rollback",
             FaultKind::WipeRedis => "redis wipe",
             FaultKind::DrainErrors => "getErrors drain",
+            FaultKind::KillMaster => "master kill",
         }
     }
 
@@ -71,6 +75,7 @@ impl FaultKind {
                 | FaultKind::DropConnections
                 | FaultKind::LoseReplies
                 | FaultKind::RestartRedis
+                | FaultKind::KillMaster
         )
     }
 }
@@ -91,6 +96,9 @@ pub struct Fault {
     /// For a snapshot: stop the generator first and roll back a few outcomes later, before it
     /// resumes, so the rollback puts back no counter (only handlers' calls are lost).
     pub quiet: bool,
+    /// For a master kill: which of the namespace's slots it hits, 0 = the control slot `{ns}`,
+    /// `s + 1` = shard `s` (taken modulo the slots there are).
+    pub target: u32,
 }
 
 /// The seeded fault plan: for each kind, `count` trigger points drawn uniformly from 10 %..90 %
@@ -121,7 +129,11 @@ fn fault_plan(seed: u64, messages: u64, counts: &[(FaultKind, u32)]) -> Vec<Faul
                 snapshot.quiet = rng.random_bool(0.5);
                 plan.push(snapshot);
             }
-            plan.push(Fault::new(kind, at));
+            let mut fault = Fault::new(kind, at);
+            if kind == FaultKind::KillMaster {
+                fault.target = rng.random();
+            }
+            plan.push(fault);
         }
     }
     plan
@@ -137,6 +149,7 @@ impl Fault {
             epoch: 0,
             redis_us: 0,
             quiet: false,
+            target: 0,
         }
     }
 }
@@ -160,6 +173,7 @@ pub fn plan_for(flags: &Flags, seed: u64) -> Vec<Fault> {
             (FaultKind::RollbackRedis, u32::from(flags.rollback_redis)),
             (FaultKind::WipeRedis, u32::from(flags.wipe_redis)),
             (FaultKind::DrainErrors, flags.drain_errors),
+            (FaultKind::KillMaster, flags.kill_master),
         ],
     )
 }

@@ -98,6 +98,19 @@ pub struct Flags {
     /// tell. Judged like --wipe-redis. Needs the sim's own Redis; not with --restart-redis.
     #[arg(long)]
     pub rollback_redis: bool,
+    /// With --redis-cluster N (N >= 3: a failover needs a majority of masters), start one
+    /// replica per master and, this many times at seeded points of the run, SIGKILL the master
+    /// of one of the namespace's slots (the control slot or a shard's, drawn from the seed), wait
+    /// (bounded) until its replica is promoted, and start the killed node again (it rejoins as a
+    /// replica; a later kill waits until a replica is in sync). Replication is asynchronous: the
+    /// promoted replica may lack the last writes the master acknowledged. What must hold is one
+    /// of two: nothing acknowledged was lost, the run completes and the usual exactly-once
+    /// verdict passes; or a copy finds a loss (invariant 9), and then every copy exits with code
+    /// 5, the namespace is marked halted and no id is generated after the halt (judged like
+    /// --wipe-redis). Anything else fails: a missing or duplicate outcome, a copy exiting with
+    /// another code, or still running 20 s after the kill once one halted.
+    #[arg(long, default_value_t = 0, value_name = "M")]
+    pub kill_master: u32,
     /// Run the real `app getErrors` this many times during the run, at seeded points while
     /// handlers still write errors: half of them SIGKILLed after a seeded number of lines, one
     /// time in three two at once. The verdict takes everything they printed plus the final
@@ -155,8 +168,9 @@ pub struct Flags {
     /// A `redis+cluster://host:port[,host:port…]` URL names a Redis Cluster.
     #[arg(long)]
     pub redis_url: Option<String>,
-    /// Start a local Redis Cluster of N masters (no replicas) instead of one redis-server, and run
-    /// on it: the namespace lives in one slot, on one of the masters. 0 = one plain redis-server.
+    /// Start a local Redis Cluster of N masters (no replicas; one each with --kill-master) instead
+    /// of one redis-server, and run on it: the namespace lives in one slot, on one of the
+    /// masters. 0 = one plain redis-server.
     /// Not with --redis-url or with the faults that need the sim's own single Redis or the proxy.
     #[arg(long, default_value_t = 0)]
     pub redis_cluster: u32,
@@ -165,6 +179,11 @@ pub struct Flags {
     /// shards (an id recorded in two is a duplicate). Not with --inject-duplicates.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
+    /// Passed to every app: after each script call, wait until this many replicas hold its
+    /// writes (Redis `WAIT`), or treat the call as one whose reply was lost. With --kill-master,
+    /// 1 makes a master failover lose nothing the group acted on. 0 = no wait.
+    #[arg(long, default_value_t = 0)]
+    pub wait_replicas: u32,
     /// The `app` binary (default: the one next to `sim`).
     #[arg(long)]
     pub app_bin: Option<PathBuf>,
@@ -238,6 +257,17 @@ fn main() -> ExitCode {
             || flags.lose_replies + flags.partition_leader > 0)
     {
         eprintln!("sim: --redis-cluster starts its own cluster: not with --redis-url, --restart-redis, --wipe-redis, --rollback-redis, --lose-replies or --partition-leader (they need one plain Redis)");
+        return ExitCode::from(2);
+    }
+    if flags.kill_master > 0 && flags.redis_cluster == 0 {
+        eprintln!("sim: --kill-master kills masters of the sim's own Redis Cluster: add --redis-cluster N (N >= 3)");
+        return ExitCode::from(2);
+    }
+    if flags.kill_master > 0 && flags.redis_cluster < 3 {
+        eprintln!(
+            "sim: --kill-master needs --redis-cluster 3 or more (got {}): a replica is promoted only by a majority of the masters, which a cluster of fewer than 3 loses with one",
+            flags.redis_cluster
+        );
         return ExitCode::from(2);
     }
     if flags.shards > 1 && flags.inject_duplicates > 0 {

@@ -148,6 +148,13 @@ pub struct Summary {
     /// Shards the namespace was spread over (`--shards`).
     #[serde(default)]
     pub shards: u32,
+    /// `--kill-master`: cluster masters SIGKILLed (each the master of one of the namespace's
+    /// slots), and for each, from the kill until every live node said `cluster_state:ok` with
+    /// the slot served by the promoted replica, ms.
+    #[serde(default)]
+    pub master_kills: u64,
+    #[serde(default)]
+    pub promotion_ms: Vec<f64>,
     /// CPU seconds all app processes spent (sampled every 10 ms; a killed one keeps its last).
     pub apps_cpu_s: f64,
     pub command_line: String,
@@ -240,7 +247,9 @@ fn summary_markdown(s: &Summary) -> String {
             .map(|c| (c * 100.0).round() / 100.0)
             .collect::<Vec<_>>()
     );
-    let rows: [(&str, &dyn Display); 67] = [
+    let promotions: Vec<String> = s.promotion_ms.iter().map(|ms| format!("{ms:.0}")).collect();
+    let promotions = promotions.join(", ");
+    let rows: [(&str, &dyn Display); 69] = [
         ("verdict", &s.verdict),
         ("seed", &s.seed),
         ("commit", &s.commit),
@@ -274,6 +283,8 @@ fn summary_markdown(s: &Summary) -> String {
         ("faults_executed", &s.faults_executed),
         ("redis_restarts", &s.redis_restarts),
         ("aof_repairs", &s.aof_repairs),
+        ("master_kills", &s.master_kills),
+        ("promotion_ms", &promotions),
         ("drains", &s.drains),
         ("drains_killed", &s.drains_killed),
         ("reprinted", &s.reprinted),
@@ -446,7 +457,7 @@ mod tests {
         assert!(svgs.iter().all(|svg| svg.contains("<svg")));
         let json: serde_json::Value = serde_json::from_str(&read("summary.json")).expect("json");
         let back: Summary = serde_json::from_value(json.clone()).expect("every field present");
-        assert_eq!(json.as_object().map(|o| o.len()), Some(66));
+        assert_eq!(json.as_object().map(|o| o.len()), Some(70));
         assert_eq!(
             (json["seed"].as_u64(), back.verdict.as_str()),
             (Some(42), "fail")

@@ -40,8 +40,8 @@ pub struct World {
     /// by faults.
     pub server: Option<RedisServer>,
     /// The sim's own Redis Cluster (--redis-cluster N), held so that it stops (on drop) after the
-    /// copies.
-    _cluster: Option<RedisCluster>,
+    /// copies. Its masters are killed by --kill-master.
+    pub cluster: Option<RedisCluster>,
 }
 
 impl World {
@@ -55,8 +55,9 @@ impl World {
     ) -> anyhow::Result<World> {
         let cluster = match flags.redis_cluster {
             0 => None,
+            // A replica per master, for --kill-master to fail over to.
             n => Some(
-                RedisCluster::start(n as usize)
+                RedisCluster::start_with_replicas(n as usize, usize::from(flags.kill_master > 0))
                     .with_context(|| format!("starting a {n}-master Redis Cluster"))?,
             ),
         };
@@ -99,14 +100,15 @@ impl World {
             proxy: None,
             url,
             server,
-            _cluster: cluster,
+            cluster,
         })
     }
 
-    /// Plain URLs of every Redis node the run uses (each master of the sim's own cluster, or
-    /// the one Redis), for reading each node's own CPU and command counts.
+    /// Plain URLs of every Redis node the run uses (each master of the sim's own cluster, in slot
+    /// order, not the replicas; or the one Redis), for reading each node's own CPU and command
+    /// counts.
     pub fn node_urls(&self) -> Vec<String> {
-        match &self._cluster {
+        match &self.cluster {
             Some(c) => c.nodes().iter().map(|n| n.url()).collect(),
             None => vec![self.url.clone()],
         }
@@ -210,6 +212,13 @@ impl World {
         }
     }
 
+    /// A copy that has exited with `code`, if any (its name).
+    pub fn exited_with(&mut self, code: i32) -> Option<String> {
+        self.apps
+            .iter_mut()
+            .find_map(|a| (a.exited()?.code() == Some(code)).then(|| a.instance_id.clone()))
+    }
+
     /// How many copies are still running.
     pub fn running(&mut self) -> usize {
         self.apps
@@ -272,6 +281,7 @@ pub fn app_args(flags: &Flags, namespace: &str, seed: u64) -> Vec<String> {
         ("--lease-ms", flags.lease_ms.to_string()),
         ("--heartbeat-ms", flags.heartbeat_ms.to_string()),
         ("--shards", flags.shards.to_string()),
+        ("--wait-replicas", flags.wait_replicas.to_string()),
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v])

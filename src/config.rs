@@ -68,7 +68,14 @@ pub struct Config {
     /// "Sharding"). Stored in Redis by the first copy; a copy started with another count is
     /// refused.
     pub shards: u32,
+    /// After each script call, wait until this many replicas hold every write of the call
+    /// (`WAIT`, at most [`WAIT_TIMEOUT_MS`]), or treat the call as one whose reply was lost: a
+    /// master failover to one of them then loses nothing a copy acted on. 0 = no wait.
+    pub wait_replicas: u32,
 }
+
+/// How long a script call waits for `--wait-replicas` replicas before it counts as lost.
+pub const WAIT_TIMEOUT_MS: u64 = 1000;
 
 impl Config {
     /// Checks every value; returns the config unchanged when it can work.
@@ -91,6 +98,9 @@ impl Config {
                 self.shards,
                 crate::protocol::shards::SHARDS_MAX
             ));
+        }
+        if self.wait_replicas > 16 {
+            return bad(format!("--wait-replicas {} exceeds 16", self.wait_replicas));
         }
         let g = &self.generator;
         if g.lease_ms < LEASE_MS_MIN || g.lease_ms > 600_000 {

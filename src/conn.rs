@@ -28,7 +28,15 @@ use std::time::{Duration, Instant};
 /// The connection every task of a process shares (multiplexed, reconnecting, cheap to clone): to
 /// one Redis, or to a Redis Cluster (see the module docs).
 #[derive(Clone)]
-pub struct Conn(Link);
+pub struct Conn(Link, Option<Wait>);
+
+/// `--wait-replicas`: after each script call, `WAIT` until this many replicas have every write
+/// this connection made, or fail the call as if its reply were lost.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    replicas: u32,
+    timeout_ms: u64,
+}
 
 #[derive(Clone)]
 enum Link {
@@ -46,22 +54,32 @@ impl Conn {
     /// (on one Redis, the same connection). Every part of a copy uses a pinned connection.
     pub fn pinned(self, keys: &crate::protocol::keys::Keys) -> Conn {
         match self.0 {
-            Link::Cluster { con, .. } => Conn(Link::Cluster {
-                con,
-                home: Some(key_slot(keys.prefix().as_bytes())),
-            }),
-            single => Conn(single),
+            Link::Cluster { con, .. } => Conn(
+                Link::Cluster {
+                    con,
+                    home: Some(key_slot(keys.prefix().as_bytes())),
+                },
+                self.1,
+            ),
+            single => Conn(single, self.1),
         }
     }
 
-    /// True when connected to a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.0, Link::Cluster { .. })
+    /// This connection with every script call (`EVALSHA`, `EVAL`) followed by `WAIT replicas
+    /// timeout_ms` on the same link: the call succeeds only once `replicas` replicas hold every
+    /// write made so far, and otherwise fails as a connection error, i.e. as a call whose reply
+    /// was lost (its effect unknown; every caller already copes with that). So whatever a copy
+    /// acts on survives the failover of its master to one of those replicas (docs/PROTOCOL.md,
+    /// "Durability"). 0 replicas: no `WAIT`.
+    pub fn waiting_for(self, replicas: u32, timeout_ms: u64) -> Conn {
+        let wait = (replicas > 0).then_some(Wait {
+            replicas,
+            timeout_ms,
+        });
+        Conn(self.0, wait)
     }
-}
 
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+    fn send<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.0 {
             Link::Single(con) => con.req_packed_command(cmd),
             Link::Cluster {
@@ -73,6 +91,45 @@ impl ConnectionLike for Conn {
             }
             Link::Cluster { con, home: None } => con.req_packed_command(cmd),
         }
+    }
+
+    /// True when connected to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.0, Link::Cluster { .. })
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let is_script = matches!(
+            cmd.args_iter().next(),
+            Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL")
+        );
+        let Some(wait) = self.1.filter(|_| is_script) else {
+            return self.send(cmd);
+        };
+        Box::pin(async move {
+            let reply = self.send(cmd).await?;
+            let mut ask = redis::cmd("WAIT");
+            ask.arg(wait.replicas).arg(wait.timeout_ms);
+            // Anything but enough replicas (fewer, an error reply, the slot's master gone
+            // between the two commands) leaves the write unconfirmed: a lost reply.
+            let answer = match self.send(&ask).await {
+                Ok(Value::Int(acked)) if acked >= i64::from(wait.replicas) => return Ok(reply),
+                Ok(Value::Int(acked)) => {
+                    format!("reached {acked} of the {} replicas", wait.replicas)
+                }
+                Ok(other) => format!("got {other:?}"),
+                Err(e) => format!("failed: {e}"),
+            };
+            Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the write was not confirmed by --wait-replicas {} within {} ms (WAIT {answer}): treated as a lost reply",
+                    wait.replicas, wait.timeout_ms
+                ),
+            )))
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -299,9 +356,10 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
             .set_max_delay(Duration::from_millis(500));
         let attempt = async {
             let mut con = match &target.cluster {
-                None => Conn(Link::Single(
-                    ConnectionManager::new_with_config(client.clone(), config).await?,
-                )),
+                None => Conn(
+                    Link::Single(ConnectionManager::new_with_config(client.clone(), config).await?),
+                    None,
+                ),
                 Some(seeds) => {
                     let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone())
                         .connection_timeout(left.min(Duration::from_secs(2)))
@@ -311,7 +369,7 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
                         builder = builder.certs(certs.clone());
                     }
                     let con = builder.build()?.get_async_connection().await?;
-                    Conn(Link::Cluster { con, home: None })
+                    Conn(Link::Cluster { con, home: None }, None)
                 }
             };
             redis::cmd("PING").query_async::<String>(&mut con).await?;

@@ -102,11 +102,16 @@ impl Error {
     pub fn is_connection(&self) -> bool {
         match self {
             Error::Unreachable { .. } => true,
+            // A cluster redirect or a cluster without a master for the slot (a failover under
+            // way, seen under `sim --kill-master`): the command may or may not have run on a
+            // master that is now gone, so its effect is as unknown as a lost reply's.
             Error::Redis(e) => {
                 e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
                     || e.is_timeout()
+                    || e.is_cluster_error()
+                    || e.code() == Some("MASTERDOWN")
             }
             _ => false,
         }

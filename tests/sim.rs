@@ -81,10 +81,12 @@ fn small_sim_with_leader_kills_passes() {
     }
 }
 
-/// Issue 13's CI run: `sim --redis-cluster 3` starts a 3-master local cluster and the usual
-/// verdict holds with generator and handler SIGKILLs.
+/// Issue 13's CI run: `sim --redis-cluster 3 --shards 3` starts a 3-master local cluster (one
+/// replica each, for the master kill), spreads the namespace over 3 shards, and the usual
+/// verdict holds with generator and handler SIGKILLs and a master SIGKILLed and replaced by its
+/// replica (`--wait-replicas 1`: nothing the group acted on is lost).
 #[test]
-fn small_sim_on_a_redis_cluster_passes() {
+fn small_sharded_sim_on_a_redis_cluster_passes() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report");
     let out = common::run_sim(
@@ -92,12 +94,18 @@ fn small_sim_on_a_redis_cluster_passes() {
         &[
             "--redis-cluster",
             "3",
+            "--shards",
+            "3",
             "--messages",
             "30000",
             "--kill-leader",
             "--kills",
             "2",
             "--kill-workers",
+            "1",
+            "--kill-master",
+            "1",
+            "--wait-replicas",
             "1",
             "--seed",
             "13",
@@ -122,9 +130,13 @@ fn small_sim_on_a_redis_cluster_passes() {
             .unwrap();
     assert_eq!(summary["verdict"], "pass");
     assert_eq!(summary["redis_cluster_masters"], 3);
+    assert_eq!(summary["shards"], 3);
     assert_eq!(summary["leader_kills"], 2);
+    assert_eq!(summary["master_kills"], 1);
     assert_eq!(summary["missing"], 0);
     assert_eq!(summary["duplicates"], 0);
+    let per_node = summary["redis_cpu_s_per_node"].as_array().unwrap();
+    assert_eq!(per_node.len(), 3, "one CPU figure per master: {summary}");
 }
 
 #[test]

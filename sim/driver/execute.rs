@@ -2,7 +2,7 @@
 //! faults the first that can act does. Each fault's code says what it needs (a pure generator, a
 //! busy handler, the sim's own Redis, the proxy) and returns `None` while it cannot act yet.
 
-use super::{read_next_id, HaltWatch, Run, APP_EXIT_HALTED};
+use super::{read_next_id, HaltWatch, MasterKill, Run, APP_EXIT_HALTED};
 use crate::faults::FaultKind;
 use crate::Flags;
 use anyhow::{bail, Context};
@@ -20,6 +20,12 @@ const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
 /// takes back, while no counter moves. The generator stays stopped for half its lease meanwhile,
 /// so no successor takes over.
 const QUIET_ROLLBACK_AFTER: u64 = 20;
+/// How long a killed master's replica may take to be promoted (with the replica cluster's 1 s
+/// node timeout it takes ~2-3 s); past it the cluster is broken and the run ends as a crash.
+const PROMOTION_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How often a due master kill looks whether it can act (its master has a replica in sync, the
+/// cluster is ok): each look runs a few `redis-cli`.
+const MASTER_CHECK_EVERY: Duration = Duration::from_millis(200);
 
 impl Run<'_> {
     /// Every due getErrors drain starts now (they disturb nothing); of the other faults, at most
@@ -85,6 +91,7 @@ impl Run<'_> {
             }
             FaultKind::LoseReplies => Some(self.lose_replies(done)?),
             FaultKind::RestartRedis => Some(self.restart_redis(done)?),
+            FaultKind::KillMaster => self.kill_master(i, now, done).await?,
         };
         let Some(note) = note else {
             return Ok(false);
@@ -286,6 +293,7 @@ impl Run<'_> {
             what,
             since: Instant::now(),
             next_id_after_loss: after,
+            frozen_since: "Redis lost data",
             next_id_before_loss: before,
         });
         Ok(note)
@@ -329,6 +337,79 @@ impl Run<'_> {
         ))
     }
 
+    /// SIGKILLs the master of the namespace slot fault `i` targets, waits (bounded) until its
+    /// replica is promoted, starts the killed node again (it rejoins as the new master's
+    /// replica) and moves that slot range's meter to the promoted node. `None` while that master
+    /// has no replica in sync or the cluster is not ok (a restarted node still copying).
+    async fn kill_master(
+        &mut self,
+        i: usize,
+        now: Instant,
+        done: u64,
+    ) -> anyhow::Result<Option<String>> {
+        let looked = self.master_checked_at.replace(now);
+        if looked.is_some_and(|t| now.duration_since(t) < MASTER_CHECK_EVERY) {
+            self.master_checked_at = looked;
+            return Ok(None);
+        }
+        let slots = namespace_slots(&self.keys, self.flags.shards);
+        let (tag, slot) = slots[self.faults[i].target as usize % slots.len()].clone();
+        let cluster = self
+            .world
+            .cluster
+            .as_mut()
+            .context("--kill-master needs --redis-cluster")?;
+        let victim = match tokio::task::block_in_place(|| cluster.master_of(slot)) {
+            Ok(v) if tokio::task::block_in_place(|| cluster.can_fail_over(v)) => v,
+            _ => return Ok(None),
+        };
+        let range = cluster.slot_range(slot);
+        let used = self.meters[range].used().await?;
+        let next_id_before = read_next_id(&mut self.con, &self.keys).await?;
+        let port = cluster.node(victim).port();
+        let (offset_before, killed_at, replica_offset, promoted) =
+            tokio::task::block_in_place(|| {
+                let offset_before = cluster.repl_offset(victim);
+                let killed_at = Instant::now();
+                cluster.kill_node(victim);
+                // The replica's data is frozen until its promotion: it starts from what it has now.
+                let replica_offset = cluster.replica_offset(victim);
+                let promoted = cluster.wait_promoted(slot, victim, PROMOTION_WAIT_MAX);
+                promoted.map(|p| (offset_before, killed_at, replica_offset, p))
+            })
+            .with_context(|| format!("--kill-master: after killing node {port}"))?;
+        let promotion_ms = killed_at.elapsed().as_secs_f64() * 1000.0;
+        tokio::task::block_in_place(|| cluster.restart_node(victim))
+            .with_context(|| format!("restarting the killed node {port}"))?;
+        let new_master = cluster.node(promoted);
+        let (new_port, url) = (new_master.port(), new_master.url());
+        self.meters[range]
+            .hand_over(used, conn::connect(&url, 5000).await?)
+            .await?;
+        self.disruptions += 1;
+        let lag = match (offset_before, replica_offset) {
+            (Some(m), Some(r)) if r >= m => format!(
+                "replica at replication offset {r}, master at {m} just before the kill: it had all the master wrote before then"
+            ),
+            (Some(m), Some(r)) => format!(
+                "replica at replication offset {r}, master at {m} just before the kill: {} bytes behind",
+                m - r
+            ),
+            _ => "replication offsets unreadable".into(),
+        };
+        let what = format!(
+            "master kill at {done} outcomes: node {port} (master of slot {slot}, {tag}) SIGKILLed, replica {new_port} promoted in {promotion_ms:.0} ms"
+        );
+        let note = format!("{what}; {lag}; the killed node restarts as a replica");
+        self.master_kills.push(MasterKill {
+            what,
+            killed_at,
+            promotion_ms,
+            next_id_before,
+        });
+        Ok(Some(note))
+    }
+
     /// A handler (not the generator, not paused) holding in-flight messages, picked at random:
     /// its index in `apps` and how many it holds. `None` when no handler holds any right now.
     async fn busy_handler(&mut self) -> anyhow::Result<Option<(usize, u64)>> {
@@ -351,6 +432,21 @@ impl Run<'_> {
         }
         Ok(Some(busy[self.rng.random_range(0..busy.len())]))
     }
+}
+
+/// The namespace's slots a master kill can hit, each with its hash tag: the control slot `{ns}`
+/// first, then each shard's (with `--shards` above 1; unsharded, the control slot holds all).
+fn namespace_slots(keys: &Keys, shards: u32) -> Vec<(String, u16)> {
+    let slot = |k: &Keys| {
+        let tag = k.prefix().trim_end_matches(':').to_string();
+        let slot = conn::key_slot(k.prefix().as_bytes());
+        (tag, slot)
+    };
+    let mut slots = vec![slot(keys)];
+    if shards > 1 {
+        slots.extend(keys.shards(shards).iter().map(slot));
+    }
+    slots
 }
 
 /// How long a paused generator stays stopped: past its lease, so a successor takes over.

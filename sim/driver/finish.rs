@@ -2,7 +2,7 @@
 //! printed, hand it to the checker, and write the report. After a data loss, the halt is judged
 //! instead.
 
-use super::{command_calls, read_next_id, redis_cpu_s, End, HaltWatch, Run, APP_EXIT_HALTED};
+use super::{read_next_id, End, HaltWatch, Run, Usage, APP_EXIT_HALTED};
 use crate::drains::DrainOutput;
 use crate::faults::{Fault, FaultKind};
 use crate::report::{self, KillEvent, Percentiles, Summary, Timeline};
@@ -29,10 +29,10 @@ struct Collected {
     latencies: Latencies,
     /// Redis's INFO memory section.
     memory: std::collections::HashMap<String, String>,
-    /// Commands Redis has run by now.
-    calls_after: u64,
-    /// Scripts (EVALSHA) Redis has run by now.
-    scripts_after: u64,
+    /// Commands Redis ran during the run (every node summed).
+    calls: u64,
+    /// Scripts (EVALSHA) Redis ran during the run.
+    scripts: u64,
     /// Each Redis node's own CPU time during the run, seconds (one entry without a cluster).
     redis_cpu_per_node_s: Vec<f64>,
 }
@@ -122,13 +122,12 @@ impl Run<'_> {
         let snap = leaderq::testkit::snapshot::snapshot(con, &self.keys).await?;
         let latencies = Latencies::collect(con, &self.keys).await?;
         let memory = inspect::info(con, "memory").await?;
-        let (calls_after, scripts_after) = command_calls(&mut self.meters).await?;
-        let redis_cpu_per_node_s: Vec<f64> = redis_cpu_s(&mut self.meters)
-            .await
-            .iter()
-            .zip(&self.baseline.redis_cpu_before_s)
-            .map(|(after, before)| (after - before).max(0.0))
-            .collect();
+        let mut used = Vec::with_capacity(self.meters.len());
+        for meter in &mut self.meters {
+            used.push(meter.used().await?);
+        }
+        let total = used.iter().fold(Usage::default(), |sum, u| sum.plus(*u));
+        let redis_cpu_per_node_s: Vec<f64> = used.iter().map(|u| u.cpu_s).collect();
         Ok(Collected {
             error_lines,
             drained,
@@ -136,8 +135,8 @@ impl Run<'_> {
             snap,
             latencies,
             memory,
-            calls_after,
-            scripts_after,
+            calls: total.calls,
+            scripts: total.scripts,
             redis_cpu_per_node_s,
         })
     }
@@ -202,12 +201,7 @@ impl Run<'_> {
         };
         let c = collected.snap.counters;
         let messages_done = (c.processed + c.errors).max(1) as f64;
-        let calls = collected
-            .calls_after
-            .saturating_sub(self.baseline.calls_before);
-        let scripts = collected
-            .scripts_after
-            .saturating_sub(self.baseline.scripts_before);
+        let (calls, scripts) = (collected.calls, collected.scripts);
         let latencies = &collected.latencies;
         Summary {
             leader_kills: count(FaultKind::KillLeader),
@@ -326,6 +320,8 @@ fn base_summary(run: &Run<'_>) -> Summary {
             .map(|a| conn::redact(&a))
             .collect::<Vec<_>>()
             .join(" "),
+        master_kills: run.master_kills.len() as u64,
+        promotion_ms: run.master_kills.iter().map(|k| k.promotion_ms).collect(),
         ..Summary::default()
     }
 }
@@ -377,8 +373,8 @@ async fn judge_halt(
     let now = read_next_id(con, keys).await?;
     if now != h.next_id_after_loss {
         violations.push(format!(
-            "ids were generated after Redis lost data: next_id {} -> {now}",
-            h.next_id_after_loss
+            "ids were generated after {}: next_id {} -> {now}",
+            h.frozen_since, h.next_id_after_loss
         ));
     }
     let halted = leaderq::node::incarnation::halted(con, keys).await?;
@@ -475,6 +471,7 @@ fn print_summary(s: &Summary, dir: &Path) {
         ("worker_pauses", s.worker_pauses, String::new()),
         ("connection_drops", s.connection_drops, String::new()),
         ("replies_lost", s.replies_lost, String::new()),
+        ("master_kills", s.master_kills, round(&s.promotion_ms)),
         (
             "redis_restarts",
             s.redis_restarts,

@@ -223,8 +223,12 @@ pub async fn drain(
     config: &DrainConfig,
     sink: &mut impl ErrorSink,
 ) -> Result<Drained, Error> {
+    // Read first, and retried like every step: Redis may be restarting.
+    let lanes = retrying(config, con, |mut con| async move {
+        crate::protocol::shards::lanes(&mut con, keys).await
+    })
+    .await?;
     let mut total = drain_store(con, keys, config, sink).await?;
-    let lanes = crate::protocol::shards::lanes(con, keys).await?;
     if lanes.len() > 1 {
         for (mut con, keys) in lanes {
             let d = drain_store(&mut con, &keys, config, sink).await?;

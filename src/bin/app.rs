@@ -215,6 +215,13 @@ struct RunFlags {
     /// Messages without data only (the task's counter). See docs/PROTOCOL.md, "Sharding".
     #[arg(long, default_value_t = 1)]
     shards: u32,
+    /// After every script call, wait (Redis `WAIT`, up to 1000 ms) until this many replicas hold
+    /// its writes; a call they do not confirm is treated like one whose reply was lost. With
+    /// replicas that a failover promotes, a master killed and replaced by one then loses nothing
+    /// the group acted on (`sim --kill-master` proves it). 0 = do not wait: a failover to a
+    /// replica that missed writes is detected and the group halts (exit code 5).
+    #[arg(long, default_value_t = 0)]
+    wait_replicas: u32,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: no exporter, no cost).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
@@ -356,6 +363,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
         accept_data_loss: f.accept_data_loss,
         allow_eviction: f.allow_eviction,
         shards: f.shards,
+        wait_replicas: f.wait_replicas,
         drain_timeout_ms: f
             .drain_timeout_ms
             .unwrap_or(f.handler_delay_max_ms.min(f.handler_timeout_ms) + 5000),

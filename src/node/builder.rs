@@ -62,6 +62,7 @@ impl Node {
             connect_timeout_ms: 5000,
             drain_timeout_ms: 35_000,
             shards: 1,
+            wait_replicas: 0,
             handler: TaskHandler::default(),
             source: Counter,
             batch_set: false,
@@ -104,6 +105,7 @@ pub struct NodeBuilder<H = TaskHandler, S = Counter> {
     connect_timeout_ms: u64,
     drain_timeout_ms: u64,
     shards: u32,
+    wait_replicas: u32,
     handler: H,
     source: S,
     /// Whether [`NodeBuilder::batch`] was called (otherwise the batch fits `max_in_flight`).
@@ -125,6 +127,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             shards: self.shards,
+            wait_replicas: self.wait_replicas,
             source: self.source,
         }
     }
@@ -143,6 +146,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             connect_timeout_ms: self.connect_timeout_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             shards: self.shards,
+            wait_replicas: self.wait_replicas,
             handler: self.handler,
         }
     }
@@ -232,6 +236,14 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
         self
     }
 
+    /// After each script call, wait until this many replicas hold its writes (default 0: no
+    /// wait); a call they do not confirm in time counts as one whose reply was lost. See
+    /// docs/PROTOCOL.md, "Durability".
+    pub fn wait_replicas(mut self, replicas: u32) -> Self {
+        self.wait_replicas = replicas;
+        self
+    }
+
     /// Checks every setting and makes the [`Node`].
     pub fn build(mut self) -> Result<Node<H, S>, Error> {
         if !self.batch_set {
@@ -254,6 +266,7 @@ impl<H: Handler, S: Source> NodeBuilder<H, S> {
             accept_data_loss: false,
             allow_eviction: false,
             shards: self.shards,
+            wait_replicas: self.wait_replicas,
         };
         Node::from_config(config, self.handler, self.source)
     }

@@ -61,6 +61,7 @@ async fn run_in_span<H: Handler, S: Source>(
     let keys = config.keys.clone();
     let mut con = conn::connect_to(&config.redis, config.connect_timeout_ms)
         .await?
+        .waiting_for(config.wait_replicas, crate::config::WAIT_TIMEOUT_MS)
         .pinned(&keys);
     // The start-up steps, the Redis configuration check among them, are idempotent: retry them
     // while Redis is briefly away (a dropped connection, a lost reply, a restart still loading

@@ -225,6 +225,12 @@ impl RedisServer {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// SIGKILLs the server and reaps it (a crash: nothing flushed). Harmless when it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for RedisServer {
@@ -234,24 +240,65 @@ impl Drop for RedisServer {
     }
 }
 
-/// A local Redis Cluster of `masters` masters (no replicas), each a [`RedisServer`] killed on
-/// drop, the 16384 slots split evenly among them in order.
+/// A local Redis Cluster of `masters` masters, each with `replicas_per_master` replicas (none with
+/// [`RedisCluster::start`]), each node a [`RedisServer`] killed on drop (a node killed by
+/// [`RedisCluster::kill_node`] too: killing a reaped process again is harmless), the 16384 slots
+/// split evenly among the masters in order.
 #[derive(Debug)]
 pub struct RedisCluster {
+    /// Every node started: the masters in slot order, then the replicas (replica `k` of master
+    /// `i` at `masters + i * replicas_per_master + k`). A failover changes roles, not positions.
     nodes: Vec<RedisServer>,
+    /// How many nodes were started as masters (the first ones in `nodes`).
+    masters: usize,
+    /// Nodes SIGKILLed by [`RedisCluster::kill_node`] and not restarted since.
+    dead: Vec<bool>,
 }
+
+/// How long a cluster may take to form (meet, replicate, sync) at start.
+const CLUSTER_FORM_MAX: Duration = Duration::from_secs(30);
+
+/// `cluster-node-timeout` without replicas: nothing fails over, so only the slowness that marks a
+/// node failing matters.
+const NODE_TIMEOUT_MS: u64 = 2000;
+
+/// `cluster-node-timeout` with replicas: a killed master is flagged failing after this long, and
+/// its replica promoted about 0.5-1 s later. 1 s leaves a busy node (a long script, a 2-core
+/// machine shared with the copies) ample time to answer the cluster bus's pings, so nothing fails
+/// over that was not killed.
+const NODE_TIMEOUT_WITH_REPLICAS_MS: u64 = 1000;
 
 impl RedisCluster {
     /// Starts `masters` (≥ 1) cluster-enabled servers, assigns the slots, introduces the nodes
-    /// to each other (`CLUSTER MEET`) and waits (bounded, 20 s) until every node says
+    /// to each other (`CLUSTER MEET`) and waits (bounded, 30 s) until every node says
     /// `cluster_state:ok` and knows all the others.
     pub fn start(masters: usize) -> std::io::Result<RedisCluster> {
+        Self::start_with_replicas(masters, 0)
+    }
+
+    /// Like [`RedisCluster::start`], with `replicas_per_master` replicas of each master: each is
+    /// introduced like a master, then made a replica (`CLUSTER REPLICATE <master id>`), and the
+    /// wait (bounded, 30 s) also covers every replica being in sync (its master lists it
+    /// `state=online`) and known as a replica by every node (a master votes only for a node it
+    /// knows as the replica of the failed one). With replicas the node timeout is
+    /// [`NODE_TIMEOUT_WITH_REPLICAS_MS`], so a killed master's replica is promoted within ~2-3 s.
+    pub fn start_with_replicas(
+        masters: usize,
+        replicas_per_master: usize,
+    ) -> std::io::Result<RedisCluster> {
         if masters == 0 {
             return Err(std::io::Error::other("a cluster needs at least one master"));
         }
-        let mut nodes = Vec::with_capacity(masters);
-        let mut buses = Vec::with_capacity(masters);
-        for _ in 0..masters {
+        let total = masters * (1 + replicas_per_master);
+        let timeout_ms = if replicas_per_master > 0 {
+            NODE_TIMEOUT_WITH_REPLICAS_MS
+        } else {
+            NODE_TIMEOUT_MS
+        }
+        .to_string();
+        let mut nodes = Vec::with_capacity(total);
+        let mut buses = Vec::with_capacity(total);
+        for _ in 0..total {
             // The cluster bus gets its own free port (the default, port + 10000, may not exist).
             let bus = free_port()?.to_string();
             buses.push(bus.clone());
@@ -261,54 +308,115 @@ impl RedisCluster {
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
-                "2000",
+                &timeout_ms,
                 "--cluster-port",
                 &bus,
                 "--save",
                 "",
                 "--appendonly",
                 "no",
+                // A replica (re)joining gets its full copy at once, not after the 5 s default
+                // wait for more replicas to share the transfer.
+                "--repl-diskless-sync-delay",
+                "0",
             ])?);
         }
-        let per = 16384 / masters;
-        for (i, node) in nodes.iter().enumerate() {
-            let lo = i * per;
-            let hi = if i + 1 == masters {
-                16383
-            } else {
-                lo + per - 1
-            };
+        let cluster = RedisCluster {
+            nodes,
+            masters,
+            dead: vec![false; total],
+        };
+        for i in 0..masters {
+            let (lo, hi) = cluster.range(i);
             cli(
-                node.port(),
+                cluster.nodes[i].port(),
                 &["CLUSTER", "ADDSLOTSRANGE", &lo.to_string(), &hi.to_string()],
             )?;
         }
-        for (node, bus) in nodes.iter().zip(&buses).skip(1) {
+        for (node, bus) in cluster.nodes.iter().zip(&buses).skip(1) {
             let port = node.port().to_string();
             cli(
-                nodes[0].port(),
+                cluster.nodes[0].port(),
                 &["CLUSTER", "MEET", "127.0.0.1", &port, bus],
             )?;
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + CLUSTER_FORM_MAX;
+        let known = format!("cluster_known_nodes:{total}");
+        let knows_all = |port: u16| {
+            cli(port, &["CLUSTER", "INFO"])
+                .is_ok_and(|info| info.lines().any(|l| l.trim() == known))
+        };
+        if replicas_per_master > 0 {
+            // CLUSTER REPLICATE needs the replica to know its master already.
+            cluster.wait_until(deadline, "every node to know every other", || {
+                cluster.nodes.iter().all(|n| knows_all(n.port()))
+            })?;
+            for i in 0..masters {
+                let id = cli(cluster.nodes[i].port(), &["CLUSTER", "MYID"])?;
+                for k in 0..replicas_per_master {
+                    let replica = &cluster.nodes[masters + i * replicas_per_master + k];
+                    cli(replica.port(), &["CLUSTER", "REPLICATE", id.trim()])?;
+                }
+            }
+        }
+        let replicas = masters * replicas_per_master;
+        cluster.wait_until(
+            deadline,
+            "cluster_state:ok with every replica in sync",
+            || {
+                cluster.nodes.iter().all(|n| {
+                    let view = cluster_view(n.port()).unwrap_or_default();
+                    cluster_ok(n.port())
+                        && knows_all(n.port())
+                        && view.iter().filter(|v| !v.master).count() == replicas
+                }) && cluster.nodes[..masters]
+                    .iter()
+                    .all(|m| online_replicas(m.port()) >= replicas_per_master)
+            },
+        )?;
+        Ok(cluster)
+    }
+
+    /// Polls `ready` every 100 ms until it holds; an error naming `what` past `deadline`.
+    fn wait_until(
+        &self,
+        deadline: Instant,
+        what: &str,
+        mut ready: impl FnMut() -> bool,
+    ) -> std::io::Result<()> {
         loop {
-            let ready = nodes.iter().all(|n| {
-                cli(n.port(), &["CLUSTER", "INFO"]).is_ok_and(|info| {
-                    let known = format!("cluster_known_nodes:{masters}");
-                    info.lines().any(|l| l.trim() == "cluster_state:ok")
-                        && info.lines().any(|l| l.trim() == known)
-                })
-            });
-            if ready {
-                return Ok(RedisCluster { nodes });
+            if ready() {
+                return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(std::io::Error::other(
-                    "the local Redis Cluster did not reach cluster_state:ok within 20 s",
-                ));
+                return Err(std::io::Error::other(format!(
+                    "the local Redis Cluster: no {what} within {CLUSTER_FORM_MAX:?}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The slots master `i` was given at start, `lo..=hi`.
+    fn range(&self, i: usize) -> (usize, usize) {
+        let per = 16384 / self.masters;
+        let lo = i * per;
+        (
+            lo,
+            if i + 1 == self.masters {
+                16383
+            } else {
+                lo + per - 1
+            },
+        )
+    }
+
+    /// Which of the start's slot ranges `slot` is in: the index, in slot order, of the master
+    /// it was given to (and of that master's entry in [`RedisCluster::nodes`]).
+    pub fn slot_range(&self, slot: u16) -> usize {
+        (0..self.masters)
+            .find(|&i| usize::from(slot) <= self.range(i).1)
+            .unwrap_or(self.masters - 1)
     }
 
     /// `redis+cluster://127.0.0.1:<port>,…`: every node as a seed.
@@ -321,10 +429,210 @@ impl RedisCluster {
         format!("redis+cluster://{}", seeds.join(","))
     }
 
-    /// The nodes, in slot order.
+    /// The nodes started as masters, in slot order (a failover may since have made one a
+    /// replica, or killed it).
     pub fn nodes(&self) -> &[RedisServer] {
-        &self.nodes
+        &self.nodes[..self.masters]
     }
+
+    /// Node `idx` of all those started (masters first, then replicas).
+    pub fn node(&self, idx: usize) -> &RedisServer {
+        &self.nodes[idx]
+    }
+
+    /// The node that serves `slot` as a master, as the first live node sees it (its index among
+    /// all nodes started); an error when that node knows of no live master for it.
+    pub fn master_of(&self, slot: u16) -> std::io::Result<usize> {
+        let asked = self
+            .live()
+            .next()
+            .ok_or_else(|| std::io::Error::other("no live node in the cluster"))?;
+        self.master_in_view(asked, slot)?.ok_or_else(|| {
+            std::io::Error::other(format!(
+                "node {} knows no live master for slot {slot}",
+                self.nodes[asked].port()
+            ))
+        })
+    }
+
+    /// The live master that node `asked` says serves `slot` (not flagged failing), if any.
+    fn master_in_view(&self, asked: usize, slot: u16) -> std::io::Result<Option<usize>> {
+        let view = cluster_view(self.nodes[asked].port())?;
+        Ok(view
+            .iter()
+            .find(|v| v.master && !v.failing && v.serves(slot))
+            .and_then(|v| self.index_of_port(v.port))
+            .filter(|&i| !self.dead[i]))
+    }
+
+    /// True when master `idx` has at least one replica in sync (`state=online` in its `INFO
+    /// replication`) and every live node says `cluster_state:ok`: a kill of `idx` can then be
+    /// followed by a promotion.
+    pub fn can_fail_over(&self, idx: usize) -> bool {
+        !self.dead[idx]
+            && online_replicas(self.nodes[idx].port()) >= 1
+            && self.live().all(|i| cluster_ok(self.nodes[i].port()))
+    }
+
+    /// SIGKILLs node `idx` and reaps it: a crash, nothing flushed.
+    pub fn kill_node(&mut self, idx: usize) {
+        self.nodes[idx].kill();
+        self.dead[idx] = true;
+    }
+
+    /// After node `killed` (the master of `slot`) was SIGKILLed: waits (bounded by `bound`)
+    /// until every live node says `cluster_state:ok` and that `slot` is served by one and the
+    /// same live master (the promoted replica). Returns that node's index.
+    pub fn wait_promoted(
+        &self,
+        slot: u16,
+        killed: usize,
+        bound: Duration,
+    ) -> std::io::Result<usize> {
+        let deadline = Instant::now() + bound;
+        loop {
+            let mut agreed: Option<Option<usize>> = None;
+            for i in self.live() {
+                let seen = match cluster_ok(self.nodes[i].port()) {
+                    true => self.master_in_view(i, slot).ok().flatten(),
+                    false => None,
+                };
+                let seen = seen.filter(|&m| m != killed);
+                agreed = match agreed {
+                    None => Some(seen),
+                    Some(prev) if prev == seen => Some(seen),
+                    Some(_) => Some(None),
+                };
+                if agreed == Some(None) {
+                    break;
+                }
+            }
+            if let Some(Some(promoted)) = agreed {
+                return Ok(promoted);
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::other(format!(
+                    "slot {slot}: no replica promoted in place of node {} within {bound:?}",
+                    self.nodes[killed].port()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts killed node `idx` again on its port and directory: it reads its cluster config
+    /// (`nodes.conf`), learns that its slots have a new owner and rejoins as that owner's replica
+    /// (a full copy, since it persisted no data). Does not wait for the copy:
+    /// [`RedisCluster::can_fail_over`] tells when it is in sync.
+    pub fn restart_node(&mut self, idx: usize) -> std::io::Result<()> {
+        self.nodes[idx].crash_and_restart()?;
+        self.dead[idx] = false;
+        Ok(())
+    }
+
+    /// Node `idx`'s replication offset (`master_repl_offset`: on a master, how much it has
+    /// written to its replication stream; on a replica, how much of its master's it applied).
+    pub fn repl_offset(&self, idx: usize) -> Option<u64> {
+        let info = cli(self.nodes[idx].port(), &["INFO", "replication"]).ok()?;
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix("master_repl_offset:"))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// The highest replication offset among master `idx`'s live replicas (as the first live
+    /// node sees who they are): after the master is killed, how much of its stream the best
+    /// candidate for promotion has.
+    pub fn replica_offset(&self, idx: usize) -> Option<u64> {
+        let asked = self.live().next()?;
+        let view = cluster_view(self.nodes[asked].port()).ok()?;
+        let id = &view.iter().find(|v| v.port == self.nodes[idx].port())?.id;
+        view.iter()
+            .filter(|v| &v.master_id == id)
+            .filter_map(|v| self.index_of_port(v.port))
+            .filter(|&r| !self.dead[r])
+            .filter_map(|r| self.repl_offset(r))
+            .max()
+    }
+
+    /// Indexes of the nodes not killed.
+    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nodes.len()).filter(|&i| !self.dead[i])
+    }
+
+    fn index_of_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.port() == port)
+    }
+}
+
+/// One line of `CLUSTER NODES`: a node as another node sees it.
+#[derive(Debug, Default)]
+struct NodeView {
+    /// Its node id.
+    id: String,
+    /// Its client port.
+    port: u16,
+    /// The id of its master, for a replica (`-` for a master).
+    master_id: String,
+    /// Flagged `master` (else a replica).
+    master: bool,
+    /// Flagged `fail` or `fail?`.
+    failing: bool,
+    /// The slot ranges it serves, `lo..=hi`.
+    slots: Vec<(u16, u16)>,
+}
+
+impl NodeView {
+    fn serves(&self, slot: u16) -> bool {
+        self.slots.iter().any(|&(lo, hi)| (lo..=hi).contains(&slot))
+    }
+}
+
+/// `CLUSTER NODES` as node `port` sees the cluster.
+fn cluster_view(port: u16) -> std::io::Result<Vec<NodeView>> {
+    let text = cli(port, &["CLUSTER", "NODES"])?;
+    Ok(text.lines().filter_map(parse_node_line).collect())
+}
+
+/// `<id> <ip:port@cport[,hostname]> <flags> <master> <ping> <pong> <epoch> <link> <slot>…`; slots
+/// are `n` or `lo-hi` (entries in brackets are slots being migrated: skipped).
+fn parse_node_line(line: &str) -> Option<NodeView> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let addr = fields.get(1)?.split(['@', ',']).next()?;
+    let port = addr.rsplit_once(':')?.1.parse().ok()?;
+    let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+    let slots = fields
+        .iter()
+        .skip(8)
+        .filter(|s| !s.starts_with('['))
+        .filter_map(|s| match s.split_once('-') {
+            Some((lo, hi)) => Some((lo.parse().ok()?, hi.parse().ok()?)),
+            None => s.parse().ok().map(|n| (n, n)),
+        })
+        .collect();
+    Some(NodeView {
+        id: fields.first()?.to_string(),
+        port,
+        master_id: fields.get(3)?.to_string(),
+        master: flags.contains(&"master"),
+        failing: flags.contains(&"fail") || flags.contains(&"fail?"),
+        slots,
+    })
+}
+
+/// True when node `port` says `cluster_state:ok`.
+fn cluster_ok(port: u16) -> bool {
+    cli(port, &["CLUSTER", "INFO"])
+        .is_ok_and(|info| info.lines().any(|l| l.trim() == "cluster_state:ok"))
+}
+
+/// How many replicas master `port` lists in sync (`slaveN:…,state=online,…`); 0 when it does not
+/// answer.
+fn online_replicas(port: u16) -> usize {
+    cli(port, &["INFO", "replication"]).map_or(0, |info| {
+        info.lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count()
+    })
 }
 
 /// Runs one `redis-cli -p <port>` command; its output, or an error naming the command.
