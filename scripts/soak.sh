@@ -13,6 +13,8 @@
 #   SOAK_FIRST_SEED=S                  seeds S..S+N-1 (default 1)
 #   SOAK_MD=FILE                       also write the table as Markdown to FILE
 #   SOAK_DIR=DIR                       keep failed runs' reports here (default: a temp dir)
+#   SOAK_EXTRA='FLAGS'                 more sim flags for every run, e.g. '--shards 3' (a sharded
+#                                      namespace; inject-duplicates does not take it)
 #
 # The binaries are copied before the first run, so rebuilding during a soak does not change what
 # it tests. Each failed run prints the one command that replays it.
@@ -51,7 +53,7 @@ trap 'rm -rf "$bin"' EXIT
 cp target/release/sim target/release/app "$bin/"
 
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-echo "soak: $n seeds ($first..$((first + n - 1))) x ${#modes[@]} modes, commit $commit, failed reports in $dir"
+echo "soak: $n seeds ($first..$((first + n - 1))) x ${#modes[@]} modes${SOAK_EXTRA:+, with $SOAK_EXTRA}, commit $commit, failed reports in $dir"
 declare -A runs passes failed secs
 started=$SECONDS
 for m in "${modes[@]}"; do
@@ -61,7 +63,7 @@ for m in "${modes[@]}"; do
     t0=$SECONDS
     # shellcheck disable=SC2086 # the mode's flags are words
     set +e
-    out=$("$bin/sim" --profile small ${mode_flags[$m]} --seed "$seed" --quiet --timeout-s 120 \
+    out=$("$bin/sim" --profile small ${mode_flags[$m]} ${SOAK_EXTRA:-} --seed "$seed" --quiet --timeout-s 120 \
       --report-dir "$report" --app-bin "$bin/app" 2>&1)
     rc=$?
     set -e
@@ -97,7 +99,7 @@ echo "soak: $total_passes/$total_runs passed in ${elapsed} s (commit $commit)"
 if [ -n "${SOAK_MD:-}" ]; then
   {
     echo "Seeds $first..$((first + n - 1)) of \`sim --profile small\` per mode, commit \`$commit\`, $(date -u +%Y-%m-%dT%H:%MZ),"
-    echo "made by \`SOAK_MD=$SOAK_MD scripts/soak.sh $n${*:+ $*}\`."
+    echo "made by \`${SOAK_EXTRA:+SOAK_EXTRA='$SOAK_EXTRA' }SOAK_MD=$SOAK_MD scripts/soak.sh $n${*:+ $*}\`."
     echo
     echo "$table"
     echo
