@@ -281,7 +281,7 @@ impl RedisCluster {
     /// wait (bounded, 30 s) also covers every replica being in sync (its master lists it
     /// `state=online`) and known as a replica by every node (a master votes only for a node it
     /// knows as the replica of the failed one). With replicas the node timeout is
-    /// [`NODE_TIMEOUT_WITH_REPLICAS_MS`], so a killed master's replica is promoted within ~2-3 s.
+    /// 1,000 ms, so a killed master's replica is promoted within ~2-3 s.
     pub fn start_with_replicas(
         masters: usize,
         replicas_per_master: usize,
