@@ -165,11 +165,11 @@ pub struct ShardedGen {
     pub shards: Vec<Shard>,
     /// The shard asked first next time (round robin).
     next: usize,
-    /// Set once the predecessor's pending range is appended and every shard sealed.
-    taken_over: bool,
-    /// A range this generator allocated and has not yet seen appended: appended (retried)
-    /// before anything else is allocated.
-    unappended: Option<Range>,
+    /// Set once every shard is sealed with this lease's epoch.
+    sealed: bool,
+    /// The last range this generator saw appended (or found appended): when `{ns}:pending`
+    /// still names it, nothing allocated is left unappended.
+    last_appended: Option<Range>,
 }
 
 impl ShardedGen {
@@ -178,18 +178,19 @@ impl ShardedGen {
         ShardedGen {
             shards,
             next: 0,
-            taken_over: false,
-            unappended: None,
+            sealed: false,
+            last_appended: None,
         }
     }
 
-    /// Starts a new lease: the takeover runs again before the first allocation.
+    /// Starts a new lease: the pending range is checked and every shard sealed again before the
+    /// first allocation.
     pub fn reset(&mut self) {
-        self.taken_over = false;
-        self.unappended = None;
+        self.sealed = false;
+        self.last_appended = None;
     }
 
-    /// Appends `range` to its shard. `Ok(false)`: fenced (deposed).
+    /// Appends `range` to its shard. `Ok(false)`: fenced (the shard has seen a later epoch).
     async fn finish(&mut self, range: Range) -> Result<bool, Error> {
         let count = self.shards.len();
         let shard = self.shards.get_mut(range.shard as usize).ok_or_else(|| {
@@ -201,46 +202,45 @@ impl ShardedGen {
         }
     }
 
-    /// The takeover: append the predecessor's pending range (with its own epoch: no shard has
-    /// seen a later one before this runs), then seal every shard with `lease`'s epoch. `Ok(false)`:
-    /// a later epoch already sealed a shard (this lease is deposed).
-    async fn take_over(
-        &mut self,
-        con: &mut Conn,
-        keys: &Keys,
-        lease: &Lease,
-    ) -> Result<bool, Error> {
+    /// Makes sure the range in `{ns}:pending` (the last one allocated) is appended, so that
+    /// allocation and append stay strictly in turn whatever this process saw: a predecessor
+    /// that died between the two steps, an append whose reply was lost, or an allocation whose
+    /// reply was lost (the script ran, the caller never learnt the range: seen in a sharded soak
+    /// with Redis restarts, `--restart-redis 2 --shards 3 --seed 2`). The range keeps the epoch
+    /// that allocated it, which every shard still accepts: only a takeover seals a shard, and it
+    /// runs this first.
+    async fn complete_pending(&mut self, con: &mut Conn, keys: &Keys) -> Result<(), Error> {
         let raw: Option<String> = redis::cmd("GET")
             .arg(keys.pending())
             .query_async(con)
             .await?;
-        if let Some(raw) = raw {
-            let range = Range::parse(&raw).ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "{} holds {raw:?}, not epoch:first:count:shard:time",
-                    keys.pending()
-                ))
-            })?;
-            if range.shard as usize >= self.shards.len() {
-                return Err(Error::Corrupt(format!(
-                    "{} names shard {} of a namespace of {} shards",
-                    keys.pending(),
-                    range.shard,
-                    self.shards.len()
-                )));
-            }
-            if !self.finish(range).await? {
-                // Only a takeover seals a shard, and it appends the pending range first, so a
-                // shard that refuses the pending range unappended would leave a gap in the ids:
-                // damage, said loudly (generation stops) rather than skipped.
-                return Err(Error::Corrupt(format!(
-                    "shard {} refuses the pending range {raw:?} (it has seen a later epoch) but never appended it: ids {}..{} would be missing",
-                    range.shard,
-                    range.first_id,
-                    range.first_id + range.count
-                )));
-            }
+        let Some(raw) = raw else { return Ok(()) };
+        let range = Range::parse(&raw).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "{} holds {raw:?}, not epoch:first:count:shard:time",
+                keys.pending()
+            ))
+        })?;
+        if self.last_appended == Some(range) {
+            return Ok(());
         }
+        if !self.finish(range).await? {
+            // A shard that refuses the pending range without having appended it would leave a
+            // gap in the ids: damage, said loudly (generation stops) rather than skipped.
+            return Err(Error::Corrupt(format!(
+                "shard {} refuses the pending range {raw:?} (it has seen a later epoch) but never appended it: ids {}..{} would be missing",
+                range.shard,
+                range.first_id,
+                range.first_id + range.count
+            )));
+        }
+        self.last_appended = Some(range);
+        Ok(())
+    }
+
+    /// Seals every shard with `lease`'s epoch: from now on they refuse appends of older epochs.
+    /// `Ok(false)`: a shard has seen a later epoch (this lease is deposed).
+    async fn seal(&mut self, lease: &Lease) -> Result<bool, Error> {
         for i in 0..self.shards.len() {
             let seal = Range {
                 epoch: lease.epoch,
@@ -256,9 +256,10 @@ impl ShardedGen {
         Ok(true)
     }
 
-    /// One generation step: the takeover if not done, the unappended range if any, else one
-    /// range of at most `batch_max` ids for the next shard (round robin) whose queue holds fewer
-    /// than `queue_max` messages, allocated and appended.
+    /// One generation step: the last allocated range appended if it is not (at a takeover, the
+    /// predecessor's), every shard sealed once per lease, then one range of at most `batch_max`
+    /// ids for the next shard (round robin) whose queue holds fewer than `queue_max` messages,
+    /// allocated and appended.
     pub async fn step(
         &mut self,
         con: &mut Conn,
@@ -268,22 +269,12 @@ impl ShardedGen {
         batch_max: u64,
         queue_max: u64,
     ) -> Result<Generated, Error> {
-        if !self.taken_over {
-            if !self.take_over(con, keys, lease).await? {
+        self.complete_pending(con, keys).await?;
+        if !self.sealed {
+            if !self.seal(lease).await? {
                 return Ok(Generated::Fenced);
             }
-            self.taken_over = true;
-        }
-        if let Some(range) = self.unappended {
-            if !self.finish(range).await? {
-                return Ok(Generated::Fenced);
-            }
-            self.unappended = None;
-            return Ok(Generated::Batch {
-                first_id: range.first_id,
-                count: range.count,
-                time_us: range.time_us,
-            });
+            self.sealed = true;
         }
         // `queue_max` bounds each shard's queue (each master's memory): a share of it would cut
         // batches to queue_max/S messages, and Redis's costs are per batch.
@@ -311,11 +302,12 @@ impl ShardedGen {
             let Some(range) = range else {
                 return Ok(generated);
             };
-            self.unappended = Some(range);
+            // Should this append fail, the next step finds the range in `pending` and appends it
+            // before allocating again.
             if !self.finish(range).await? {
                 return Ok(Generated::Fenced);
             }
-            self.unappended = None;
+            self.last_appended = Some(range);
             return Ok(generated);
         }
         Ok(Generated::QueueFull)
