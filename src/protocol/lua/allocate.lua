@@ -28,7 +28,6 @@
 --   status -1: fenced: the lease is not ours; nothing allocated
 -- Errors (nothing mutated): bad arguments; DAMAGED for a next_id or max that is not a
 -- non-negative integer; FORGOTTEN (see above and prelude.lua).
-local epoch = tonumber(ARGV[2])
 local wanted = tonumber(ARGV[3])
 local min_next = tonumber(ARGV[5])
 local id_limit = tonumber(ARGV[6])
@@ -68,14 +67,5 @@ if ARGV[8] == '1' and n == wanted and n > (next_id + n) % 8 then
 end
 redis.call('SET', KEYS[2], next_id + n)
 redis.call('SET', KEYS[5], ARGV[2] .. ':' .. next_id .. ':' .. n .. ':' .. ARGV[7] .. ':' .. now)
--- Epoch log, as generate.lua keeps it: one range per epoch while its ids are contiguous.
-local last = redis.call('LINDEX', KEYS[4], -1)
-if last then
-  local e, first, count, t0 = string.match(last, '^(%d+):(%d+):(%d+):(%d+)$')
-  if e and tonumber(e) == epoch and tonumber(first) + tonumber(count) == next_id then
-    redis.call('LSET', KEYS[4], -1, e .. ':' .. first .. ':' .. (tonumber(count) + n) .. ':' .. t0)
-    return {1, next_id, n, now_us}
-  end
-end
-redis.call('RPUSH', KEYS[4], ARGV[2] .. ':' .. next_id .. ':' .. n .. ':' .. now)
+extend_epoch_log(KEYS[4], ARGV[2], next_id, n, now)
 return {1, next_id, n, now_us}

@@ -117,15 +117,5 @@ end
 redis.call('SET', KEYS[2], next_id + n)
 redis.call('HINCRBY', KEYS[6], 'generated', n)
 redis.call('PUBLISH', KEYS[7], n)
--- Epoch log: extend the last range when it is ours and contiguous, so the log grows per failover,
--- not per batch; its first time_us is when the epoch's first message was made.
-local last = redis.call('LINDEX', KEYS[5], -1)
-if last then
-  local e, first, count, t0 = string.match(last, '^(%d+):(%d+):(%d+):(%d+)$')
-  if e and tonumber(e) == epoch and tonumber(first) + tonumber(count) == next_id then
-    redis.call('LSET', KEYS[5], -1, e .. ':' .. first .. ':' .. (tonumber(count) + n) .. ':' .. t0)
-    return {1, next_id, n, now_us}
-  end
-end
-redis.call('RPUSH', KEYS[5], ARGV[2] .. ':' .. next_id .. ':' .. n .. ':' .. now)
+extend_epoch_log(KEYS[5], ARGV[2], next_id, n, now)
 return {1, next_id, n, now_us}

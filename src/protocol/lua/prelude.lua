@@ -124,6 +124,22 @@ local function batch_entry(e)
   return tonumber(first), tonumber(n), epoch, gen
 end
 
+-- Records in the epoch log `key` that epoch `epoch` (its decimal string) generated ids
+-- next_id .. next_id+n-1 at Redis time `now`: the last range is extended when it is the same
+-- epoch's and contiguous, so the log grows per failover, not per batch, and a range's time is
+-- when its epoch's first message was made.
+local function extend_epoch_log(key, epoch, next_id, n, now)
+  local last = redis.call('LINDEX', key, -1)
+  if last then
+    local e, first, count, t0 = string.match(last, '^(%d+):(%d+):(%d+):(%d+)$')
+    if e and tonumber(e) == tonumber(epoch) and tonumber(first) + tonumber(count) == next_id then
+      redis.call('LSET', key, -1, e .. ':' .. first .. ':' .. (tonumber(count) + n) .. ':' .. t0)
+      return
+    end
+  end
+  redis.call('RPUSH', key, epoch .. ':' .. next_id .. ':' .. n .. ':' .. now)
+end
+
 -- How many messages the queue `key` holds. Fresh ids are queued in order and taken from the head
 -- (a batch entry may be split, its head part taken), so that is next_id minus the head entry's
 -- first id; the entry count when the head is not a message (garbage someone pushed).
