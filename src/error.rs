@@ -94,7 +94,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         self.is_connection()
             || matches!(self, Error::OutOfMemory(_))
-            || matches!(self, Error::Redis(e) if matches!(e.code(), Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY")))
+            // NOSCRIPT: the script did not run. A cluster node restarted or promoted has an empty
+            // script cache, and redis-rs's one reload can land on another node while the slot
+            // map changes (seen under `sim --kill-master`): the next try loads it again.
+            || matches!(self, Error::Redis(e) if matches!(e.code(), Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" | "NOSCRIPT")))
     }
 
     /// True when the error is Redis being unreachable rather than refusing something: the reply
