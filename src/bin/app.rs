@@ -236,7 +236,11 @@ fn main() -> ExitCode {
         None => &cli.common,
     };
     init_logs(common.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread. A copy's work is I/O-bound and never blocks a thread, while every copy shares
+    // the machine's cores with the others and with Redis: a multi-thread runtime's cross-thread
+    // wake-ups (futex, epoll) and idle spinning cost about a tenth of the copies' CPU in the 1M
+    // run (perf and alternated runs, 2026-11-30; reports/PERFORMANCE.md).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
