@@ -371,8 +371,8 @@ async fn a_retried_append_is_idempotent() {
     );
 }
 
-/// The shard count is set once: a copy with another count is refused, and so is a sharded
-/// start on a namespace already used unsharded.
+/// The shard count is set once, by the first copy to join, unsharded or not: a copy with another
+/// count is refused, and so is a sharded start on a namespace used before counts were stored.
 #[tokio::test]
 async fn the_shard_count_is_set_once() {
     let fx = Fixture::new();
@@ -401,6 +401,33 @@ async fn the_shard_count_is_set_once() {
         .unwrap();
     assert!(shards::settle(&mut con, &used, 1).await.is_ok());
     assert!(shards::settle(&mut con, &used, 2).await.is_err());
+    // An unsharded first copy stores its count too, so a sharded copy after it is refused (an
+    // unsharded copy once stored nothing, and a sharded one joining at the same moment passed).
+    let plain = Keys::new("plain").unwrap();
+    shards::settle(&mut con, &plain, 1)
+        .await
+        .expect("first copy, unsharded");
+    assert_eq!(shards::stored(&mut con, &plain).await.unwrap(), 1);
+    assert!(shards::settle(&mut con, &plain, 3).await.is_err());
+    // Copies joining at once with different counts: one count is stored, every copy started
+    // with it joins, every other is refused.
+    let raced = Keys::new("raced").unwrap();
+    let mut joins = Vec::new();
+    for wanted in [1, 3, 2, 3, 1, 2, 3, 1] {
+        let mut c = fx.con().await;
+        let k = raced.clone();
+        joins.push(tokio::spawn(async move {
+            (wanted, shards::settle(&mut c, &k, wanted).await.is_ok())
+        }));
+    }
+    let mut joined = Vec::new();
+    for j in joins {
+        joined.push(j.await.unwrap());
+    }
+    let won = shards::stored(&mut con, &raced).await.unwrap();
+    for (wanted, ok) in joined {
+        assert_eq!(ok, wanted == won, "--shards {wanted} with {won} stored");
+    }
 }
 
 /// Three copies with `--shards 3` and the generator SIGKILLed once: every message is recorded

@@ -202,8 +202,9 @@ impl Keys {
     pub fn instances(&self) -> String {
         self.key("instances")
     }
-    /// Integer: how many shards the namespace is spread over, set once by its first copy (absent
-    /// = 1, unsharded). Copies started with another `--shards` are refused.
+    /// Integer: how many shards the namespace is spread over, set once by its first copy to join
+    /// (settle_shards.lua; absent before, read as 1). Copies started with another `--shards` are
+    /// refused.
     pub fn shard_count(&self) -> String {
         self.key("shards")
     }

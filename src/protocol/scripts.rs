@@ -32,6 +32,7 @@ script!(PRESENCE, "presence.lua");
 script!(SAMPLE, "sample.lua");
 script!(PRUNE, "prune.lua");
 script!(SET_ASIDE, "set_aside.lua");
+script!(SETTLE_SHARDS, "settle_shards.lua");
 
 /// `body` with the prelude in front of it, after its shebang line if it has one.
 fn with_prelude(body: &str) -> String {
@@ -64,6 +65,7 @@ pub async fn load_all<C: redis::aio::ConnectionLike>(con: &mut C) -> redis::Redi
         &*SAMPLE,
         &*PRUNE,
         &*SET_ASIDE,
+        &*SETTLE_SHARDS,
     ] {
         s.load_async(con).await?;
     }
