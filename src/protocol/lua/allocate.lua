@@ -43,25 +43,8 @@ local bad = damaged('allocate', KEYS[2]) or damaged('allocate', KEYS[3])
 if bad then return bad end
 local now, now_us = redis_now()
 guard('allocate', now, KEYS[7], KEYS[8], {{KEYS[1], 'string'}, {KEYS[4], 'list'}, {KEYS[5], 'string'}})
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return {-1, 0, 0, now_us}
-end
-local next_id = tonumber(redis.call('GET', KEYS[2]) or '0')
-if next_id < min_next then
-  return redis.error_reply('FORGOTTEN ' .. KEYS[2] .. ' went back from ' .. min_next .. ' to ' .. next_id)
-end
-if next_id >= id_limit then
-  return {4, next_id, 0, now_us}
-end
-local n = math.min(wanted, id_limit - next_id)
-local raw_max = redis.call('GET', KEYS[3])
-if raw_max then
-  local max = tonumber(raw_max)
-  if next_id >= max then
-    return {3, next_id, 0, now_us}
-  end
-  n = math.min(n, max - next_id)
-end
+local stop, next_id, n = claim_ids(KEYS[1], ARGV[1], KEYS[2], KEYS[3], min_next, id_limit, wanted, now_us)
+if stop then return stop end
 if ARGV[8] == '1' and n == wanted and n > (next_id + n) % 8 then
   n = n - (next_id + n) % 8
 end

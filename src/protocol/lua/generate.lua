@@ -59,31 +59,14 @@ local bad = damaged('generate', KEYS[2]) or damaged('generate', KEYS[3])
 if bad then return bad end
 local now, now_us = redis_now()
 guard('generate', now, KEYS[9], KEYS[6], {{KEYS[1], 'string'}, {KEYS[4], 'list'}, {KEYS[5], 'list'}})
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return {-1, 0, 0, now_us}
-end
-local next_id = tonumber(redis.call('GET', KEYS[2]) or '0')
-if next_id < min_next then
-  return redis.error_reply('FORGOTTEN ' .. KEYS[2] .. ' went back from ' .. min_next .. ' to ' .. next_id)
-end
-if next_id >= id_limit then
-  return {4, next_id, 0, now_us}
-end
-local n = math.min(batch_max, id_limit - next_id)
+local stop, next_id, n = claim_ids(KEYS[1], ARGV[1], KEYS[2], KEYS[3], min_next, id_limit, batch_max, now_us)
+if stop then return stop end
 local with_data = ARGV[8] ~= nil and ARGV[8] ~= ''
 if with_data then
   if tonumber(ARGV[8]) ~= next_id then
     return {5, next_id, 0, now_us}
   end
   n = math.min(n, #ARGV - 8)
-end
-local raw_max = redis.call('GET', KEYS[3])
-if raw_max then
-  local max = tonumber(raw_max)
-  if next_id >= max then
-    return {3, next_id, 0, now_us}
-  end
-  n = math.min(n, max - next_id)
 end
 local room = queue_max - queued_messages(KEYS[4], next_id)
 if room <= 0 then

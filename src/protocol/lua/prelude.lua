@@ -140,6 +140,36 @@ local function extend_epoch_log(key, epoch, next_id, n, now)
   redis.call('RPUSH', key, epoch .. ':' .. next_id .. ':' .. n .. ':' .. now)
 end
 
+-- The checks of a generation step (generate.lua, allocate.lua) before it hands out ids, after its
+-- guard: the lease `lease_key` still holds the caller's `lease_value` (fencing, invariant 1), the
+-- counter `next_key` has not gone below `min_next` (FORGOTTEN), and ids are left under `id_limit`
+-- and under max messages (`max_key`, absent = unlimited).
+-- Returns the reply the script must return at once ({-1, 0, 0, now_us} fenced; {4, next_id, 0,
+-- now_us} id space used up; {3, next_id, 0, now_us} max reached; the FORGOTTEN error), or nil,
+-- next_id and how many ids (1 .. `wanted`) may be handed out from it.
+local function claim_ids(lease_key, lease_value, next_key, max_key, min_next, id_limit, wanted, now_us)
+  if redis.call('GET', lease_key) ~= lease_value then
+    return {-1, 0, 0, now_us}
+  end
+  local next_id = tonumber(redis.call('GET', next_key) or '0')
+  if next_id < min_next then
+    return redis.error_reply('FORGOTTEN ' .. next_key .. ' went back from ' .. min_next .. ' to ' .. next_id)
+  end
+  if next_id >= id_limit then
+    return {4, next_id, 0, now_us}
+  end
+  local n = math.min(wanted, id_limit - next_id)
+  local raw_max = redis.call('GET', max_key)
+  if raw_max then
+    local max = tonumber(raw_max)
+    if next_id >= max then
+      return {3, next_id, 0, now_us}
+    end
+    n = math.min(n, max - next_id)
+  end
+  return nil, next_id, n
+end
+
 -- How many messages the queue `key` holds. Fresh ids are queued in order and taken from the head
 -- (a batch entry may be split, its head part taken), so that is next_id minus the head entry's
 -- first id; the entry count when the head is not a message (garbage someone pushed).
