@@ -6,8 +6,8 @@
 # recovery), which the sim must catch (the full soak and catalogue are `scripts/soak.sh` and
 # `scripts/mutants.sh`; CI must stay under ~20 minutes, and the catalogue's slowest mutant to
 # catch, commit-without-ownership at 100-170 s, is left to it). Release mode, because the tests
-# run real workloads. Arguments go to `cargo test` (and then the soak and the mutants are skipped, as for a
-# filtered run). Ends with one line totalling every test binary's result.
+# run real workloads. Arguments go to `cargo test` (and then the soak and the mutants are
+# skipped, as for a filtered run). Ends with one line totalling every test binary's result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/ensure-redis.sh
