@@ -78,7 +78,16 @@ pub(super) async fn run<H: Handler>(
                 }
             }
             () = &mut wake, if !waiting.is_empty() => {
-                waiting.take_due(Instant::now(), &mut out);
+                // A handling's time is its planned wait plus how late the timer woke us past its
+                // bucket's due time (tokio's timer ticks in milliseconds): the time it took as
+                // seen from here, as a handler's own future would have taken it.
+                let now = Instant::now();
+                waiting.take_due(now, &mut out, |due, items| {
+                    let late_us = now.saturating_duration_since(due).as_micros() as u64;
+                    for d in items {
+                        d.handled_us += late_us;
+                    }
+                });
                 wake.as_mut().reset(waiting.next_due().unwrap_or_else(far));
             }
             Some(d) = running.next(), if !running.is_empty() => {

@@ -64,15 +64,24 @@ impl<T> Waits<T> {
         Some(self.origin + Duration::from_micros(bucket * BUCKET_US))
     }
 
-    /// Moves every item due at `now` or before into `out` (earliest bucket first).
-    pub(super) fn take_due(&mut self, now: Instant, out: &mut Vec<T>) {
+    /// Moves every item due at `now` or before into `out` (earliest bucket first), after
+    /// `each_bucket` has seen each bucket's items with the bucket's due time (so a caller can
+    /// tell how late the timer woke it).
+    pub(super) fn take_due(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<T>,
+        mut each_bucket: impl FnMut(Instant, &mut [T]),
+    ) {
         let now_bucket = now.saturating_duration_since(self.origin).as_micros() as u64 / BUCKET_US;
         while let Some(entry) = self.buckets.first_entry() {
             if *entry.key() > now_bucket {
                 break;
             }
-            let items = entry.remove();
+            let due = self.origin + Duration::from_micros(*entry.key() * BUCKET_US);
+            let mut items = entry.remove();
             self.len -= items.len();
+            each_bucket(due, &mut items);
             out.extend(items);
         }
     }
@@ -99,14 +108,27 @@ mod tests {
         assert_eq!(waits.len(), 5);
         let mut out = Vec::new();
         // Not due at 1 ms (due at 1.2 ms).
-        waits.take_due(t0 + Duration::from_micros(1_000), &mut out);
+        waits.take_due(t0 + Duration::from_micros(1_000), &mut out, |_, _| {});
         assert!(out.is_empty(), "taken early: {out:?}");
-        waits.take_due(t0 + Duration::from_micros(6_000), &mut out);
+        // Each bucket is shown with its due time: the due times rounded up to 100 µs.
+        let mut dues = Vec::new();
+        waits.take_due(t0 + Duration::from_micros(6_000), &mut out, |due, items| {
+            dues.push((due.duration_since(t0).as_micros() as u64, items.to_vec()))
+        });
         assert_eq!(out, vec![1, 3, 4, 0]);
+        assert_eq!(
+            dues,
+            vec![
+                (1_200, vec![1]),
+                (1_700, vec![3]),
+                (5_000, vec![4]),
+                (5_300, vec![0])
+            ]
+        );
         assert_eq!(waits.len(), 1);
         let next = waits.next_due().expect("one left");
         assert_eq!(next, t0 + Duration::from_millis(900));
-        waits.take_due(next, &mut out);
+        waits.take_due(next, &mut out, |_, _| {});
         assert_eq!(out, vec![1, 3, 4, 0, 2]);
         assert!(waits.is_empty());
         assert_eq!(waits.next_due(), None);
@@ -118,7 +140,7 @@ mod tests {
         let now = Instant::now();
         waits.insert(now - Duration::from_secs(1), 'a');
         let mut out = Vec::new();
-        waits.take_due(now, &mut out);
+        waits.take_due(now, &mut out, |_, _| {});
         assert_eq!(out, vec!['a']);
     }
 }
