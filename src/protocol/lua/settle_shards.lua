@@ -8,7 +8,8 @@
 --   the one already stored; else 1 if the namespace has generated (it was used before counts
 --   were stored, so unsharded: its queue and records are where only unsharded copies look);
 --   else ARGV[1]. The returned count is stored if none was.
--- Errors (nothing mutated): ARGV[1] not an integer 1-64.
+-- Errors (nothing mutated): ARGV[1] not an integer 1-64 (64 is SHARDS_MAX in src/protocol/shards.rs,
+-- which refuses a bad count before calling; this is the script's own argument check).
 local wanted = tonumber(ARGV[1])
 if not string.match(ARGV[1] or '', '^%d+$') or wanted < 1 or wanted > 64 then
   return redis.error_reply('ERR settle_shards: ARGV[1] must be an integer 1-64')
