@@ -303,7 +303,7 @@ impl<'f> Run<'f> {
 
         let namespace = format!("sim-{seed}-{}", std::process::id());
         let args = world::app_args(flags, &namespace, seed);
-        let mut world = World::start_redis(flags, app_bin, args, log_dir)?;
+        let mut world = World::start_redis(flags, app_bin, args, log_dir).await?;
         let keys = Keys::new(&namespace)?;
         let mut con = conn::connect(&world.url, 5000).await?.pinned(&keys);
         world.start_proxy(flags).await?;

@@ -10,7 +10,6 @@ mod driver;
 mod faults;
 mod plot;
 mod progress;
-mod proxy;
 mod report;
 mod world;
 
@@ -76,7 +75,9 @@ pub struct Flags {
     /// This many times, every copy's connection loses its next reply: the copies talk to Redis
     /// through the sim's proxy, which cuts each connection the moment Redis starts answering
     /// (the command ran, the caller never learns it). Hits the windows between a script and its
-    /// reply that a kill from outside almost never does.
+    /// reply that a kill from outside almost never does. With --redis-cluster, a proxy stands in
+    /// front of every node (announced as the node's address) and cuts the connections that
+    /// make script calls.
     #[arg(long, default_value_t = 0, value_name = "M")]
     pub lose_replies: u32,
     /// Drop every copy's Redis connection (`CLIENT KILL TYPE normal`) this many times.
@@ -171,7 +172,8 @@ pub struct Flags {
     /// Start a local Redis Cluster of N masters (no replicas; one each with --kill-master) instead
     /// of one redis-server, and run on it: the namespace lives in one slot, on one of the
     /// masters. 0 = one plain redis-server.
-    /// Not with --redis-url or with the faults that need the sim's own single Redis or the proxy.
+    /// Not with --redis-url or with the faults that need the sim's own single Redis
+    /// (--restart-redis, --wipe-redis, --rollback-redis, --partition-leader).
     #[arg(long, default_value_t = 0)]
     pub redis_cluster: u32,
     /// Passed to every app: spread the namespace over S shards (hash tags), each on its own
@@ -252,11 +254,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     if flags.redis_cluster > 0
-        && (own_redis
-            || flags.redis_url.is_some()
-            || flags.lose_replies + flags.partition_leader > 0)
+        && (own_redis || flags.redis_url.is_some() || flags.partition_leader > 0)
     {
-        eprintln!("sim: --redis-cluster starts its own cluster: not with --redis-url, --restart-redis, --wipe-redis, --rollback-redis, --lose-replies or --partition-leader (they need one plain Redis)");
+        eprintln!("sim: --redis-cluster starts its own cluster: not with --redis-url, --restart-redis, --wipe-redis, --rollback-redis or --partition-leader (they need one plain Redis)");
         return ExitCode::from(2);
     }
     if flags.kill_master > 0 && flags.redis_cluster == 0 {

@@ -3,10 +3,10 @@
 //! replaced, paused and resumed, stopped), with what they cost in memory and CPU.
 
 use crate::progress::Progress;
-use crate::proxy::Proxy;
 use crate::Flags;
 use anyhow::{bail, Context};
 use leaderq::testkit::procs::{self, AppProcess, RedisCluster, RedisServer};
+use leaderq::testkit::proxy::Proxy;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -34,6 +34,11 @@ pub struct World {
     app_url: String,
     /// Sits between the copies and Redis with --lose-replies or --partition-leader.
     pub proxy: Option<Proxy>,
+    /// With --redis-cluster and --lose-replies: one proxy in front of each node, which announces
+    /// the proxy's port, so every client reaches every node through it. They cut only
+    /// connections that sent a script call (the copies' and getErrors's), never the sim's own
+    /// reads or the replication links.
+    pub node_proxies: Vec<Proxy>,
     /// Redis's own URL: the sim and getErrors use it, never the proxy.
     pub url: String,
     /// The sim's own Redis; `None` with --redis-url or --redis-cluster. Restarted and rolled back
@@ -47,19 +52,37 @@ pub struct World {
 impl World {
     /// Starts the sim's own Redis (with an AOF when it is to be restarted), or takes
     /// `--redis-url`. No copy runs yet.
-    pub fn start_redis(
+    pub async fn start_redis(
         flags: &Flags,
         app_bin: PathBuf,
         args: Vec<String>,
         log_dir: PathBuf,
     ) -> anyhow::Result<World> {
+        let mut node_proxies = Vec::new();
         let cluster = match flags.redis_cluster {
             0 => None,
-            // A replica per master, for --kill-master to fail over to.
-            n => Some(
-                RedisCluster::start_with_replicas(n as usize, usize::from(flags.kill_master > 0))
-                    .with_context(|| format!("starting a {n}-master Redis Cluster"))?,
-            ),
+            n => {
+                // A replica per master, for --kill-master to fail over to.
+                let replicas = usize::from(flags.kill_master > 0);
+                if flags.lose_replies > 0 {
+                    for _ in 0..n as usize * (1 + replicas) {
+                        let proxy = Proxy::bind().await.context("starting a node's proxy")?;
+                        proxy.scripts_only();
+                        node_proxies.push(proxy);
+                    }
+                }
+                let ports: Vec<u16> = node_proxies.iter().map(Proxy::port).collect();
+                let proxies = &node_proxies;
+                let started = tokio::task::block_in_place(|| {
+                    RedisCluster::start_fronted(n as usize, replicas, &ports, |i, port| {
+                        if let Some(p) = proxies.get(i) {
+                            p.set_upstream(([127, 0, 0, 1], port).into());
+                        }
+                        Ok(())
+                    })
+                });
+                Some(started.with_context(|| format!("starting a {n}-master Redis Cluster"))?)
+            }
         };
         let server = match &flags.redis_url {
             _ if cluster.is_some() => None,
@@ -98,6 +121,7 @@ impl World {
             log_dir,
             app_url: url.clone(),
             proxy: None,
+            node_proxies,
             url,
             server,
             cluster,
@@ -117,13 +141,18 @@ impl World {
     /// Starts the reply-losing proxy when a fault needs it. The copies go through it; the sim
     /// and getErrors do not.
     pub async fn start_proxy(&mut self, flags: &Flags) -> anyhow::Result<()> {
-        if flags.lose_replies + flags.partition_leader > 0 {
+        if self.cluster.is_none() && flags.lose_replies + flags.partition_leader > 0 {
             let upstream = url_socket_addr(&self.url)?;
             let proxy = Proxy::start(upstream).await.context("starting the proxy")?;
             self.app_url = proxy.url();
             self.proxy = Some(proxy);
         }
         Ok(())
+    }
+
+    /// Every proxy of the run: the one in front of the single Redis, or one per cluster node.
+    pub fn proxies(&self) -> impl Iterator<Item = &Proxy> {
+        self.proxy.iter().chain(&self.node_proxies)
     }
 
     /// Starts `count` copies, `app0`, `app1`, ….

@@ -66,11 +66,11 @@ impl Conn {
     }
 
     /// This connection with every script call (`EVALSHA`, `EVAL`) followed by `WAIT replicas
-    /// timeout_ms` on the same link: the call succeeds only once `replicas` replicas hold every
-    /// write made so far, and otherwise fails as a connection error, i.e. as a call whose reply
-    /// was lost (its effect unknown; every caller already copes with that). So whatever a copy
-    /// acts on survives the failover of its master to one of those replicas (docs/PROTOCOL.md,
-    /// "Durability"). 0 replicas: no `WAIT`.
+    /// timeout_ms` in the same pipeline, on the same connection: the call succeeds only once
+    /// `replicas` replicas hold every write made so far, and otherwise fails as a connection
+    /// error, i.e. as a call whose reply was lost (its effect unknown; every caller already copes
+    /// with that). So whatever a copy acts on survives the failover of its master to one of those
+    /// replicas (docs/PROTOCOL.md, "Durability"). 0 replicas: no `WAIT`.
     pub fn waiting_for(self, replicas: u32, timeout_ms: u64) -> Conn {
         let wait = (replicas > 0).then_some(Wait {
             replicas,
@@ -109,18 +109,34 @@ impl ConnectionLike for Conn {
             return self.send(cmd);
         };
         Box::pin(async move {
-            let reply = self.send(cmd).await?;
-            let mut ask = redis::cmd("WAIT");
-            ask.arg(wait.replicas).arg(wait.timeout_ms);
-            // Anything but enough replicas (fewer, an error reply, the slot's master gone
-            // between the two commands) leaves the write unconfirmed: a lost reply.
-            let answer = match self.send(&ask).await {
-                Ok(Value::Int(acked)) if acked >= i64::from(wait.replicas) => return Ok(reply),
-                Ok(Value::Int(acked)) => {
-                    format!("reached {acked} of the {} replicas", wait.replicas)
-                }
-                Ok(other) => format!("got {other:?}"),
-                Err(e) => format!("failed: {e}"),
+            // The script and its WAIT go as one pipeline, in one write on one connection, and
+            // neither is ever sent again: a WAIT sent alone after a reconnect would be the first
+            // command of a new connection, which Redis answers at once with every connected
+            // replica, confirming nothing (issue 22). A reply of the pipeline that is lost is a
+            // lost reply, like any other.
+            let mut both = redis::pipe();
+            both.add_command(cmd.clone())
+                .cmd("WAIT")
+                .arg(wait.replicas)
+                .arg(wait.timeout_ms);
+            let mut replies = self.req_packed_commands(&both, 0, 2).await?.into_iter();
+            let (Some(reply), Some(answer)) = (replies.next(), replies.next()) else {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "a script with its WAIT did not get two replies",
+                )));
+            };
+            // A script that failed (NOSCRIPT, a refusal) wrote nothing to confirm: its error
+            // goes back as it is (redis-rs then loads the script on NOSCRIPT and calls again).
+            if matches!(reply, Value::ServerError(_)) {
+                return Ok(reply);
+            }
+            // Anything but enough replicas (fewer, an error reply, the slot's master gone)
+            // leaves the write unconfirmed: a lost reply.
+            let answer = match answer {
+                Value::Int(acked) if acked >= i64::from(wait.replicas) => return Ok(reply),
+                Value::Int(acked) => format!("reached {acked} of the {} replicas", wait.replicas),
+                other => format!("got {other:?}"),
             };
             Err(redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -352,6 +368,8 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(left.min(Duration::from_secs(2))))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            // Reconnection attempts after a drop. A `ConnectionManager` never re-sends a
+            // request: one whose connection dropped fails to its caller (outcome unknown).
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let attempt = async {
@@ -361,10 +379,15 @@ pub async fn connect_to(target: &RedisTarget, connect_timeout_ms: u64) -> Result
                     None,
                 ),
                 Some(seeds) => {
+                    // No retries: redis-rs's cluster client re-sends a request whose
+                    // connection dropped, and a script that already ran would run twice (an
+                    // allocate.lua re-sent lost ids for good: issue 22). Every error, a redirect
+                    // included, goes to the caller, for whom a connection error means "outcome
+                    // unknown", as on one Redis; the slot map is refreshed all the same.
                     let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone())
                         .connection_timeout(left.min(Duration::from_secs(2)))
                         .response_timeout(RESPONSE_TIMEOUT)
-                        .retries(2);
+                        .retries(0);
                     if let Some(certs) = &target.tls {
                         builder = builder.certs(certs.clone());
                     }

@@ -115,6 +115,9 @@ impl Error {
                     || e.is_timeout()
                     || e.is_cluster_error()
                     || e.code() == Some("MASTERDOWN")
+                    // The cluster client has no connection to the node right now (it reconnects
+                    // in the background after a drop, and re-sends nothing on its own).
+                    || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
             }
             _ => false,
         }

@@ -16,7 +16,7 @@ use common::{app_bin, outcomes, wait_for, Fixture, Workload, NS};
 use leaderq::node::generator::Generated;
 use leaderq::node::incarnation::Incarnation;
 use leaderq::node::lease::{self, Lease};
-use leaderq::node::sharded::{self, Appended, Range, Shard, ShardedGen};
+use leaderq::node::sharded::{self, Allocated, Appended, Range, Shard, ShardedGen};
 use leaderq::protocol::shards;
 use leaderq::testkit::procs::{AppProcess, RedisCluster};
 use leaderq::testkit::verify::{self, Observed};
@@ -194,6 +194,16 @@ async fn queued_ranges(con: &mut conn::Conn, keys: &Keys, count: u32) -> Vec<(u6
     ranges
 }
 
+/// `{ns}:pending` as Redis holds it ("" when absent).
+async fn pending(con: &mut conn::Conn, keys: &Keys) -> String {
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(keys.pending())
+        .query_async(con)
+        .await
+        .unwrap();
+    raw.unwrap_or_default()
+}
+
 async fn acquire(con: &mut conn::Conn, keys: &Keys, name: &str, inc: &Incarnation) -> Lease {
     lease::try_acquire(con, keys, name, 60_000, inc)
         .await
@@ -231,18 +241,14 @@ async fn a_range_allocated_by_a_dead_generator_is_appended_once_by_its_successor
         ),
         "{first:?}"
     );
-    let (allocated, lost) = sharded::allocate(&mut con, keys, &lease1, &inc, 100, false, 2)
+    let seen = pending(&mut con, keys).await;
+    let allocated = sharded::allocate(&mut con, keys, &lease1, &inc, 100, false, 2, &seen)
         .await
         .unwrap();
-    let lost = lost.expect("allocated");
-    assert!(matches!(
-        allocated,
-        Generated::Batch {
-            first_id: 100,
-            count: 100,
-            ..
-        }
-    ));
+    let Allocated::Range(lost, _) = allocated else {
+        panic!("allocated nothing: {allocated:?}")
+    };
+    assert_eq!((lost.first_id, lost.count), (100, 100));
     assert_eq!(
         queued_ranges(&mut con, keys, 3).await.len(),
         1,
@@ -305,10 +311,11 @@ async fn a_range_allocated_by_a_dead_generator_is_appended_once_by_its_successor
             Appended::Fenced
         );
     }
-    let (fenced, none) = sharded::allocate(&mut con, keys, &lease1, &inc, 100, false, 0)
+    let seen = pending(&mut con, keys).await;
+    let fenced = sharded::allocate(&mut con, keys, &lease1, &inc, 100, false, 0, &seen)
         .await
         .unwrap();
-    assert_eq!((fenced, none), (Generated::Fenced, None));
+    assert_eq!(fenced, Allocated::Stopped(Generated::Fenced));
     assert_eq!(
         queued_ranges(&mut con, keys, 3).await.len(),
         3,
@@ -332,10 +339,16 @@ async fn an_allocation_whose_reply_was_lost_is_appended_before_the_next() {
         .await
         .unwrap();
     // The same generator's allocation, as if its reply never arrived: g does not see it.
-    let (_, lost) = sharded::allocate(&mut con, keys, &lease, &inc, 100, false, 2)
+    let seen = pending(&mut con, keys).await;
+    let lost = sharded::allocate(&mut con, keys, &lease, &inc, 100, false, 2, &seen)
         .await
         .unwrap();
-    assert!(lost.is_some());
+    assert!(matches!(lost, Allocated::Range(..)), "{lost:?}");
+    let next = g
+        .step(&mut con, keys, &lease, &inc, 100, 1000)
+        .await
+        .unwrap();
+    assert_eq!(next, Generated::PendingAppended, "the unseen range first");
     g.step(&mut con, keys, &lease, &inc, 100, 1000)
         .await
         .unwrap();
@@ -347,6 +360,37 @@ async fn an_allocation_whose_reply_was_lost_is_appended_before_the_next() {
     assert_eq!(ranges, vec![(0, 100), (100, 100), (200, 100)]);
 }
 
+/// An allocation sent again after its reply was lost (by a client that re-sends, or by the
+/// generator's own next step) allocates nothing more: it finds its own range pending, unseen,
+/// and names it. Before allocate.lua compared the pending range, a second call allocated a
+/// second range over the first, which was then never appended (issue 22: ids lost for good on
+/// Redis Cluster, whose client re-sent the call).
+#[tokio::test]
+async fn a_repeated_allocation_allocates_nothing_twice() {
+    let fx = Fixture::new();
+    let keys = &fx.keys;
+    let (mut con, inc) = fx.joined().await;
+    let _shards = join_shards(&mut con, keys, 2).await;
+    let lease = acquire(&mut con, keys, "g", &inc).await;
+    let first = sharded::allocate(&mut con, keys, &lease, &inc, 64, false, 1, "")
+        .await
+        .unwrap();
+    let Allocated::Range(range, raw) = first else {
+        panic!("{first:?}")
+    };
+    let again = sharded::allocate(&mut con, keys, &lease, &inc, 64, false, 1, "")
+        .await
+        .unwrap();
+    assert_eq!(again, Allocated::Pending(raw.clone()));
+    assert_eq!(Range::parse(&raw), Some(range));
+    let next_id: u64 = redis::cmd("GET")
+        .arg(keys.next_id())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(next_id, 64, "allocated once");
+}
+
 /// A generator whose append reply was lost retries it: the retry appends nothing more.
 #[tokio::test]
 async fn a_retried_append_is_idempotent() {
@@ -355,10 +399,12 @@ async fn a_retried_append_is_idempotent() {
     let (mut con, inc) = fx.joined().await;
     let mut shard_set = join_shards(&mut con, keys, 2).await;
     let lease = acquire(&mut con, keys, "g", &inc).await;
-    let (_, range) = sharded::allocate(&mut con, keys, &lease, &inc, 64, false, 1)
+    let allocated = sharded::allocate(&mut con, keys, &lease, &inc, 64, false, 1, "")
         .await
         .unwrap();
-    let range = range.unwrap();
+    let Allocated::Range(range, _) = allocated else {
+        panic!("{allocated:?}")
+    };
     let shard = &mut shard_set[1];
     assert_eq!(sharded::append(shard, &range).await.unwrap(), Appended::Now);
     assert_eq!(
@@ -496,4 +542,136 @@ async fn a_sharded_group_survives_a_leader_kill_exactly_once() {
             .unwrap();
         assert_eq!(left, 0, "getErrors drained {}", k.errors());
     }
+}
+
+/// Issue 22, item 1: on Redis Cluster, a script whose reply is cut is never sent again behind
+/// the caller's back. redis-rs's cluster client re-sends a request whose connection dropped
+/// (`retries`), so an `allocate.lua` that had run ran a second time and allocated a second range
+/// over the first, which was never appended: ids lost for good. Here one node owns every slot
+/// and announces a proxy's port, so the cluster client reaches it through the proxy, which cuts
+/// the connection the moment Redis answers the call carrying allocate.lua's SHA: the call must
+/// fail as a connection error (outcome unknown) and the script must have run exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_reply_on_a_cluster_is_not_sent_again() {
+    let proxy = leaderq::testkit::proxy::Proxy::bind()
+        .await
+        .expect("bind a proxy");
+    let cluster = tokio::task::block_in_place(|| {
+        RedisCluster::start_fronted(1, 0, &[proxy.port()], |_, port| {
+            proxy.set_upstream(([127, 0, 0, 1], port).into());
+            Ok(())
+        })
+    })
+    .expect("start a one-node cluster behind the proxy");
+    let keys = Keys::new(NS).unwrap();
+    let mut con = conn::connect(&cluster.url(), 5000)
+        .await
+        .expect("connect")
+        .pinned(&keys);
+    leaderq::protocol::scripts::load_all(&mut con)
+        .await
+        .expect("load");
+    let inc = Incarnation::join(&mut con, &keys, false)
+        .await
+        .expect("join");
+    let _shards = join_shards(&mut con, &keys, 2).await;
+    let lease = acquire(&mut con, &keys, "g", &inc).await;
+    let copy = inc.guard().split('/').nth(1).unwrap().to_string();
+    // Read (bounded retries: right after a cut the client is still reconnecting, and with no
+    // retries of its own it says so).
+    let writes = |con: conn::Conn| {
+        let (keys, copy) = (keys.clone(), copy.clone());
+        async move {
+            wait_for(Duration::from_secs(10), || {
+                let (mut con, keys, copy) = (con.clone(), keys.clone(), copy.clone());
+                async move {
+                    let n: Option<u64> = redis::cmd("HGET")
+                        .arg(keys.writes())
+                        .arg(&copy)
+                        .query_async(&mut con)
+                        .await
+                        .ok()?;
+                    Some(n.unwrap_or(0))
+                }
+            })
+            .await
+            .expect("the write count is readable")
+        }
+    };
+    let before = writes(con.clone()).await;
+
+    proxy.cut_reply_to(leaderq::protocol::scripts::ALLOCATE.get_hash().as_bytes());
+    let cut = sharded::allocate(&mut con, &keys, &lease, &inc, 64, false, 1, "").await;
+    assert_eq!(proxy.cuts(), 1, "the reply was cut");
+    let err = cut.expect_err("a cut reply is an error to the caller, not a silent re-send");
+    assert!(err.is_connection(), "outcome unknown: {err}");
+
+    // Redis may take a moment to see the connection gone; the script ran before the cut.
+    let mut after = 0;
+    for _ in 0..50 {
+        after = writes(con.clone()).await;
+        if after > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(after, before + 1, "allocate.lua ran exactly once");
+    let next_id: u64 = redis::cmd("GET")
+        .arg(keys.next_id())
+        .query_async(&mut con)
+        .await
+        .expect("the client has reconnected");
+    assert_eq!(next_id, 64, "one range allocated");
+    // The generator's next call learns the range it lost the reply of.
+    let again = sharded::allocate(&mut con, &keys, &lease, &inc, 64, false, 1, "")
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&again, Allocated::Pending(raw) if raw.contains(":0:64:1:")),
+        "{again:?}"
+    );
+}
+
+/// Issue 22, item 1, end to end: `sim` on a 3-master cluster with a proxy in front of every node
+/// (announced as the node's address), losing the replies of script calls three times. Before
+/// the cluster client stopped re-sending and allocate.lua became idempotent, the same kind of
+/// run lost ids for good (`LIVENESS FAILURE: 149328 of 150000 outcomes`, `missing=672`).
+#[test]
+fn sim_on_a_cluster_with_lost_replies_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("cluster-lost");
+    let out = common::run_sim(
+        &report,
+        &[
+            "--redis-cluster",
+            "3",
+            "--shards",
+            "2",
+            "--lose-replies",
+            "3",
+            "--profile",
+            "small",
+            "--messages",
+            "150000",
+            "--processes",
+            "3",
+            "--seed",
+            "3",
+            "--quiet",
+            "--timeout-s",
+            "120",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["verdict"], "pass", "{summary}");
+    assert!(summary["replies_lost"].as_u64().unwrap() >= 3, "{summary}");
 }

@@ -521,6 +521,148 @@ async fn a_redis_that_went_back_on_a_copys_calls_refuses_it_even_when_no_counter
     );
 }
 
+/// Issue 22, item 2: a lost reply no longer blinds the write counts for good. The call ran and
+/// Redis counted it, the copy saw an error; before, the copy's count stayed one lower for ever,
+/// so a later rollback that took back one call the copy *was* told succeeded passed the check.
+/// Now every guarded reply carries Redis's count and the copy catches up: the gap lasts until
+/// the next reply, and the rollback is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_after_a_lost_reply_is_still_refused() {
+    use leaderq::node::handler;
+    use leaderq::protocol::scripts;
+    let fx = Fixture::new();
+    let keys = &fx.keys;
+    let redis_addr = ([127, 0, 0, 1], fx.redis.port()).into();
+    let proxy = leaderq::testkit::proxy::Proxy::start(redis_addr)
+        .await
+        .unwrap();
+    let mut con = leaderq::conn::connect(&proxy.url(), 5000).await.unwrap();
+    scripts::load_all(&mut con).await.unwrap();
+    let inc = leaderq::node::incarnation::Incarnation::join(&mut con, keys, false)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc)
+            .await
+            .expect("an intact Redis accepts the copy's calls");
+    }
+    // The third call runs, its reply is lost.
+    proxy.cut_reply_to(scripts::FETCH.get_hash().as_bytes());
+    let lost = handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc).await;
+    assert!(lost.is_err(), "the reply was cut: {lost:?}");
+    assert_eq!(inc.acked(), 2, "the copy cannot know the third call ran");
+    // The fourth call's reply comes back, with Redis's count: 4.
+    let mut fourth = Err(leaderq::Error::Task("not tried".into()));
+    for _ in 0..50 {
+        fourth = handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc).await;
+        if fourth.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // reconnecting after the cut
+    }
+    fourth.expect("the fourth call succeeds");
+    assert_eq!(inc.acked(), 4, "the copy caught up with Redis's count");
+    // A rollback that takes back the fourth call, which the copy was told succeeded.
+    let copy = inc.guard().split('/').nth(1).unwrap().to_string();
+    redis::cmd("HSET")
+        .arg(keys.writes())
+        .arg(&copy)
+        .arg(3)
+        .query_async::<()>(&mut con)
+        .await
+        .unwrap();
+    match handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc).await {
+        Err(leaderq::error::Error::RedisForgot(why)) => {
+            assert!(why.contains("went back from 4 to 3"), "{why}")
+        }
+        other => panic!("expected a FORGOTTEN refusal, got {other:?}"),
+    }
+}
+
+/// Issue 22, item 3: `--wait-replicas` confirms only writes a replica holds. The script and its
+/// `WAIT` used to be two sends on a shared connection manager: when the connection dropped
+/// between them and another task's error had it reconnect, the `WAIT` was the first command of a
+/// new connection, which Redis answers at once with every connected replica, confirming
+/// nothing. Here the replica is frozen (SIGSTOP: connected, acknowledging nothing) and the proxy
+/// cuts the connection right after delivering each script call's reply, while another task
+/// keeps the manager busy: every call must fail (not confirmed), none may return `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_never_confirms_a_write_no_replica_holds() {
+    use leaderq::node::handler;
+    use leaderq::protocol::scripts;
+    let fx = Fixture::new();
+    let keys = &fx.keys;
+    let master_port = fx.redis.port().to_string();
+    let replica = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--replicaof",
+        "127.0.0.1",
+        &master_port,
+    ])
+    .unwrap();
+    let mut direct = fx.con().await;
+    let online = wait_for(Duration::from_secs(20), || {
+        let mut con = direct.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut con)
+                .await
+                .ok()?;
+            info.contains("state=online").then_some(())
+        }
+    })
+    .await;
+    assert!(online.is_some(), "the replica is in sync");
+    let proxy = leaderq::testkit::proxy::Proxy::start(([127, 0, 0, 1], fx.redis.port()).into())
+        .await
+        .unwrap();
+    let mut con = leaderq::conn::connect(&proxy.url(), 5000)
+        .await
+        .unwrap()
+        .waiting_for(1, leaderq::config::WAIT_TIMEOUT_MS);
+    scripts::load_all(&mut con).await.unwrap();
+    let inc = leaderq::node::incarnation::Incarnation::join(&mut con, keys, false)
+        .await
+        .unwrap();
+    handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc)
+        .await
+        .expect("confirmed while the replica follows");
+
+    leaderq::testkit::procs::signal(replica.pid(), libc::SIGSTOP).unwrap();
+    let noise = tokio::spawn({
+        let mut con = con.clone();
+        async move {
+            loop {
+                let _ = redis::cmd("PING").query_async::<String>(&mut con).await;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+    });
+    let mut confirmed = Vec::new();
+    for i in 0..40 {
+        proxy.cut_after_reply_to(scripts::FETCH.get_hash().as_bytes());
+        if let Ok(f) = handler::fetch(&mut con, keys, "h.0", 10, 60_000, &inc).await {
+            confirmed.push((i, f.len()));
+        }
+    }
+    noise.abort();
+    let _ = leaderq::testkit::procs::signal(replica.pid(), libc::SIGCONT);
+    assert!(
+        confirmed.is_empty(),
+        "calls confirmed by --wait-replicas 1 while the only replica was frozen: {confirmed:?}"
+    );
+    let counts: u64 = redis::cmd("HLEN")
+        .arg(keys.writes())
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert_eq!(counts, 1, "one copy counted");
+}
+
 /// A write-count hash of the wrong type is damage, not a rollback to repair silently: every
 /// guarded call is refused naming it, and `--accept-data-loss` (which clears a halt) removes it so
 /// the group can start over.
@@ -755,6 +897,37 @@ fn sim_wipe_redis_halts_the_group() {
 #[test]
 fn sim_rollback_redis_halts_the_group() {
     let s = halted_sim("rollback", &["--rollback-redis", "--seed", "5"]);
+    assert!(
+        s["halt_reason"]
+            .as_str()
+            .unwrap()
+            .contains("went back from"),
+        "{s}"
+    );
+}
+
+/// Issue 22, item 2: a rollback mixed with lost replies. Before every guarded reply carried
+/// Redis's write count, the copies' counts stayed behind Redis's after each lost reply, and this
+/// rollback (which took back calls the copies had been told succeeded) passed unnoticed: ids
+/// were generated after Redis lost data (`next_id 33048 -> 40000`, no copy halted).
+#[test]
+fn sim_rollback_with_lost_replies_halts_the_group() {
+    let s = halted_sim(
+        "rollback-lost",
+        &[
+            "--messages",
+            "40000",
+            "--processes",
+            "3",
+            "--rollback-redis",
+            "--lose-replies",
+            "40",
+            "--drain-errors",
+            "2",
+            "--seed",
+            "1",
+        ],
+    );
     assert!(
         s["halt_reason"]
             .as_str()

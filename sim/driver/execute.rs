@@ -299,15 +299,14 @@ impl Run<'_> {
         Ok(note)
     }
 
-    /// Makes every copy's connection lose its next reply (through the proxy).
+    /// Makes every copy's connection lose its next reply (through the proxy, or every cluster
+    /// node's proxy).
     fn lose_replies(&mut self, done: u64) -> anyhow::Result<String> {
-        let proxy = self
-            .world
-            .proxy
-            .as_ref()
-            .context("the proxy runs with --lose-replies")?;
-        let before = proxy.cuts();
-        proxy.lose_next_replies();
+        if self.world.proxies().next().is_none() {
+            bail!("the proxy runs with --lose-replies");
+        }
+        let before: u64 = self.world.proxies().map(|p| p.cuts()).sum();
+        self.world.proxies().for_each(|p| p.lose_next_replies());
         self.disruptions += 1;
         Ok(format!(
             "lost replies: every copy's connection loses its next reply, at {done} outcomes ({before} cut so far)"

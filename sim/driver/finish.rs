@@ -225,7 +225,7 @@ impl Run<'_> {
             duplicates_detected: c.duplicates,
             reclaim_ms: self.reclaim_ms.clone(),
             connection_drops: count(FaultKind::DropConnections),
-            replies_lost: self.world.proxy.as_ref().map_or(0, |p| p.cuts()),
+            replies_lost: self.world.proxies().map(|p| p.cuts()).sum(),
             faults_planned: self.faults.len() as u64,
             faults_executed: executed.len() as u64,
             redis_restarts: count(FaultKind::RestartRedis),

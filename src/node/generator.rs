@@ -33,6 +33,9 @@ pub enum Generated {
     IdSpaceUsedUp,
     /// The lease is not ours any more: step down.
     Fenced,
+    /// Sharded: a range allocated earlier and not seen appended (a lost reply, a predecessor's)
+    /// was appended instead of allocating: generate again at once.
+    PendingAppended,
     /// The data given was for other ids: the next id is `next_id` (ask the source again).
     Misaligned {
         /// The id the next message gets.
@@ -85,12 +88,13 @@ pub async fn generate(
             call.arg(&payload[..]);
         }
     }
-    let (status, first_id, count, time_us): (i64, u64, u64, u64) =
-        call.invoke_async(con).await.map_err(|e| match e.code() {
+    let (status, first_id, count, time_us): (i64, u64, u64, u64) = incarnation
+        .invoke(&call, con)
+        .await
+        .map_err(|e| match e.code() {
             Some("ERR") if e.to_string().contains("generate:") => Error::Corrupt(e.to_string()),
             _ => Error::from(e),
         })?;
-    incarnation.acknowledged();
     if status > 0 {
         incarnation.saw_next_id(first_id + count);
     }
@@ -243,6 +247,7 @@ pub async fn lead<S: Source>(
                         next_id_guess = next_id;
                         now
                     }
+                    Ok(Generated::PendingAppended) => now,
                     Ok(Generated::QueueFull) => now + Duration::from_millis(1),
                     Ok(Generated::Finished) => now + Duration::from_millis(100),
                     Ok(Generated::IdSpaceUsedUp) => {

@@ -30,8 +30,9 @@ pub struct Incarnation {
     max_next_id: Arc<AtomicU64>,
     /// This copy's random id in `{ns}:writes`.
     copy: Arc<str>,
-    /// How many of this copy's guarded script calls it saw succeed: Redis counts each of them in
-    /// `{ns}:writes`, so finding fewer there means Redis went back on a write it acknowledged.
+    /// The highest count of this copy's guarded script calls Redis has reported (each reply
+    /// carries it): Redis counts each call in `{ns}:writes`, so finding fewer there means Redis
+    /// went back on a write it acknowledged.
     acked: Arc<AtomicU64>,
 }
 
@@ -118,9 +119,33 @@ impl Incarnation {
         )
     }
 
-    /// One guarded call succeeded (its reply was not an error): Redis counted it.
-    pub fn acknowledged(&self) {
-        self.acked.fetch_add(1, Ordering::Relaxed);
+    /// Runs `call`, a guarded script (scripts.rs, `guarded_script!`) whose guard argument came
+    /// from [`Incarnation::guard`], and returns its reply. The reply carries Redis's count of
+    /// this copy's guarded calls after this one, and the copy's own count catches up with it:
+    /// a call whose reply was lost (it may have run, the copy cannot tell) leaves the copy's
+    /// count lower only until the next reply that comes back, so a rollback that takes back any
+    /// call acknowledged by then is refused at the next call (docs/PROTOCOL.md, invariant 9).
+    /// Redis's count only grows while Redis keeps its writes, so taking the higher of the two
+    /// never makes a faithful Redis look forgetful.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+        con: &mut Conn,
+    ) -> redis::RedisResult<T> {
+        let (writes, reply): (i64, redis::Value) = call.invoke_async(con).await?;
+        let Ok(writes) = u64::try_from(writes) else {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a guarded script returned without counting the call (no write count)",
+            )));
+        };
+        self.acked.fetch_max(writes, Ordering::Relaxed);
+        Ok(T::from_redis_value(reply)?)
+    }
+
+    /// How many of this copy's guarded calls Redis counted, as far as this copy knows.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
     }
 
     /// Raises the epoch high-water mark.

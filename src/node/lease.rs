@@ -40,8 +40,8 @@ pub async fn try_acquire(
 ) -> Result<Option<Lease>, Error> {
     for _ in 0..2 {
         let client_id: u64 = redis::cmd("CLIENT").arg("ID").query_async(con).await?;
-        let (epoch, value, epoch_now, next_id_now): (u64, String, u64, u64) = scripts::ACQUIRE
-            .key(keys.lease())
+        let mut call = scripts::ACQUIRE.prepare_invoke();
+        call.key(keys.lease())
             .key(keys.epoch())
             .key(keys.lease_conn())
             .key(keys.incarnation())
@@ -54,10 +54,9 @@ pub async fn try_acquire(
             .arg(client_id)
             .arg(incarnation.guard())
             .arg(incarnation.max_epoch())
-            .arg(incarnation.max_next_id())
-            .invoke_async(con)
-            .await?;
-        incarnation.acknowledged();
+            .arg(incarnation.max_next_id());
+        let (epoch, value, epoch_now, next_id_now): (u64, String, u64, u64) =
+            incarnation.invoke(&call, con).await?;
         incarnation.saw_epoch(epoch_now);
         incarnation.saw_next_id(next_id_now);
         if epoch > 0 {
@@ -105,18 +104,16 @@ pub async fn renew(
     lease_ms: u64,
     incarnation: &Incarnation,
 ) -> Result<bool, Error> {
-    let renewed: i64 = scripts::RENEW
-        .key(keys.lease())
+    let mut call = scripts::RENEW.prepare_invoke();
+    call.key(keys.lease())
         .key(keys.incarnation())
         .key(keys.errors())
         .key(keys.stats())
         .key(keys.writes())
         .arg(&lease.value)
         .arg(lease_ms)
-        .arg(incarnation.guard())
-        .invoke_async(con)
-        .await?;
-    incarnation.acknowledged();
+        .arg(incarnation.guard());
+    let renewed: i64 = incarnation.invoke(&call, con).await?;
     Ok(renewed == 1)
 }
 

@@ -206,13 +206,10 @@ pub async fn reclaim(
         call.key(keys.suspects(level));
     }
     call.key(keys.incarnation()).key(keys.writes());
-    let (dead, moved, poisoned): (u64, u64, u64) = call
-        .arg(keys.prefix())
+    call.arg(keys.prefix())
         .arg(MAX_RECLAIMS)
-        .arg(incarnation.guard())
-        .invoke_async(con)
-        .await?;
-    incarnation.acknowledged();
+        .arg(incarnation.guard());
+    let (dead, moved, poisoned): (u64, u64, u64) = incarnation.invoke(&call, con).await?;
     if poisoned > 0 {
         tracing::warn!(poisoned, "poison messages moved to the error store: every handler holding them died {MAX_RECLAIMS} times");
     }

@@ -1,9 +1,10 @@
 //! Generation in a namespace spread over shards (docs/PROTOCOL.md, "Sharding"): ids are
 //! allocated in the control slot (allocate.lua, fenced by the lease) and appended to one shard
-//! (append.lua, fenced by the shard's `epoch_seen`), strictly in turn, so at most one allocated
-//! range is not yet appended: the one in `{ns}:pending`, which a successor appends before it
-//! allocates anything. Ids stay gap-free and unique across shards, and a deposed generator can
-//! write to no shard.
+//! (append.lua, fenced by the shard's `epoch_seen`), strictly in turn: allocate.lua allocates
+//! only when `{ns}:pending` is the range its caller saw appended, so at most one allocated range
+//! is not yet appended, the one in `{ns}:pending`, and whoever allocates next appends it first.
+//! Ids stay gap-free and unique across shards, a repeated allocation allocates nothing twice,
+//! and a deposed generator can write to no shard.
 
 use crate::conn::Conn;
 use crate::error::Error;
@@ -70,8 +71,8 @@ pub enum Appended {
 /// Appends `range` to `shard` (append.lua); a count of 0 only seals the shard with its epoch.
 pub async fn append(shard: &mut Shard, range: &Range) -> Result<Appended, Error> {
     let keys = &shard.keys;
-    let (status, _mark, _seen): (i64, u64, u64) = scripts::APPEND
-        .key(keys.queue())
+    let mut call = scripts::APPEND.prepare_invoke();
+    call.key(keys.queue())
         .key(keys.alloc_mark())
         .key(keys.epoch_seen())
         .key(keys.stats())
@@ -83,14 +84,15 @@ pub async fn append(shard: &mut Shard, range: &Range) -> Result<Appended, Error>
         .arg(range.first_id)
         .arg(range.count)
         .arg(range.time_us)
-        .arg(shard.incarnation.guard())
-        .invoke_async(&mut shard.con)
+        .arg(shard.incarnation.guard());
+    let (status, _mark, _seen): (i64, u64, u64) = shard
+        .incarnation
+        .invoke(&call, &mut shard.con)
         .await
         .map_err(|e| match e.code() {
             Some("ERR") if e.to_string().contains("append:") => Error::Corrupt(e.to_string()),
             _ => Error::from(e),
         })?;
-    shard.incarnation.acknowledged();
     Ok(match status {
         1 => Appended::Now,
         2 => Appended::Already,
@@ -98,9 +100,30 @@ pub async fn append(shard: &mut Shard, range: &Range) -> Result<Appended, Error>
     })
 }
 
-/// Allocates up to `wanted` ids for shard `shard` under `lease` (allocate.lua). `cut`: the count
-/// was bounded by the shard's room, so the range is cut to end on a multiple of 8 when it can
-/// (batches then stay aligned with the outcome bitmaps' bytes, as generate.lua keeps them).
+/// What allocate.lua answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocated {
+    /// A range was allocated and recorded as pending; the pending value as Redis holds it.
+    Range(Range, String),
+    /// Redis holds another pending value than the caller saw appended ("" for none): nothing was
+    /// allocated; the caller appends it (or finds it appended) before it allocates again.
+    Pending(String),
+    /// Nothing allocated: [`Generated::Finished`], [`Generated::IdSpaceUsedUp`] or
+    /// [`Generated::Fenced`].
+    Stopped(Generated),
+}
+
+/// What [`allocate`] is given as the pending value last seen appended to learn what is pending
+/// without allocating anything: no pending value is ever `"?"`.
+const ASK_PENDING: &str = "?";
+
+/// Allocates up to `wanted` ids for shard `shard` under `lease` (allocate.lua), provided the
+/// pending range in Redis is `seen`, the one this generator last saw appended (`""`: none):
+/// otherwise nothing is allocated and the pending value is returned, so a call repeated after
+/// its reply was lost allocates nothing twice. `cut`: the count was bounded by the shard's room,
+/// so the range is cut to end on a multiple of 8 when it can (batches then stay aligned with the
+/// outcome bitmaps' bytes, as generate.lua keeps them).
+#[allow(clippy::too_many_arguments)]
 pub async fn allocate(
     con: &mut Conn,
     keys: &Keys,
@@ -109,9 +132,10 @@ pub async fn allocate(
     wanted: u64,
     cut: bool,
     shard: u32,
-) -> Result<(Generated, Option<Range>), Error> {
-    let (status, first_id, count, time_us): (i64, u64, u64, u64) = scripts::ALLOCATE
-        .key(keys.lease())
+    seen: &str,
+) -> Result<Allocated, Error> {
+    let mut call = scripts::ALLOCATE.prepare_invoke();
+    call.key(keys.lease())
         .key(keys.next_id())
         .key(keys.max())
         .key(keys.epochs())
@@ -128,34 +152,32 @@ pub async fn allocate(
         .arg(crate::protocol::message::ID_MAX + 1)
         .arg(shard)
         .arg(u8::from(cut))
-        .invoke_async(con)
+        .arg(seen);
+    let (status, first_id, count, time_us, pending): (i64, u64, u64, u64, String) = incarnation
+        .invoke(&call, con)
         .await
         .map_err(|e| match e.code() {
             Some("ERR") if e.to_string().contains("allocate:") => Error::Corrupt(e.to_string()),
             _ => Error::from(e),
         })?;
-    incarnation.acknowledged();
-    if status > 0 {
+    if status == 1 {
         incarnation.saw_next_id(first_id + count);
     }
     Ok(match status {
-        1 => (
-            Generated::Batch {
-                first_id,
-                count,
-                time_us,
-            },
-            Some(Range {
+        1 => Allocated::Range(
+            Range {
                 epoch: lease.epoch,
                 first_id,
                 count,
                 shard,
                 time_us,
-            }),
+            },
+            pending,
         ),
-        3 => (Generated::Finished, None),
-        4 => (Generated::IdSpaceUsedUp, None),
-        _ => (Generated::Fenced, None),
+        6 => Allocated::Pending(pending),
+        3 => Allocated::Stopped(Generated::Finished),
+        4 => Allocated::Stopped(Generated::IdSpaceUsedUp),
+        _ => Allocated::Stopped(Generated::Fenced),
     })
 }
 
@@ -165,11 +187,10 @@ pub struct ShardedGen {
     pub shards: Vec<Shard>,
     /// The shard asked first next time (round robin).
     next: usize,
-    /// Set once every shard is sealed with this lease's epoch.
-    sealed: bool,
-    /// The last range this generator saw appended (or found appended): when `{ns}:pending`
-    /// still names it, nothing allocated is left unappended.
-    last_appended: Option<Range>,
+    /// `None` until this lease has appended what was pending when it took over and sealed every
+    /// shard; then the pending value it last saw appended, which allocate.lua must still find
+    /// to allocate anything.
+    appended: Option<String>,
 }
 
 impl ShardedGen {
@@ -178,16 +199,14 @@ impl ShardedGen {
         ShardedGen {
             shards,
             next: 0,
-            sealed: false,
-            last_appended: None,
+            appended: None,
         }
     }
 
-    /// Starts a new lease: the pending range is checked and every shard sealed again before the
-    /// first allocation.
+    /// Starts a new lease: the pending range is appended and every shard sealed again before
+    /// the first allocation.
     pub fn reset(&mut self) {
-        self.sealed = false;
-        self.last_appended = None;
+        self.appended = None;
     }
 
     /// Appends `range` to its shard. `Ok(false)`: fenced (the shard has seen a later epoch).
@@ -202,28 +221,22 @@ impl ShardedGen {
         }
     }
 
-    /// Makes sure the range in `{ns}:pending` (the last one allocated) is appended, so that
-    /// allocation and append stay strictly in turn whatever this process saw: a predecessor
-    /// that died between the two steps, an append whose reply was lost, or an allocation whose
-    /// reply was lost (the script ran, the caller never learnt the range: seen in a sharded soak
-    /// with Redis restarts, `--restart-redis 2 --shards 3 --seed 2`). The range keeps the epoch
-    /// that allocated it, which every shard still accepts: only a takeover seals a shard, and it
-    /// runs this first.
-    async fn complete_pending(&mut self, con: &mut Conn, keys: &Keys) -> Result<(), Error> {
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(keys.pending())
-            .query_async(con)
-            .await?;
-        let Some(raw) = raw else { return Ok(()) };
-        let range = Range::parse(&raw).ok_or_else(|| {
+    /// Makes sure the pending range `raw` (as `{ns}:pending` held it; "" for none) is appended:
+    /// a predecessor that died between allocation and append, an append whose reply was lost,
+    /// or an allocation whose reply was lost (the script ran, the caller never learnt the range:
+    /// seen in a sharded soak with Redis restarts, `--restart-redis 2 --shards 3 --seed 2`). The
+    /// range keeps the epoch that allocated it, which every shard still accepts: only a takeover
+    /// seals a shard, and it runs this first.
+    async fn append_pending(&mut self, keys: &Keys, raw: &str) -> Result<(), Error> {
+        if raw.is_empty() {
+            return Ok(());
+        }
+        let range = Range::parse(raw).ok_or_else(|| {
             Error::Corrupt(format!(
                 "{} holds {raw:?}, not epoch:first:count:shard:time",
                 keys.pending()
             ))
         })?;
-        if self.last_appended == Some(range) {
-            return Ok(());
-        }
         if !self.finish(range).await? {
             // A shard that refuses the pending range without having appended it would leave a
             // gap in the ids: damage, said loudly (generation stops) rather than skipped.
@@ -234,7 +247,6 @@ impl ShardedGen {
                 range.first_id + range.count
             )));
         }
-        self.last_appended = Some(range);
         Ok(())
     }
 
@@ -256,10 +268,38 @@ impl ShardedGen {
         Ok(true)
     }
 
-    /// One generation step: the last allocated range appended if it is not (at a takeover, the
-    /// predecessor's), every shard sealed once per lease, then one range of at most `batch_max`
-    /// ids for the next shard (round robin) whose queue holds fewer than `queue_max` messages,
-    /// allocated and appended.
+    /// The first step of a lease: learn what is pending (allocate.lua asked with a value no
+    /// range has, so it allocates nothing), append it, seal every shard. `Ok(false)`: fenced.
+    async fn take_over(
+        &mut self,
+        con: &mut Conn,
+        keys: &Keys,
+        lease: &Lease,
+        incarnation: &Incarnation,
+    ) -> Result<bool, Error> {
+        let pending =
+            match allocate(con, keys, lease, incarnation, 1, false, 0, ASK_PENDING).await? {
+                Allocated::Pending(raw) => raw,
+                Allocated::Stopped(Generated::Fenced) => return Ok(false),
+                other => {
+                    return Err(Error::Corrupt(format!(
+                        "allocate.lua answered {other:?} when only asked what is pending"
+                    )))
+                }
+            };
+        self.append_pending(keys, &pending).await?;
+        if !self.seal(lease).await? {
+            return Ok(false);
+        }
+        self.appended = Some(pending);
+        Ok(true)
+    }
+
+    /// One generation step: at the start of a lease, what is pending appended and every shard
+    /// sealed; then one range of at most `batch_max` ids for the next shard (round robin) whose
+    /// queue holds fewer than `queue_max` messages, allocated and appended. When allocate.lua
+    /// finds a pending range this generator has not seen appended (an earlier call whose reply
+    /// was lost), that range is appended instead ([`Generated::PendingAppended`]).
     pub async fn step(
         &mut self,
         con: &mut Conn,
@@ -269,12 +309,8 @@ impl ShardedGen {
         batch_max: u64,
         queue_max: u64,
     ) -> Result<Generated, Error> {
-        self.complete_pending(con, keys).await?;
-        if !self.sealed {
-            if !self.seal(lease).await? {
-                return Ok(Generated::Fenced);
-            }
-            self.sealed = true;
+        if self.appended.is_none() && !self.take_over(con, keys, lease, incarnation).await? {
+            return Ok(Generated::Fenced);
         }
         // `queue_max` bounds each shard's queue (each master's memory): a share of it would cut
         // batches to queue_max/S messages, and Redis's costs are per batch.
@@ -289,7 +325,8 @@ impl ShardedGen {
                 continue;
             }
             let wanted = batch_max.min(room);
-            let (generated, range) = allocate(
+            let seen = self.appended.clone().unwrap_or_default();
+            let allocated = allocate(
                 con,
                 keys,
                 lease,
@@ -297,18 +334,30 @@ impl ShardedGen {
                 wanted,
                 wanted < batch_max,
                 i as u32,
+                &seen,
             )
             .await?;
-            let Some(range) = range else {
-                return Ok(generated);
+            return match allocated {
+                Allocated::Range(range, raw) => {
+                    // Should this append fail, the next allocation finds the range pending and
+                    // unseen, and it is appended then.
+                    if !self.finish(range).await? {
+                        return Ok(Generated::Fenced);
+                    }
+                    self.appended = Some(raw);
+                    Ok(Generated::Batch {
+                        first_id: range.first_id,
+                        count: range.count,
+                        time_us: range.time_us,
+                    })
+                }
+                Allocated::Pending(raw) => {
+                    self.append_pending(keys, &raw).await?;
+                    self.appended = Some(raw);
+                    Ok(Generated::PendingAppended)
+                }
+                Allocated::Stopped(generated) => Ok(generated),
             };
-            // Should this append fail, the next step finds the range in `pending` and appends it
-            // before allocating again.
-            if !self.finish(range).await? {
-                return Ok(Generated::Fenced);
-            }
-            self.last_appended = Some(range);
-            return Ok(generated);
         }
         Ok(Generated::QueueFull)
     }

@@ -253,6 +253,9 @@ pub struct RedisCluster {
     masters: usize,
     /// Nodes SIGKILLed by [`RedisCluster::kill_node`] and not restarted since.
     dead: Vec<bool>,
+    /// The client port each node announces, when not its own (a proxy in front of it): what
+    /// `CLUSTER NODES` and `CLUSTER SLOTS` show, and so what every client connects to.
+    announced: Vec<Option<u16>>,
 }
 
 /// How long a cluster may take to form (meet, replicate, sync) at start.
@@ -286,6 +289,21 @@ impl RedisCluster {
         masters: usize,
         replicas_per_master: usize,
     ) -> std::io::Result<RedisCluster> {
+        Self::start_fronted(masters, replicas_per_master, &[], |_, _| Ok(()))
+    }
+
+    /// Like [`RedisCluster::start_with_replicas`], each node `i` with an entry in `announce`
+    /// announcing that port to clients (`cluster-announce-port`) instead of its own: a proxy in
+    /// front of it ([`crate::testkit::proxy::Proxy`]), so that every client, which learns node
+    /// addresses from `CLUSTER SLOTS`, goes through it. `started(i, port)` is called as soon as
+    /// node `i` answers on its own `port`, before the cluster forms (replicas reach their
+    /// masters at the announced address): the place to point the proxy at it.
+    pub fn start_fronted(
+        masters: usize,
+        replicas_per_master: usize,
+        announce: &[u16],
+        mut started: impl FnMut(usize, u16) -> std::io::Result<()>,
+    ) -> std::io::Result<RedisCluster> {
         if masters == 0 {
             return Err(std::io::Error::other("a cluster needs at least one master"));
         }
@@ -298,11 +316,20 @@ impl RedisCluster {
         .to_string();
         let mut nodes = Vec::with_capacity(total);
         let mut buses = Vec::with_capacity(total);
-        for _ in 0..total {
+        for i in 0..total {
             // The cluster bus gets its own free port (the default, port + 10000, may not exist).
             let bus = free_port()?.to_string();
             buses.push(bus.clone());
-            nodes.push(RedisServer::start_with(&[
+            let announce_args: Vec<String> = match announce.get(i) {
+                Some(port) => vec![
+                    "--cluster-announce-port".into(),
+                    port.to_string(),
+                    "--cluster-announce-bus-port".into(),
+                    bus.clone(),
+                ],
+                None => Vec::new(),
+            };
+            let mut args: Vec<&str> = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -319,12 +346,17 @@ impl RedisCluster {
                 // wait for more replicas to share the transfer.
                 "--repl-diskless-sync-delay",
                 "0",
-            ])?);
+            ];
+            args.extend(announce_args.iter().map(String::as_str));
+            let node = RedisServer::start_with(&args)?;
+            started(i, node.port())?;
+            nodes.push(node);
         }
         let cluster = RedisCluster {
             nodes,
             masters,
             dead: vec![false; total],
+            announced: (0..total).map(|i| announce.get(i).copied()).collect(),
         };
         for i in 0..masters {
             let (lo, hi) = cluster.range(i);
@@ -419,12 +451,10 @@ impl RedisCluster {
             .unwrap_or(self.masters - 1)
     }
 
-    /// `redis+cluster://127.0.0.1:<port>,…`: every node as a seed.
+    /// `redis+cluster://127.0.0.1:<port>,…`: every node as a seed (at the port it announces).
     pub fn url(&self) -> String {
-        let seeds: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
+        let seeds: Vec<String> = (0..self.nodes.len())
+            .map(|i| format!("127.0.0.1:{}", self.client_port(i)))
             .collect();
         format!("redis+cluster://{}", seeds.join(","))
     }
@@ -545,7 +575,7 @@ impl RedisCluster {
     pub fn replica_offset(&self, idx: usize) -> Option<u64> {
         let asked = self.live().next()?;
         let view = cluster_view(self.nodes[asked].port()).ok()?;
-        let id = &view.iter().find(|v| v.port == self.nodes[idx].port())?.id;
+        let id = &view.iter().find(|v| v.port == self.client_port(idx))?.id;
         view.iter()
             .filter(|v| &v.master_id == id)
             .filter_map(|v| self.index_of_port(v.port))
@@ -559,8 +589,14 @@ impl RedisCluster {
         (0..self.nodes.len()).filter(|&i| !self.dead[i])
     }
 
+    /// Node `idx`'s port as clients and other nodes see it: the one it announces, else its own.
+    fn client_port(&self, idx: usize) -> u16 {
+        self.announced[idx].unwrap_or_else(|| self.nodes[idx].port())
+    }
+
+    /// The node whose own or announced client port is `port`.
     fn index_of_port(&self, port: u16) -> Option<usize> {
-        self.nodes.iter().position(|n| n.port() == port)
+        (0..self.nodes.len()).find(|&i| self.nodes[i].port() == port || self.client_port(i) == port)
     }
 }
 

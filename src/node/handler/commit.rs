@@ -139,8 +139,7 @@ pub async fn commit(
             Verdict::Bad(reason) => call.arg("b").arg(&d.payload[..]).arg(reason.as_str()),
         };
     }
-    let reply: Vec<u64> = call.invoke_async(con).await?;
-    incarnation.acknowledged();
+    let reply: Vec<u64> = incarnation.invoke(&call, con).await?;
     let time_us = reply.first().copied().unwrap_or(0);
     let ids = reply.get(1).copied().unwrap_or(0) as usize;
     let refused_ids: HashSet<u64> = reply.iter().skip(2).take(ids).copied().collect();

@@ -125,18 +125,15 @@ pub async fn fetch_limited(
     call.key(keys.incarnation())
         .key(keys.batches(handler))
         .key(keys.writes());
-    let reply: Vec<redis::Value> = call
-        .arg(handler)
+    call.arg(handler)
         .arg(limits.count)
         .arg(heartbeat_ms)
         .arg(limits.retry_max)
         .arg(limits.hold.level)
         .arg(limits.hold.count)
         .arg(limits.suspect_base)
-        .arg(incarnation.guard())
-        .invoke_async(con)
-        .await?;
-    incarnation.acknowledged();
+        .arg(incarnation.guard());
+    let reply: Vec<redis::Value> = incarnation.invoke(&call, con).await?;
     let mut items = reply.into_iter();
     let (time_us, lapsed, b) = match (items.next(), items.next(), items.next()) {
         (Some(redis::Value::Int(t)), Some(redis::Value::Int(l)), Some(redis::Value::Int(b))) => {

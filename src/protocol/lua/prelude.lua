@@ -1,5 +1,11 @@
 -- prelude.lua: helpers every script starts with (scripts.rs puts this file in front of each one).
--- Defines only local functions; it reads no KEYS or ARGV and writes nothing.
+-- Defines only local functions (and one local the guarded scripts return); it reads no KEYS or
+-- ARGV and writes nothing.
+
+-- Set by `forgotten` once it has counted the call: Redis's count of the calling copy's guarded
+-- calls, this one included. A guarded script returns it beside its reply (scripts.rs, `guarded`),
+-- so the copy's own count catches up with Redis's after any call whose reply it lost.
+local guard_writes
 
 -- The Redis time as a decimal string of µs, and as a number. The string is what gets stored:
 -- Lua 5.1 would print a 16-digit number in exponent form.
@@ -49,7 +55,8 @@ local function forgotten(key, guard, writes)
     return redis.error_reply('FORGOTTEN ' .. writes .. ' went back from ' .. acked .. ' to ' .. made
       .. ' for copy ' .. copy .. ' (its guarded calls seen to succeed)')
   end
-  redis.call('HSET', writes, copy, string.format('%d', tonumber(made) + 1))
+  guard_writes = tonumber(made) + 1
+  redis.call('HSET', writes, copy, string.format('%d', guard_writes))
   return nil
 end
 
