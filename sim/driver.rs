@@ -221,8 +221,6 @@ struct Run<'f> {
     timeline: Timeline,
     /// Picks which copies the worker and duplicate faults hit.
     rng: rand_chacha::ChaCha8Rng,
-    /// Since when a due generator fault has been waiting for a pure generator.
-    waiting_since: Option<Instant>,
     /// Killed handlers (name, when) whose in-flight sets are watched for the reclaim.
     watched: Vec<(String, Instant)>,
     /// How long each killed handler's messages took to be reclaimed, ms.
@@ -350,7 +348,6 @@ impl<'f> Run<'f> {
                 samples: vec![(0.0, 0)],
             },
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7069_636b),
-            waiting_since: None,
             watched: Vec::new(),
             reclaim_ms: Vec::new(),
             disruptions: 0,
@@ -401,9 +398,7 @@ impl<'f> Run<'f> {
             self.watch_reclaims().await;
         }
         if self.complete(now, done, &counters) {
-            // A generator fault still waiting for a pure generator (one without handler work
-            // left) acts now, when every outcome is in and no copy holds anything, instead of
-            // never (seen in CI: a slow cluster run ended inside the wait, exit 5).
+            // A fault still due (its moment came in this last tick) acts now rather than never.
             for _ in 0..self.faults.len() {
                 self.execute_due_faults(now, done, &counters).await?;
             }

@@ -35,11 +35,14 @@ pub struct Counters {
     pub poisoned: u64,
     /// Error outcomes that were handler timeouts (also counted in `errors`).
     pub timeouts: u64,
+    /// Messages a live handler gave back when its copy became the generator (reclaim.lua's
+    /// hand-back), to the retry set or their suspect list, reclaim counts unchanged.
+    pub handed_back: u64,
 }
 
 impl Counters {
     /// The hash fields of `{ns}:stats`, as the scripts name them (`HINCRBY`), in struct order.
-    pub const FIELDS: [&'static str; 10] = [
+    pub const FIELDS: [&'static str; 11] = [
         "generated",
         "processed",
         "errors",
@@ -50,11 +53,12 @@ impl Counters {
         "bad",
         "poisoned",
         "timeouts",
+        "handed_back",
     ];
 
     /// The counters from a lookup by field name (absent = 0).
     pub fn from_fields(mut get: impl FnMut(&str) -> u64) -> Counters {
-        let [generated, processed, errors, duplicates, runs, reclaimed, refused, bad, poisoned, timeouts] =
+        let [generated, processed, errors, duplicates, runs, reclaimed, refused, bad, poisoned, timeouts, handed_back] =
             Counters::FIELDS.map(&mut get);
         Counters {
             generated,
@@ -67,6 +71,7 @@ impl Counters {
             bad,
             poisoned,
             timeouts,
+            handed_back,
         }
     }
 
@@ -105,6 +110,7 @@ impl Counters {
         self.bad += other.bad;
         self.poisoned += other.poisoned;
         self.timeouts += other.timeouts;
+        self.handed_back += other.handed_back;
     }
 }
 

@@ -271,6 +271,121 @@ async fn reclaim_gives_back_only_the_open_messages_of_a_dead_handlers_batches() 
     drop(s.fx);
 }
 
+/// Issue 22, item 5: a copy that becomes the generator gives its handler work back at once
+/// (reclaim.lua's hand-back): its batch records move whole to `{ns}:returned` (their masks keep
+/// which messages are still open), its payloads to the retry set unchanged, and another handler
+/// takes them with its next fetch. Every message gets one outcome; the giver's late commit is
+/// refused; nothing counts as reclaimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_generator_hands_its_messages_back_and_they_are_handled_once() {
+    let mut s = setup().await;
+    s.generate(40).await;
+    let giver: Arc<str> = Arc::from("giver.0");
+    let items = s.fetch(&giver, 32).await;
+    assert_eq!(items.len(), 32);
+    // A reclaimed payload held too, as after a dead handler's reclaim.
+    let payload = "100:1:1700000000000000:1";
+    redis::cmd("SADD")
+        .arg(s.keys.inflight("giver.0"))
+        .arg(payload)
+        .query_async::<()>(&mut s.con)
+        .await
+        .unwrap();
+    // Committed: 0..10 and 20; open: 10..20 and 21..32, plus the payload.
+    let mut committed: Vec<Done> = items[..10].to_vec();
+    committed.push(items[20].clone());
+    assert!(s.commit(&committed).await.is_empty());
+    let given = liveness::hand_back(&mut s.con, &s.keys, &s.inc, "giver.0")
+        .await
+        .unwrap();
+    assert_eq!(given, 22, "21 open batch messages and the payload");
+    let again = liveness::hand_back(&mut s.con, &s.keys, &s.inc, "giver.0")
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "a repeated hand-back gives nothing more");
+    let returned: Vec<String> = redis::cmd("HKEYS")
+        .arg(s.keys.returned())
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    assert_eq!(returned, vec!["0".to_string()], "the record moved whole");
+    let retry: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(s.keys.retry())
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    assert_eq!(retry, vec![payload.to_string()], "as it was held");
+    let snap = leaderq::testkit::snapshot::snapshot(&mut s.con, &s.keys)
+        .await
+        .unwrap();
+    assert_eq!(
+        (snap.queue_len, snap.in_flight),
+        (8 + 22, 0),
+        "waiting: the 8 never fetched and the 22 given back"
+    );
+
+    let taker: Arc<str> = Arc::from("taker.0");
+    let mut taken = Vec::new();
+    for _ in 0..12 {
+        taken.extend(s.fetch(&taker, 10).await);
+    }
+    let mut ids: Vec<u64> = taken.iter().map(|d| d.envelope.id).collect();
+    ids.sort_unstable();
+    let expected: Vec<u64> = (10..20).chain(21..40).chain([100]).collect();
+    assert_eq!(
+        ids, expected,
+        "every open message once, and the rest of the queue"
+    );
+    assert!(s.commit(&taken).await.is_empty());
+    let late = s.commit(&items[10..20]).await;
+    assert_eq!(late.len(), 10, "the giver's late commit is refused");
+    let c = s.counters().await;
+    assert_eq!(c.processed + c.errors, 41, "40 ids and the payload's");
+    assert_eq!((c.reclaimed, c.handed_back), (0, 22));
+    drop(s.fx);
+}
+
+/// A returned record too large for a fetch is split at a byte of its mask: the taker gets the
+/// open messages of its first bytes, the rest stays returned under its own first id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_record_too_large_for_a_fetch_is_split_at_a_byte() {
+    let mut s = setup().await;
+    s.generate(64).await;
+    let giver: Arc<str> = Arc::from("giver.0");
+    let items = s.fetch(&giver, 64).await;
+    assert_eq!(items.len(), 64);
+    liveness::hand_back(&mut s.con, &s.keys, &s.inc, "giver.0")
+        .await
+        .unwrap();
+    let taker: Arc<str> = Arc::from("taker.0");
+    let first = s.fetch(&taker, 20).await;
+    let ids: Vec<u64> = first.iter().map(|d| d.envelope.id).collect();
+    assert_eq!(
+        ids,
+        (0..16).collect::<Vec<u64>>(),
+        "two whole bytes fit in 20"
+    );
+    let mut returned: Vec<String> = redis::cmd("HKEYS")
+        .arg(s.keys.returned())
+        .query_async(&mut s.con)
+        .await
+        .unwrap();
+    returned.sort();
+    assert_eq!(returned, vec!["16".to_string()]);
+    let mut rest = Vec::new();
+    for _ in 0..4 {
+        rest.extend(s.fetch(&taker, 20).await);
+    }
+    let mut all: Vec<u64> = first.iter().chain(&rest).map(|d| d.envelope.id).collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..64).collect::<Vec<u64>>());
+    assert!(s.commit(&first).await.is_empty());
+    assert!(s.commit(&rest).await.is_empty());
+    let c = s.counters().await;
+    assert_eq!((c.processed + c.errors, c.duplicates), (64, 0));
+    drop(s.fx);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planted_copy_of_a_batch_message_is_counted_as_a_duplicate() {
     let mut s = setup().await;

@@ -14,8 +14,6 @@ use rand::Rng;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// How long a generator fault may wait for the generator to finish its leftover handler work.
-const PURE_GENERATOR_WAIT_MAX: Duration = Duration::from_secs(3);
 /// Outcomes between a quiet rollback's snapshot and the rollback: handlers' commits the restore
 /// takes back, while no counter moves. The generator stays stopped for half its lease meanwhile,
 /// so no successor takes over.
@@ -119,15 +117,10 @@ impl Run<'_> {
         if self.world.paused().iter().any(|(p, _)| *p == pid) {
             return Ok(None);
         }
-        // A fresh generator may still be finishing messages it fetched as a handler; hitting it
-        // then would make those re-run. Wait (bounded) for a pure generator.
+        // A new generator gives its handler work back at once (reclaim.lua's hand-back); hit
+        // in the moment before, what it still holds is reclaimed and run again elsewhere.
         let pattern = format!("{}.*", self.world.apps[idx].instance_id);
         let busy = leaderq::testkit::snapshot::in_flight_matching(con, keys, &pattern).await?;
-        let waited = self.waiting_since.get_or_insert(now).elapsed();
-        if busy > 0 && waited < PURE_GENERATOR_WAIT_MAX {
-            return Ok(None);
-        }
-        self.waiting_since = None;
         if busy > 0 {
             self.disruptions += 1;
         }

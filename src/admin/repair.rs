@@ -96,7 +96,7 @@ pub async fn repair(con: &mut Conn, keys: &Keys) -> Result<Repaired, Error> {
     if let Some(e) = lease.as_deref().and_then(|v| v.split_once(':')) {
         epoch = epoch.max(e.0.parse().unwrap_or(0));
     }
-    // Every id still queued, in flight or in the error store was generated.
+    // Every id still queued, given back, in flight or in the error store was generated.
     let mut payloads = list(con, &keys.queue()).await;
     payloads.extend(list(con, &keys.errors()).await);
     payloads.extend(list(con, &keys.errors_drain()).await);
@@ -104,7 +104,7 @@ pub async fn repair(con: &mut Conn, keys: &Keys) -> Result<Repaired, Error> {
         payloads.extend(list(con, &keys.suspects(level)).await);
     }
     payloads.extend(members(con, &keys.retry()).await);
-    let mut batches = Vec::new();
+    let mut batches = fields(con, &keys.returned()).await;
     for handler in members(con, &keys.handlers()).await {
         let h = String::from_utf8_lossy(&handler).into_owned();
         payloads.extend(members(con, &keys.inflight(&h)).await);

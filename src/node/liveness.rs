@@ -196,6 +196,31 @@ pub async fn reclaim(
     keys: &Keys,
     incarnation: &Incarnation,
 ) -> Result<(u64, u64), Error> {
+    reclaim_call(con, keys, incarnation, "").await
+}
+
+/// Gives every message `handler` holds back (reclaim.lua's hand-back): what its in-flight set
+/// and batch records hold goes to the retry set (or, for a suspect, its suspect list) as it was,
+/// and both are deleted. Called by a live handler whose copy became the generator, once it has
+/// stopped handling and committed every outcome it had: the generator only generates, and a
+/// SIGKILL of it leaves no handler work to be reclaimed after the heartbeat's TTL. Idempotent (a
+/// repeat finds nothing left). Returns how many messages were given back.
+pub async fn hand_back(
+    con: &mut Conn,
+    keys: &Keys,
+    incarnation: &Incarnation,
+    handler: &str,
+) -> Result<u64, Error> {
+    Ok(reclaim_call(con, keys, incarnation, handler).await?.1)
+}
+
+/// reclaim.lua, for every dead handler (`own` empty) or as `own`'s hand-back.
+async fn reclaim_call(
+    con: &mut Conn,
+    keys: &Keys,
+    incarnation: &Incarnation,
+    own: &str,
+) -> Result<(u64, u64), Error> {
     let mut call = scripts::RECLAIM.prepare_invoke();
     call.key(keys.handlers())
         .key(keys.retry())
@@ -205,10 +230,13 @@ pub async fn reclaim(
     for level in crate::protocol::SUSPECT_LEVELS {
         call.key(keys.suspects(level));
     }
-    call.key(keys.incarnation()).key(keys.writes());
+    call.key(keys.incarnation())
+        .key(keys.writes())
+        .key(keys.returned());
     call.arg(keys.prefix())
         .arg(MAX_RECLAIMS)
-        .arg(incarnation.guard());
+        .arg(incarnation.guard())
+        .arg(own);
     let (dead, moved, poisoned): (u64, u64, u64) = incarnation.invoke(&call, con).await?;
     if poisoned > 0 {
         tracing::warn!(poisoned, "poison messages moved to the error store: every handler holding them died {MAX_RECLAIMS} times");

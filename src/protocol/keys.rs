@@ -126,6 +126,12 @@ impl Keys {
     pub fn retry(&self) -> String {
         self.key("retry")
     }
+    /// Hash of batch records a live handler gave back when its copy became the generator
+    /// (reclaim.lua's hand-back), in the batch record format, waiting for fetch.lua to take them
+    /// whole (or split at a byte of their mask).
+    pub fn returned(&self) -> String {
+        self.key("returned")
+    }
     /// List of payloads reclaimed `level` times (2 or more): suspects, handled in groups that
     /// shrink tenfold per level so a message that keeps killing its handler is singled out.
     pub fn suspects(&self, level: u64) -> String {

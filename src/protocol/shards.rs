@@ -76,6 +76,19 @@ pub async fn lanes(con: &mut Conn, keys: &Keys) -> Result<Vec<(Conn, Keys)>, Err
         .collect())
 }
 
+/// Messages waiting in the batch records handlers gave back (`{ns}:returned`, reclaim.lua's
+/// hand-back), by their open messages.
+pub async fn returned_waiting(con: &mut Conn, keys: &Keys) -> Result<u64, Error> {
+    let records: Vec<Vec<u8>> = redis::cmd("HVALS")
+        .arg(keys.returned())
+        .query_async(con)
+        .await?;
+    Ok(records
+        .iter()
+        .map(|r| crate::protocol::message::record_open_count(r))
+        .sum())
+}
+
 /// Messages in a shard's queue, counting at most `cap` entries (a batch entry counts its
 /// messages, anything else one): ids in a shard's queue are not contiguous, so the depth is the
 /// sum of its entries, and `cap` bounds the read (an entry holds at least one message).

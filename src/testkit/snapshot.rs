@@ -80,7 +80,7 @@ async fn reclaimed_waiting(con: &mut Conn, keys: &Keys) -> Result<u64, Error> {
         pipe.cmd("LLEN").arg(keys.suspects(level));
     }
     let waiting: Vec<u64> = pipe.query_async(con).await?;
-    Ok(waiting.iter().sum())
+    Ok(waiting.iter().sum::<u64>() + crate::protocol::shards::returned_waiting(con, keys).await?)
 }
 
 /// [`snapshot`] of an unsharded namespace, or of a sharded one's control slot.

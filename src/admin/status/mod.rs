@@ -59,8 +59,8 @@ pub struct Status {
     pub instances: Vec<InstanceStatus>,
     /// Messages waiting in the queue.
     pub queue_depth: u64,
-    /// Messages given back from dead handlers and waiting to be handled again (retry set and
-    /// suspect lists).
+    /// Messages given back, from dead handlers or by a copy that became the generator, and
+    /// waiting to be handled again (retry set, suspect lists, returned batch records).
     pub reclaimed_waiting: u64,
     /// Entries in the error store (what the next `getErrors` takes).
     pub error_store: u64,
@@ -87,7 +87,7 @@ pub struct ShardStatus {
     pub shard: u32,
     /// Messages waiting in its queue.
     pub queue_depth: u64,
-    /// Messages reclaimed from dead handlers waiting in its retry set and suspect lists.
+    /// Messages given back waiting in its retry set, suspect lists and returned batch records.
     pub reclaimed_waiting: u64,
     /// Entries in its error store.
     pub error_store: u64,
@@ -249,6 +249,7 @@ pub async fn gather(con: &mut Conn, keys: &Keys) -> Result<Status, Error> {
     };
     let mut status = interpret(keys, replies, warnings)?;
     status.memory = memory;
+    status.reclaimed_waiting += crate::protocol::shards::returned_waiting(con, keys).await?;
     let lanes = crate::protocol::shards::lanes(con, keys).await?;
     if lanes.len() > 1 {
         for (index, (mut con, keys)) in lanes.into_iter().enumerate() {
@@ -286,7 +287,8 @@ async fn shard_status(con: &mut Conn, keys: &Keys, shard: u32) -> Result<ShardSt
     for level in crate::protocol::SUSPECT_LEVELS {
         pipe.cmd("LLEN").arg(keys.suspects(level));
     }
-    let waiting: Vec<u64> = pipe.query_async(con).await?;
+    let mut waiting: Vec<u64> = pipe.query_async(con).await?;
+    waiting.push(crate::protocol::shards::returned_waiting(con, keys).await?);
     let (error_store, error_draining): (u64, u64) = redis::pipe()
         .cmd("LLEN")
         .arg(keys.errors())

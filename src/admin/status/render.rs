@@ -147,8 +147,8 @@ pub fn render_text(s: &Status) -> String {
     let c = &s.counters;
     let _ = writeln!(
         out,
-        "counters    generated {}   processed {}   errors {} ({} timeouts)   poisoned {}   duplicates {}   reclaimed {}",
-        c.generated, c.processed, c.errors, c.timeouts, c.poisoned, c.duplicates, c.reclaimed
+        "counters    generated {}   processed {}   errors {} ({} timeouts)   poisoned {}   duplicates {}   reclaimed {}   handed back {}",
+        c.generated, c.processed, c.errors, c.timeouts, c.poisoned, c.duplicates, c.reclaimed, c.handed_back
     );
     match &s.rates {
         Some(r) => {

@@ -1,7 +1,7 @@
 //! The commit side of a handler: outcomes in batches through commit.lua, retried while Redis is
 //! away, then released from what the handler holds.
 
-use super::{release, Done, HandlerConfig, HandlerShared, Holdings, Verdict};
+use super::{release, Done, HandlerConfig, HandlerShared, Holdings, ToCommitter, Verdict};
 use crate::conn::Conn;
 use crate::error::Error;
 use crate::node::incarnation::Incarnation;
@@ -173,29 +173,34 @@ pub(super) async fn commit_loop(
     shared: &HandlerShared,
     holdings: &Mutex<Holdings>,
     commit_gate: &tokio::sync::Mutex<()>,
-    mut done_rx: mpsc::UnboundedReceiver<Vec<Done>>,
+    mut done_rx: mpsc::UnboundedReceiver<ToCommitter>,
 ) -> Result<(), Error> {
     let mut batch: Vec<Done> = Vec::with_capacity(config.commit_max);
     // Outcomes received beyond `commit_max`: the first of the next commit.
     let mut carry: Vec<Done> = Vec::new();
+    // Messages the runner abandoned, and whom to tell once everything before them is committed:
+    // nothing more is read until then, so "before" is exact.
+    let mut abandoned: Option<(usize, tokio::sync::oneshot::Sender<()>)> = None;
     let window = Duration::from_millis(config.commit_window_ms);
     let mut rate = OutcomeRate::default();
     loop {
-        if carry.is_empty() {
+        if carry.is_empty() && abandoned.is_none() {
             match done_rx.recv().await {
-                Some(chunk) => carry = chunk,
+                Some(ToCommitter::Done(chunk)) => carry = chunk,
+                Some(ToCommitter::Abandoned { count, ack }) => abandoned = Some((count, ack)),
                 None => break,
             }
         }
         let opened = tokio::time::Instant::now();
         let mut closed = false;
         take_upto(&mut batch, &mut carry, config.commit_max);
-        while batch.len() < config.commit_max {
+        while batch.len() < config.commit_max && abandoned.is_none() {
             match done_rx.try_recv() {
-                Ok(chunk) => {
+                Ok(ToCommitter::Done(chunk)) => {
                     carry = chunk;
                     take_upto(&mut batch, &mut carry, config.commit_max);
                 }
+                Ok(ToCommitter::Abandoned { count, ack }) => abandoned = Some((count, ack)),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     closed = true;
@@ -205,22 +210,38 @@ pub(super) async fn commit_loop(
         }
         // Under load, gather for up to one window: a commit's cost in Redis is mostly per batch
         // group, so more outcomes per call means fewer groups per outcome.
-        if !closed && rate.per_s * window.as_secs_f64() >= super::WINDOW_MIN_OUTCOMES {
+        if !closed
+            && abandoned.is_none()
+            && rate.per_s * window.as_secs_f64() >= super::WINDOW_MIN_OUTCOMES
+        {
             // One timer for the whole window, not one per outcome received.
             let closes = tokio::time::sleep_until(opened + window);
             tokio::pin!(closes);
-            while batch.len() < config.commit_max {
+            while batch.len() < config.commit_max && abandoned.is_none() {
                 tokio::select! {
                     chunk = done_rx.recv() => match chunk {
-                        Some(chunk) => {
+                        Some(ToCommitter::Done(chunk)) => {
                             carry = chunk;
                             take_upto(&mut batch, &mut carry, config.commit_max);
                         }
+                        Some(ToCommitter::Abandoned { count, ack }) => abandoned = Some((count, ack)),
                         None => break,
                     },
                     _ = &mut closes => break,
                 }
             }
+        }
+        if batch.is_empty() {
+            // Only an abandonment can leave nothing to commit: once every outcome before it is
+            // committed, its messages' permits come back and the fetcher hears so.
+            if carry.is_empty() {
+                if let Some((count, ack)) = abandoned.take() {
+                    shared.in_flight.fetch_sub(count as u64, Ordering::Relaxed);
+                    permits.add_permits(count);
+                    let _ = ack.send(());
+                }
+            }
+            continue;
         }
         rate.observe(batch.len());
         // One owner per process (`<instance>.0`), so the whole batch is one commit.

@@ -3,7 +3,7 @@
 //! (docs/PROTOCOL.md, invariant 5).
 
 use super::{
-    admit, BatchTake, Done, HandlerConfig, HandlerShared, Holdings, Role, SuspectHold,
+    admit, BatchTake, Done, HandlerConfig, HandlerShared, Holdings, Role, SuspectHold, ToRunner,
     RECONCILE_EVERY,
 };
 use crate::conn::Conn;
@@ -51,6 +51,9 @@ pub struct Fetched {
     pub heartbeat_lapsed: bool,
     /// The batches now recorded whole in the handler's batch records, in the order taken.
     pub batches: Vec<BatchEntry>,
+    /// Batch records another handler gave back (hand-back), now this handler's as they were:
+    /// each with the indexes of its open messages, the only ones it holds.
+    pub returned: Vec<(BatchEntry, Vec<u64>)>,
     /// The payloads now in the handler's in-flight set, in the order taken.
     pub payloads: Vec<Bytes>,
 }
@@ -58,12 +61,18 @@ pub struct Fetched {
 impl Fetched {
     /// Messages taken, in batches and payloads.
     pub fn len(&self) -> usize {
-        self.payloads.len() + self.batches.iter().map(|b| b.count as usize).sum::<usize>()
+        self.payloads.len()
+            + self.batches.iter().map(|b| b.count as usize).sum::<usize>()
+            + self
+                .returned
+                .iter()
+                .map(|(_, open)| open.len())
+                .sum::<usize>()
     }
 
     /// Nothing was taken.
     pub fn is_empty(&self) -> bool {
-        self.payloads.is_empty() && self.batches.is_empty()
+        self.payloads.is_empty() && self.batches.is_empty() && self.returned.is_empty()
     }
 
     /// The messages taken as work items owned by `owner`, batches first, each not yet handled
@@ -73,6 +82,12 @@ impl Fetched {
         let mut items = Vec::with_capacity(self.len());
         for entry in self.batches {
             items.extend((0..entry.count).map(|index| Done::in_batch(&entry, index, owner)));
+        }
+        for (entry, open) in self.returned {
+            items.extend(
+                open.into_iter()
+                    .map(|index| Done::in_batch(&entry, index, owner)),
+            );
         }
         for payload in self.payloads {
             let parsed = Envelope::parse(&payload);
@@ -124,7 +139,8 @@ pub async fn fetch_limited(
     }
     call.key(keys.incarnation())
         .key(keys.batches(handler))
-        .key(keys.writes());
+        .key(keys.writes())
+        .key(keys.returned());
     call.arg(handler)
         .arg(limits.count)
         .arg(heartbeat_ms)
@@ -154,6 +170,29 @@ pub async fn fetch_limited(
         };
         batches.push(BatchEntry::parse(&raw).map_err(Error::Corrupt)?);
     }
+    let r = match items.next() {
+        Some(redis::Value::Int(r)) => r.max(0) as usize,
+        other => {
+            return Err(Error::Corrupt(format!(
+                "fetch.lua returned {other:?} before the returned records"
+            )))
+        }
+    };
+    let mut returned = Vec::with_capacity(r);
+    for _ in 0..r {
+        let (Some(redis::Value::BulkString(field)), Some(redis::Value::BulkString(value))) =
+            (items.next(), items.next())
+        else {
+            return Err(Error::Corrupt(
+                "fetch.lua returned a returned record that is not a field and a value".into(),
+            ));
+        };
+        let first = std::str::from_utf8(&field)
+            .ok()
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or_else(|| Error::Corrupt(format!("returned record field {field:?}")))?;
+        returned.push(parse_batch_record(first, &value).map_err(Error::Corrupt)?);
+    }
     let payloads = items
         .map(|v| match v {
             redis::Value::BulkString(b) => Bytes::from(b),
@@ -164,6 +203,7 @@ pub async fn fetch_limited(
         time_us,
         heartbeat_lapsed: lapsed == 1,
         batches,
+        returned,
         payloads,
     })
 }
@@ -182,8 +222,8 @@ pub(super) struct Fetcher<'a> {
     pub(super) shared: &'a HandlerShared,
     pub(super) holdings: &'a Mutex<Holdings>,
     pub(super) commit_gate: &'a tokio::sync::Mutex<()>,
-    /// To the runner: batches of messages to handle.
-    pub(super) work_tx: mpsc::UnboundedSender<Vec<Done>>,
+    /// To the runner: batches of messages to handle (or: drop them all).
+    pub(super) work_tx: mpsc::UnboundedSender<ToRunner>,
     pub(super) stop: &'a CancellationToken,
 }
 
@@ -225,6 +265,8 @@ impl Fetcher<'_> {
         let mut outcome_unknown = false;
         let mut unknown_since: Option<Instant> = None;
         let mut next_check = Instant::now() + RECONCILE_EVERY;
+        // Set once this handler gave its messages back for the current generator term.
+        let mut handed_back = false;
         loop {
             if self.stop.is_cancelled() {
                 return Err(Exit::Stopped);
@@ -247,9 +289,13 @@ impl Fetcher<'_> {
                     }
                 }
             }
-            // A generator does not fetch; its messages already in flight still finish, and its
-            // set is still reconciled on schedule.
+            // A generator does not handle: it gives back what it holds (once per term), fetches
+            // nothing, and its set is still reconciled on schedule.
             if *role.borrow_and_update() != Role::Handler {
+                if !handed_back {
+                    self.hand_back().await?;
+                    handed_back = true;
+                }
                 tokio::select! {
                     _ = self.stop.cancelled() => return Err(Exit::Stopped),
                     r = role.changed() => if r.is_err() { return Err(Exit::Stopped) },
@@ -257,6 +303,7 @@ impl Fetcher<'_> {
                 }
                 continue;
             }
+            handed_back = false;
             let held = tokio::select! {
                 _ = self.stop.cancelled() => return Err(Exit::Stopped),
                 p = self.permits.acquire_many(batch as u32) => p.expect("the semaphore is never closed"),
@@ -298,7 +345,16 @@ impl Fetcher<'_> {
                         continue;
                     }
                     idle = Duration::ZERO;
-                    let takes = f.batches.into_iter().map(BatchTake::whole).collect();
+                    let takes = f
+                        .batches
+                        .into_iter()
+                        .map(BatchTake::whole)
+                        .chain(
+                            f.returned
+                                .into_iter()
+                                .map(|(entry, indexes)| BatchTake { entry, indexes }),
+                        )
+                        .collect();
                     self.hand_over(f.payloads, takes, Some(f.time_us))?;
                 }
                 Err(e) if e.halts_the_group() => {
@@ -315,6 +371,66 @@ impl Fetcher<'_> {
                     self.pause(Duration::from_millis(20 * u64::from(failures.min(50))))
                         .await?;
                 }
+            }
+        }
+    }
+
+    /// This copy became the generator: the runner drops every message it has not finished, the
+    /// committer commits every outcome made before that, and then (under the commit gate, so no
+    /// commit is in flight) reclaim.lua's hand-back gives everything the in-flight set and batch
+    /// records hold back for the other handlers, and the holdings are forgotten. Retried while
+    /// Redis is unreachable (it is idempotent), for at most `redis_down_max_ms`.
+    async fn hand_back(&mut self) -> Result<(), Exit> {
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+        self.work_tx
+            .send(ToRunner::Abandon(ack_tx))
+            .map_err(|_| Exit::Stopped)?;
+        tokio::select! {
+            _ = self.stop.cancelled() => return Err(Exit::Stopped),
+            acked = ack_rx => acked.map_err(|_| Exit::Stopped)?,
+        }
+        let started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            let given = {
+                let _gate = self.commit_gate.lock().await;
+                let given = crate::node::liveness::hand_back(
+                    &mut self.con,
+                    self.keys,
+                    self.incarnation,
+                    &self.owner,
+                )
+                .await;
+                if given.is_ok() {
+                    let mut held = self.holdings.lock().expect("holdings lock poisoned");
+                    *held = Holdings::default();
+                    *self.shared.suspects.lock().expect("suspect lock poisoned") =
+                        SuspectHold::default();
+                }
+                given
+            };
+            match given {
+                Ok(given) => {
+                    if given > 0 {
+                        tracing::info!(
+                            given,
+                            handler = %self.owner,
+                            "became the generator: gave our messages back to the other handlers"
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e)
+                    if e.is_transient()
+                        && started.elapsed()
+                            < Duration::from_millis(self.config.redis_down_max_ms) =>
+                {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "giving our messages back failed; retrying");
+                    self.pause(Duration::from_millis(20 * u64::from(failures.min(50))))
+                        .await?;
+                }
+                Err(e) => return Err(Exit::Fatal(e)),
             }
         }
     }
@@ -342,7 +458,9 @@ impl Fetcher<'_> {
             self.shared,
             self.holdings,
         );
-        self.work_tx.send(items).map_err(|_| Exit::Stopped)
+        self.work_tx
+            .send(ToRunner::Work(items))
+            .map_err(|_| Exit::Stopped)
     }
 
     /// Makes what this handler holds equal to its in-flight set and batch records in Redis:

@@ -42,6 +42,30 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// What the fetcher sends the runner.
+#[derive(Debug)]
+pub(super) enum ToRunner {
+    /// Messages to handle.
+    Work(Vec<Done>),
+    /// Drop every message not yet finished (the copy became the generator and gives its messages
+    /// back); the committer acknowledges on this sender once every outcome made before is
+    /// committed.
+    Abandon(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the runner sends the committer.
+#[derive(Debug)]
+pub(super) enum ToCommitter {
+    /// Outcomes to commit.
+    Done(Vec<Done>),
+    /// `count` messages were dropped unfinished: their permits come back, nothing is committed;
+    /// `ack` is told once everything before is committed.
+    Abandoned {
+        count: usize,
+        ack: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
 /// The role of a process, published by the leader loop and watched by the fetcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {

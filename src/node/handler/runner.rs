@@ -9,7 +9,7 @@
 //! Outcomes go to the committer in vectors (all that finished together), not one send each.
 
 use super::waits::Waits;
-use super::{Done, Verdict};
+use super::{Done, ToCommitter, ToRunner, Verdict};
 use crate::error::Error;
 use crate::work::Handler;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -24,12 +24,15 @@ use tokio::time::Instant;
 /// through with its verdict), and sends the outcomes on `done_tx`. Ends when `work_rx` is closed
 /// and every message has its outcome (the drain), or when the committer is gone.
 ///
+/// [`ToRunner::Abandon`] drops every message not yet finished (their handlers are cancelled, no
+/// outcome is made) and tells the committer how many, after every outcome made before.
+///
 /// The number running at once is bounded by the in-flight permits the fetcher took for them.
 pub(super) async fn run<H: Handler>(
     handler: Arc<H>,
     timeout: Duration,
-    mut work_rx: mpsc::UnboundedReceiver<Vec<Done>>,
-    done_tx: mpsc::UnboundedSender<Vec<Done>>,
+    mut work_rx: mpsc::UnboundedReceiver<ToRunner>,
+    done_tx: mpsc::UnboundedSender<ToCommitter>,
 ) -> Result<(), Error> {
     let mut running = FuturesUnordered::new();
     // Planned messages waiting out their handling; their verdict and handling time are set.
@@ -42,8 +45,20 @@ pub(super) async fn run<H: Handler>(
     while open || !running.is_empty() || !waiting.is_empty() {
         let mut out = Vec::new();
         tokio::select! {
-            batch = work_rx.recv(), if open => {
-                let Some(batch) = batch else { open = false; continue };
+            input = work_rx.recv(), if open => {
+                let batch = match input {
+                    None => { open = false; continue }
+                    Some(ToRunner::Work(batch)) => batch,
+                    Some(ToRunner::Abandon(ack)) => {
+                        let count = waiting.clear() + running.len();
+                        running = FuturesUnordered::new();
+                        wake.as_mut().reset(far());
+                        if done_tx.send(ToCommitter::Abandoned { count, ack }).is_err() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
                 let earliest = waiting.next_due();
                 let started = Instant::now();
                 for mut d in batch {
@@ -97,7 +112,7 @@ pub(super) async fn run<H: Handler>(
                 }
             }
         }
-        if !out.is_empty() && done_tx.send(out).is_err() {
+        if !out.is_empty() && done_tx.send(ToCommitter::Done(out)).is_err() {
             return Ok(());
         }
     }

@@ -58,6 +58,12 @@ impl<T> Waits<T> {
         self.len += 1;
     }
 
+    /// Drops every item; returns how many there were.
+    pub(super) fn clear(&mut self) -> usize {
+        self.buckets.clear();
+        std::mem::take(&mut self.len)
+    }
+
     /// When the earliest bucket is due, if any item waits.
     pub(super) fn next_due(&self) -> Option<Instant> {
         let (&bucket, _) = self.buckets.first_key_value()?;

@@ -14,6 +14,8 @@
 --           (MSB first) set while message first_id+i is this handler's and has no outcome from it;
 --           open = the number of set bits. The per-message in-flight set holds everything else.
 -- KEYS[15]: write counts ({ns}:writes), hash copy -> guarded calls (prelude.lua, forgotten)
+-- KEYS[16]: returned records ({ns}:returned), hash first_id -> batch record (format of KEYS[14]):
+--           records a live handler gave back when its copy became the generator (reclaim.lua)
 -- ARGV[1]: handler id
 -- ARGV[2]: count, integer >= 1: messages to take in all
 -- ARGV[3]: heartbeat_ms, integer > 0 (a fetch is proof of life: it refreshes the heartbeat)
@@ -23,12 +25,17 @@
 -- ARGV[6]: held_count: how many suspects it holds
 -- ARGV[7]: suspect_base, integer >= 1: the group size at level L is max(1, base / 10^(L-1))
 -- ARGV[8]: the guard "<token>/<copy>/<acked>": the incarnation token this copy joined, its copy id and its count of guarded calls seen to succeed (FORGOTTEN error, nothing written, otherwise)
--- Returns: {time_us, lapsed, b, batch_1 .. batch_b, payload, payload, ...}: the b batches taken
---   from the queue as "<first_id>:<count>:<epoch>:<generated_us>" (now records in KEYS[14]), then
---   the single payloads (now members of KEYS[2]); nothing after b when there is nothing to do;
+-- Returns: {time_us, lapsed, b, batch_1 .. batch_b, r, first_1, record_1 .. first_r, record_r,
+--   payload, payload, ...}: the b batches taken from the queue as
+--   "<first_id>:<count>:<epoch>:<generated_us>" (now records in KEYS[14], every message open),
+--   the r records taken from KEYS[16] (now in KEYS[14] as they were: only their open messages
+--   are this handler's), then the single payloads (now members of KEYS[2]);
 --   lapsed is 1 when the heartbeat key was absent before this call refreshed it: the handler's
 --   heartbeat had expired, so reclaim.lua may have taken its in-flight set, and the handler must
 --   reconcile what it holds with its set (docs/PROTOCOL.md, invariant 5).
+-- Returned records come before the queue (their messages are older), each taken whole when its
+-- open messages fit in what is left of count; when none fits, one is split at a byte of its mask
+-- (its first bytes taken, the rest left as a record of its own).
 -- A batch entry of the queue (generate.lua) is taken whole when it fits in what is left of
 -- count; otherwise its head is taken and the entry left at the head of the queue with the rest
 -- (which starts on a multiple of 8 when the head can be cut there: the call may then take up to
@@ -37,7 +44,7 @@
 -- holding some takes more of that level only, up to the group size. So every handler holds
 -- suspects of one level only, and a group that dies together climbs together (see reclaim.lua).
 -- Atomic because a message must never be outside all of: the queue, the retry set, the suspect
--- lists, an in-flight set. Any key it writes that has the wrong type (garbage) is first renamed
+-- lists, the returned records, an in-flight set or batch record. Any key it writes that has the wrong type (garbage) is first renamed
 -- aside to <key>:quarantine:<time_us> and an error entry says so: the data is kept, the system
 -- goes on, and no write of this call can fail halfway.
 local count = tonumber(ARGV[2])
@@ -57,7 +64,7 @@ local now, now_us = redis_now()
 guard('fetch', now, KEYS[5], KEYS[6], {
   {KEYS[1], 'list'}, {KEYS[2], 'set'}, {KEYS[3], 'set'}, {KEYS[4], 'string'}, {KEYS[7], 'set'},
   {KEYS[8], 'list'}, {KEYS[9], 'list'}, {KEYS[10], 'list'}, {KEYS[11], 'list'}, {KEYS[12], 'list'},
-  {KEYS[14], 'hash'},
+  {KEYS[14], 'hash'}, {KEYS[16], 'hash'},
 })
 local lapsed = 0
 if not redis.call('SET', KEYS[4], now, 'PX', hb_ms, 'GET') then
@@ -90,10 +97,73 @@ if want > 0 then
     msgs[#msgs + 1] = p
   end
 end
+local records, taken = {}, {}
+-- Returned records: random samples of 16; bounded, since every round takes one or stops.
+want = count - #msgs
+local POP = {}
+for b = 0, 255 do
+  local n, v = 0, b
+  while v > 0 do n = n + v % 2; v = math.floor(v / 2) end
+  POP[b] = n
+end
+while want > 0 and redis.call('HLEN', KEYS[16]) > 0 do
+  local sample = redis.call('HRANDFIELD', KEYS[16], 16, 'WITHVALUES')
+  local took = false
+  local widest
+  for i = 1, #sample, 2 do
+    local field, value = sample[i], sample[i + 1]
+    local open, n, epoch, gen, at = string.match(value, '^(%d+):(%d+):(%d+):(%d+):()')
+    local first = tonumber(field)
+    if not open or not first then
+      -- Unreadable (someone wrote it): kept for a person in the error store, counted bad.
+      redis.call('HDEL', KEYS[16], field)
+      redis.call('RPUSH', KEYS[5], KEYS[16] .. ' ' .. field .. '\tfetch: unreadable returned record "'
+        .. string.sub(value, 1, 60) .. '"\t' .. now)
+      redis.call('HINCRBY', KEYS[6], 'bad', 1)
+    elseif tonumber(open) <= want then
+      redis.call('HDEL', KEYS[16], field)
+      records[#records + 1] = field
+      records[#records + 1] = value
+      taken[#taken + 1] = field
+      taken[#taken + 1] = value
+      want = want - tonumber(open)
+      took = true
+      if want == 0 then break end
+    elseif not widest then
+      widest = {field, first, n, epoch, gen, string.sub(value, at)}
+    end
+  end
+  if not took then
+    -- None fits: split one at a byte of its mask, its first bytes taken (as many as fit).
+    if not widest or want < 8 then break end
+    local field, first, n, epoch, gen, mask = unpack(widest)
+    local bytes, bits = 0, 0
+    while bytes < #mask and bits + POP[string.byte(mask, bytes + 1)] <= want do
+      bits = bits + POP[string.byte(mask, bytes + 1)]
+      bytes = bytes + 1
+    end
+    if bytes == 0 then break end
+    local head = bits .. ':' .. (8 * bytes) .. ':' .. epoch .. ':' .. gen .. ':' .. string.sub(mask, 1, bytes)
+    local rest_open = 0
+    for j = bytes + 1, #mask do rest_open = rest_open + POP[string.byte(mask, j)] end
+    redis.call('HDEL', KEYS[16], field)
+    if rest_open > 0 then
+      redis.call('HSET', KEYS[16], first + 8 * bytes, rest_open .. ':' .. (tonumber(n) - 8 * bytes)
+        .. ':' .. epoch .. ':' .. gen .. ':' .. string.sub(mask, bytes + 1))
+    end
+    if bits > 0 then
+      records[#records + 1] = field
+      records[#records + 1] = head
+      taken[#taken + 1] = field
+      taken[#taken + 1] = head
+      want = want - bits
+    end
+    break
+  end
+end
 -- Fresh messages: the queue's head entries, each taking at least one message, so at most `want`
 -- entries are looked at, 64 at a time.
-want = count - #msgs
-local batches, records = {}, {}
+local batches = {}
 -- Set when a batch entry was split: its rest is the queue's head, so nothing after it is taken.
 local split = false
 while want > 0 do
@@ -136,13 +206,15 @@ while want > 0 do
   end
   if #head < asked or split then break end
 end
-if #msgs == 0 and #batches == 0 then
-  return {now_us, lapsed, 0}
+if #msgs == 0 and #batches == 0 and #taken == 0 then
+  return {now_us, lapsed, 0, 0}
 end
 in_chunks('SADD', KEYS[2], msgs)
 in_chunks('HSET', KEYS[14], records)
 redis.call('SADD', KEYS[3], ARGV[1])
 local reply = {now_us, lapsed, #batches}
 for _, b in ipairs(batches) do reply[#reply + 1] = b end
+reply[#reply + 1] = #taken / 2
+for _, t in ipairs(taken) do reply[#reply + 1] = t end
 for _, p in ipairs(msgs) do reply[#reply + 1] = p end
 return reply
