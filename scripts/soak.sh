@@ -8,8 +8,10 @@
 #   scripts/soak.sh [N] [MODE...]      modes: kill-leader pause-leader partition-leader
 #                                      kill-workers pause-workers drop-connections lose-replies
 #                                      inject-duplicates restart-redis all wipe-redis
-#                                      rollback-redis (default: every one). The last two pass when
-#                                      every copy halts (exit 5) with nothing generated after.
+#                                      rollback-redis rollback-lose-replies cluster-lose-replies
+#                                      wait-replicas-drops (default: every one). wipe-redis and
+#                                      the rollbacks pass when every copy halts (exit 5) with
+#                                      nothing generated after and nothing that survived lost.
 #   SOAK_FIRST_SEED=S                  seeds S..S+N-1 (default 1)
 #   SOAK_MD=FILE                       also write the table as Markdown to FILE
 #   SOAK_DIR=DIR                       keep failed runs' reports here (default: a temp dir)
@@ -37,9 +39,15 @@ declare -A mode_flags=(
   [all]="--kill-leader --kills 2 --pause-leader 1 --partition-leader 1 --kill-workers 2 --pause-workers 1 --drop-connections 2 --lose-replies 2 --inject-duplicates 1 --restart-redis 1"
   [wipe-redis]="--wipe-redis"
   [rollback-redis]="--rollback-redis"
+  # Issue 22's combinations: a rollback after lost replies (the write counts must not be blind),
+  # lost replies on a cluster (a proxy per node: no call is re-sent), and --wait-replicas with a
+  # master failover and dropped connections (WAIT must confirm only what a replica holds).
+  [rollback-lose-replies]="--rollback-redis --lose-replies 40"
+  [cluster-lose-replies]="--redis-cluster 3 --shards 2 --lose-replies 3 --kill-leader --kills 2"
+  [wait-replicas-drops]="--redis-cluster 3 --kill-master 1 --wait-replicas 1 --drop-connections 3"
 )
 modes=("$@")
-[ ${#modes[@]} -gt 0 ] || modes=(kill-leader pause-leader partition-leader kill-workers pause-workers drop-connections lose-replies inject-duplicates restart-redis all wipe-redis rollback-redis)
+[ ${#modes[@]} -gt 0 ] || modes=(kill-leader pause-leader partition-leader kill-workers pause-workers drop-connections lose-replies inject-duplicates restart-redis all wipe-redis rollback-redis rollback-lose-replies cluster-lose-replies wait-replicas-drops)
 for m in "${modes[@]}"; do
   [ -n "${mode_flags[$m]:-}" ] || { echo "soak: unknown mode $m (known: ${!mode_flags[*]})" >&2; exit 2; }
 done

@@ -1,13 +1,15 @@
 //! `getErrors` inside the verdict: the real `app getErrors`, run during the run while handlers
 //! are still writing errors, some of them SIGKILLed mid-drain, sometimes two at once.
 //!
-//! Everything each drain printed is kept, split by whether the drain completed or was killed:
-//! the checker (`leaderq::testkit::verify`) then demands every failed id exactly once across the completed
-//! drains and the store's final drain, and allows an id a second appearance only when one of its
-//! appearances came from a killed drain (a drain killed between printing and deleting leaves
-//! those entries for the next one: printed twice, never lost).
+//! Each drain prints `--json` (an entry's id, reason and time: its identity) and reports every
+//! deletion on stderr (`getErrors: deleted output lines a-b`); everything it printed is kept with
+//! what became of each entry (`verify::printed_by`): deleted, kept (printed again later), or,
+//! after a killed drain's last report, unknown. The checker (`leaderq::testkit::verify`) then
+//! demands one deleted entry per failed id, each with the reason its seeded handling gives; only
+//! an entry a drain did not delete may be printed again.
 
 use anyhow::Context;
+use leaderq::testkit::verify::{self, Printed};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,8 @@ struct Drain {
     child: Child,
     /// Complete lines (ending in a newline) read from its stdout so far.
     lines: Arc<Mutex<Vec<String>>>,
+    /// Its stderr, read to the end (the deletions it reported, its errors).
+    stderr: JoinHandle<String>,
     /// Reads its stdout, and SIGKILLs it the moment it has printed its seeded number of lines:
     /// then it has flushed a chunk and, most likely, not yet deleted it (the window that
     /// matters), which a kill from the driver's 10 ms tick would almost always miss.
@@ -34,10 +38,8 @@ struct Drain {
 /// What all drains of a run printed.
 #[derive(Debug, Default)]
 pub struct DrainOutput {
-    /// Lines of drains that ran to completion (exit 0).
-    pub complete_lines: Vec<String>,
-    /// Lines of drains that were SIGKILLed.
-    pub killed_lines: Vec<String>,
+    /// Every line every drain printed, with what became of its entry.
+    pub printed: Vec<Printed>,
     /// Drains started, killed, and failed (a non-killed drain that did not exit 0).
     pub started: u64,
     pub killed: u64,
@@ -80,7 +82,7 @@ impl Drains {
                 .random_bool(0.5)
                 .then(|| self.rng.random_range(1..=3 * chunk as usize));
             let mut child = Command::new(&self.app_bin)
-                .args(["getErrors", "--namespace", &self.namespace])
+                .args(["getErrors", "--json", "--namespace", &self.namespace])
                 .args(["--chunk", &chunk.to_string()])
                 .env("REDIS_URL", &self.url)
                 .stdin(std::process::Stdio::null())
@@ -90,6 +92,13 @@ impl Drains {
                 .spawn()
                 .context("starting app getErrors")?;
             let stdout = child.stdout.take().context("getErrors stdout")?;
+            let mut stderr = child.stderr.take().context("getErrors stderr")?;
+            let stderr = tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut text = String::new();
+                let _ = stderr.read_to_string(&mut text).await;
+                text
+            });
             let lines = Arc::new(Mutex::new(Vec::new()));
             let pid = child.id().context("getErrors pid")?;
             let kill = kill_after_lines.map(|k| (k, pid));
@@ -101,6 +110,7 @@ impl Drains {
             self.running.push(Drain {
                 child,
                 lines,
+                stderr,
                 reader,
             });
             self.out.started += 1;
@@ -122,29 +132,27 @@ impl Drains {
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut d.reader).await;
             let lines = std::mem::take(&mut *d.lines.lock().expect("drain lines"));
+            let stderr = tokio::time::timeout(Duration::from_secs(5), &mut d.stderr)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
             let killed = status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s))
                 == Some(libc::SIGKILL);
+            let succeeded = status.is_some_and(|s| s.success());
             if killed {
                 self.out.killed += 1;
-                self.out.killed_lines.extend(lines);
-                continue;
+            } else if !succeeded {
+                self.out.failures.push(format!(
+                    "a getErrors that was not killed ended with {status:?}: {}",
+                    stderr.trim()
+                ));
             }
-            match status {
-                Some(s) if s.success() => self.out.complete_lines.extend(lines),
-                other => {
-                    let mut stderr = String::new();
-                    if let Some(mut e) = d.child.stderr.take() {
-                        use tokio::io::AsyncReadExt;
-                        let _ = e.read_to_string(&mut stderr).await;
-                    }
-                    self.out.failures.push(format!(
-                        "a getErrors that was not killed ended with {other:?}: {}",
-                        stderr.trim()
-                    ));
-                    // What it printed still counts: it may have deleted those entries.
-                    self.out.killed_lines.extend(lines);
-                }
-            }
+            // What a failed one printed counts as a killed one's: it may have deleted entries
+            // after its last report.
+            self.out
+                .printed
+                .extend(verify::printed_by(&lines, &stderr, !succeeded));
         }
         std::mem::take(&mut self.out)
     }

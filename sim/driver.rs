@@ -65,6 +65,10 @@ struct HaltWatch {
     frozen_since: &'static str,
     /// `next_id` just before the loss, for the report.
     next_id_before_loss: u64,
+    /// The ids with an outcome in the state Redis went back to (none after a wipe; the
+    /// snapshot's after a rollback), which must still have it at the end; `None` when unknown
+    /// (a master failover).
+    kept: Option<Vec<u64>>,
 }
 
 /// One executed `--kill-master`: the master of a namespace slot SIGKILLed, its replica promoted.
@@ -167,10 +171,13 @@ impl Meter {
 
     /// What the range's nodes have run during the run so far.
     async fn used(&mut self) -> anyhow::Result<Usage> {
-        Ok(Usage::read(&mut self.con)
-            .await?
-            .since(self.from)
-            .plus(self.carried))
+        let con = &self.con;
+        let now = read_again(|| {
+            let mut con = con.clone();
+            async move { Usage::read(&mut con).await }
+        })
+        .await?;
+        Ok(now.since(self.from).plus(self.carried))
     }
 
     /// The range's master was killed (having run `used` during the run, read just before): go
@@ -225,6 +232,10 @@ struct Run<'f> {
     watched: Vec<(String, Instant)>,
     /// How long each killed handler's messages took to be reclaimed, ms.
     reclaim_ms: Vec<f64>,
+    /// Killed handlers whose messages were still not reclaimed after [`RECLAIM_WATCH_MAX`].
+    never_reclaimed: Vec<String>,
+    /// Ids of which a second delivery was planted (`--inject-duplicates`): they may run twice.
+    planted: Vec<u64>,
     /// Faults that disturbed work in flight (the checker allows that many re-runs' worth).
     disruptions: u64,
     /// Duplicates planted: the verdict demands that many caught.
@@ -350,6 +361,8 @@ impl<'f> Run<'f> {
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7069_636b),
             watched: Vec::new(),
             reclaim_ms: Vec::new(),
+            never_reclaimed: Vec::new(),
+            planted: Vec::new(),
             disruptions: 0,
             injected: 0,
             aof_repairs: 0,
@@ -396,6 +409,7 @@ impl<'f> Run<'f> {
         }
         if self.redis_errors == 0 {
             self.watch_reclaims().await;
+            self.watch_takeovers().await;
         }
         if self.complete(now, done, &counters) {
             // A fault still due (its moment came in this last tick) acts now rather than never.
@@ -513,6 +527,7 @@ impl<'f> Run<'f> {
                 next_id_after_loss: next_id,
                 frozen_since: "the first copy halted",
                 next_id_before_loss: kill.next_id_before,
+                kept: None,
             });
         }
         false
@@ -534,13 +549,67 @@ impl<'f> Run<'f> {
                     .reclaim_ms
                     .push(killed.elapsed().as_secs_f64() * 1000.0),
                 Ok(_) if killed.elapsed() < RECLAIM_WATCH_MAX => still.push((name, killed)),
-                Ok(n) => self.progress.note(&format!(
-                    "{name}: {n} messages still not reclaimed after {RECLAIM_WATCH_MAX:?}"
-                )),
+                Ok(n) => {
+                    self.progress.note(&format!(
+                        "{name}: {n} messages still not reclaimed after {RECLAIM_WATCH_MAX:?}"
+                    ));
+                    self.never_reclaimed.push(name);
+                }
                 Err(_) => still.push((name, killed)),
             }
         }
         self.watched = still;
+    }
+}
+
+impl Run<'_> {
+    /// For every generator fault not yet followed by a takeover: once the lease holds a later
+    /// epoch than the one hit, how long that took (the liveness verdict bounds it).
+    async fn watch_takeovers(&mut self) {
+        if !self
+            .faults
+            .iter()
+            .any(|f| f.hit_at.is_some() && f.takeover_ms.is_none())
+        {
+            return;
+        }
+        let Ok(Some(value)) = leaderq::node::lease::holder(&mut self.con, &self.keys).await else {
+            return;
+        };
+        let Some(epoch) = value
+            .split_once(':')
+            .and_then(|(e, _)| e.parse::<u64>().ok())
+        else {
+            return;
+        };
+        for f in &mut self.faults {
+            if let (Some(hit), None) = (f.hit_at, f.takeover_ms) {
+                if epoch > f.epoch {
+                    f.takeover_ms = Some(hit.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one of the sim's own idempotent reads, again (up to 5 times, 50 ms apart) when it failed:
+/// `--drop-connections` kills the sim's connections to other nodes too, and the read after that
+/// finds its connection gone once before it reconnects.
+async fn read_again<T, F, Fut>(mut read: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match read().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tries >= 4 => return Err(e),
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

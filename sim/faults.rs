@@ -99,6 +99,10 @@ pub struct Fault {
     /// For a master kill: which of the namespace's slots it hits, 0 = the control slot `{ns}`,
     /// `s + 1` = shard `s` (taken modulo the slots there are).
     pub target: u32,
+    /// For a generator fault: when it hit, and how long until another epoch held the lease (the
+    /// driver looks every tick), ms.
+    pub hit_at: Option<std::time::Instant>,
+    pub takeover_ms: Option<f64>,
 }
 
 /// The seeded fault plan: for each kind, `count` trigger points drawn uniformly from 10 %..90 %
@@ -150,6 +154,8 @@ impl Fault {
             redis_us: 0,
             quiet: false,
             target: 0,
+            hit_at: None,
+            takeover_ms: None,
         }
     }
 }

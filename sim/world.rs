@@ -20,6 +20,8 @@ pub struct World {
     resumes: Vec<(u32, Instant)>,
     /// Copies started so far: the next one is `app{spawned}`.
     spawned: u32,
+    /// Every copy ever started, in order, with its run log and whether a fault hit it.
+    pub copies: Vec<Copy>,
     /// Last CPU reading of every app process ever started, by pid (killed ones keep their last).
     app_cpu_s: HashMap<u32, f64>,
     /// The highest peak resident set of any copy seen so far, MB.
@@ -114,6 +116,7 @@ impl World {
             apps: Vec::new(),
             resumes: Vec::new(),
             spawned: 0,
+            copies: Vec::new(),
             app_cpu_s: HashMap::new(),
             rss_mb_max: 0.0,
             app_bin,
@@ -168,20 +171,30 @@ impl World {
     /// the `REDIS_URL` environment variable, so a password in it never shows in `ps`.
     fn spawn_next(&mut self) -> anyhow::Result<AppProcess> {
         let name = format!("app{}", self.spawned);
+        let run_log = self.log_dir.join(format!("{name}.runs"));
+        let mut args = self.args.clone();
+        args.push("--run-log".into());
+        args.push(run_log.display().to_string());
         let app = AppProcess::spawn_with_env(
             &self.app_bin,
             &name,
-            &self.args,
+            &args,
             &[("REDIS_URL", &self.app_url)],
             Some(&self.log_path(&name)),
         )
         .with_context(|| format!("starting {}", self.app_bin.display()))?;
         self.spawned += 1;
+        self.copies.push(Copy {
+            name,
+            run_log,
+            disturbed: false,
+        });
         Ok(app)
     }
 
     /// SIGKILLs the copy in slot `idx` and starts a fresh one in its place.
     pub fn replace(&mut self, idx: usize) -> anyhow::Result<()> {
+        self.disturb(idx);
         self.apps[idx].kill();
         self.apps[idx] = self.spawn_next()?;
         Ok(())
@@ -189,9 +202,41 @@ impl World {
 
     /// SIGSTOPs the copy in slot `idx`; [`World::resume_due`] continues it at `until`.
     pub fn pause(&mut self, idx: usize, until: Instant) -> anyhow::Result<()> {
+        self.disturb(idx);
         self.apps[idx].signal(libc::SIGSTOP)?;
         self.resumes.push((self.apps[idx].pid(), until));
         Ok(())
+    }
+
+    /// Marks the copy in slot `idx` as hit by a fault: its work may run elsewhere too.
+    pub fn disturb(&mut self, idx: usize) {
+        let name = &self.apps[idx].instance_id;
+        if let Some(c) = self.copies.iter_mut().find(|c| &c.name == name) {
+            c.disturbed = true;
+        }
+    }
+
+    /// Every copy's logged runs, for the verdict (a log that cannot be read is an error: the
+    /// verdict would be blind).
+    pub fn runs(&self) -> anyhow::Result<Vec<leaderq::testkit::verify::CopyRuns>> {
+        self.copies
+            .iter()
+            .map(|c| {
+                let bytes = match std::fs::read(&c.run_log) {
+                    Ok(b) => b,
+                    // A copy killed before its first commit never wrote one.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("reading {}", c.run_log.display()))
+                    }
+                };
+                Ok(leaderq::testkit::verify::CopyRuns {
+                    name: c.name.clone(),
+                    disturbed: c.disturbed,
+                    ids: leaderq::node::handler::commit::read_run_log(&bytes),
+                })
+            })
+            .collect()
     }
 
     /// The paused copies (pid) and when each is due to be resumed.
@@ -285,6 +330,17 @@ impl World {
     fn log_path(&self, name: &str) -> PathBuf {
         self.log_dir.join(format!("{name}.log"))
     }
+}
+
+/// One copy started in the run.
+#[derive(Debug, Clone)]
+pub struct Copy {
+    /// Its instance id, `app<N>`.
+    pub name: String,
+    /// Where it logs the ids its handler ran (`app --run-log`).
+    pub run_log: PathBuf,
+    /// A fault hit it (SIGKILL, SIGSTOP, a partition).
+    pub disturbed: bool,
 }
 
 /// The arguments every `app` copy gets. The Redis URL is not among them: it goes through the

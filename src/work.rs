@@ -200,6 +200,10 @@ impl TaskHandler {
 /// The reason stored for a failure of the task's `eventHandler`.
 pub const HANDLER_ERROR: &str = "handler error";
 
+/// The reason stored for a handler that did not finish within the handler timeout (commit.lua
+/// writes it for kind "t").
+pub const HANDLER_TIMEOUT: &str = "handler timeout";
+
 /// The task's `getMessage`: a counter. Messages carry no bytes; the id is the message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counter;

@@ -138,7 +138,7 @@ async fn a_group_on_a_cluster_survives_a_leader_kill_exactly_once() {
         work.seed,
         work.error_rate,
         work.delay_max_ms,
-        error_lines,
+        verify::Printed::all_deleted(error_lines),
         1,
     )
     .expect("epoch log parses");

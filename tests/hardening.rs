@@ -246,9 +246,16 @@ async fn every_key_of_the_wrong_type_is_set_aside_and_nothing_is_lost() {
     let snap = leaderq::testkit::snapshot::snapshot(&mut con, &k)
         .await
         .unwrap();
-    let observed =
-        leaderq::testkit::verify::Observed::from_snapshot(&snap, n, 12, 0.5, 300, failures, 1)
-            .expect("epoch log parses");
+    let observed = leaderq::testkit::verify::Observed::from_snapshot(
+        &snap,
+        n,
+        12,
+        0.5,
+        300,
+        leaderq::testkit::verify::Printed::all_deleted(failures),
+        1,
+    )
+    .expect("epoch log parses");
     let verdict = leaderq::testkit::verify::check(&observed);
     assert_eq!(
         (verdict.missing, verdict.duplicates, verdict.unexpected),

@@ -141,10 +141,11 @@ impl Run<'_> {
                 if !proxy.hold(port, pause_for(self.flags)) {
                     return Ok(None);
                 }
+                self.world.disturb(idx);
             }
         }
         let f = &mut self.faults[i];
-        (f.epoch, f.redis_us) = (epoch, redis_us);
+        (f.epoch, f.redis_us, f.hit_at) = (epoch, redis_us, Some(now));
         Ok(Some(format!(
             "{}: {name} (epoch {epoch}, {busy} in flight) at {generated} generated",
             kind.label(),
@@ -155,11 +156,13 @@ impl Run<'_> {
     /// qualify right now.
     async fn inject_duplicate(&mut self, done: u64) -> anyhow::Result<Option<String>> {
         let apps = &self.world.apps;
-        let Some(planted) = plant_duplicate(&mut self.con, &self.keys, apps, &mut self.rng).await?
+        let Some((planted, id)) =
+            plant_duplicate(&mut self.con, &self.keys, apps, &mut self.rng).await?
         else {
             return Ok(None);
         };
         self.injected += 1;
+        self.planted.push(id);
         self.disruptions += 1;
         Ok(Some(format!(
             "duplicate delivery: {planted} at {done} outcomes"
@@ -260,6 +263,8 @@ impl Run<'_> {
             .as_mut()
             .context("--wipe-redis and --rollback-redis need the sim's own Redis")?;
         let before = read_next_id(&mut self.con, &self.keys).await?;
+        // The outcomes Redis goes back to: none after a wipe, the snapshot's after a rollback.
+        let mut kept = Some(Vec::new());
         let after = if kind == FaultKind::WipeRedis {
             redis::cmd("FLUSHALL")
                 .query_async::<()>(&mut self.con)
@@ -267,7 +272,8 @@ impl Run<'_> {
             0
         } else {
             let older = server.dir().join("older.rdb");
-            let restored = snapshot_next_id(&older, &self.keys).await?;
+            let (restored, outcomes) = snapshot_state(&older, &self.keys).await?;
+            kept = Some(outcomes);
             tokio::task::block_in_place(|| {
                 server.crash_and_restart_with(|dir| {
                     std::fs::copy(&older, dir.join("dump.rdb")).map(|_| ())
@@ -288,6 +294,7 @@ impl Run<'_> {
             next_id_after_loss: after,
             frozen_since: "Redis lost data",
             next_id_before_loss: before,
+            kept,
         });
         Ok(note)
     }
@@ -357,7 +364,12 @@ impl Run<'_> {
         };
         let range = cluster.slot_range(slot);
         let used = self.meters[range].used().await?;
-        let next_id_before = read_next_id(&mut self.con, &self.keys).await?;
+        let (con, keys) = (&self.con, &self.keys);
+        let next_id_before = super::read_again(|| {
+            let mut con = con.clone();
+            async move { read_next_id(&mut con, keys).await }
+        })
+        .await?;
         let port = cluster.node(victim).port();
         let (offset_before, killed_at, replica_offset, promoted) =
             tokio::task::block_in_place(|| {
@@ -467,11 +479,14 @@ async fn current_generator(
         .map(|i| (epoch, i)))
 }
 
-/// `{ns}:next_id` in an RDB snapshot, read from a throwaway server started on a copy of it.
-async fn snapshot_next_id(rdb: &Path, keys: &Keys) -> anyhow::Result<u64> {
+/// `{ns}:next_id` in an RDB snapshot and the ids with an outcome there, read from a throwaway
+/// server started on a copy of it.
+async fn snapshot_state(rdb: &Path, keys: &Keys) -> anyhow::Result<(u64, Vec<u64>)> {
     let scratch = RedisServer::start_from_rdb(rdb).context("starting a server on the snapshot")?;
     let mut con = conn::connect(&scratch.url(), 5000).await?;
-    read_next_id(&mut con, keys).await
+    let next_id = read_next_id(&mut con, keys).await?;
+    let outcomes = leaderq::testkit::snapshot::outcome_ids(&mut con, keys).await?;
+    Ok((next_id, outcomes))
 }
 
 /// The local port of the lease holder's Redis connection as Redis sees it (through the proxy:
@@ -499,14 +514,14 @@ async fn lease_holder_port(con: &mut conn::Conn, keys: &Keys) -> anyhow::Result<
 /// Copies one in-flight message of a live handler (a member of its in-flight set, or an open
 /// message of one of its batch records) into another live copy's in-flight set (as a buggy
 /// reclaim could): that copy adopts and runs it at its next reconciliation, and the
-/// duplicate defence must record one outcome. Returns what it did, `None` when no two copies
-/// qualify right now.
+/// duplicate defence must record one outcome. Returns what it did and the message's id, `None`
+/// when no two copies qualify right now.
 async fn plant_duplicate(
     con: &mut conn::Conn,
     keys: &Keys,
     apps: &[AppProcess],
     rng: &mut rand_chacha::ChaCha8Rng,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Option<(String, u64)>> {
     let mut holders = Vec::new();
     for app in apps {
         let handler = format!("{}.0", app.instance_id);
@@ -558,8 +573,14 @@ async fn plant_duplicate(
     if added == 0 {
         return Ok(None);
     }
-    Ok(Some(format!(
-        "{} from {from}'s set planted in {to}'s",
-        String::from_utf8_lossy(&payload)
+    let id = leaderq::protocol::message::Envelope::parse(&payload)
+        .map(|(e, _)| e.id)
+        .unwrap_or(u64::MAX);
+    Ok(Some((
+        format!(
+            "{} from {from}'s set planted in {to}'s",
+            String::from_utf8_lossy(&payload)
+        ),
+        id,
     )))
 }

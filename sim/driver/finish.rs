@@ -10,16 +10,17 @@ use anyhow::{bail, Context};
 use leaderq::stats::Latencies;
 use leaderq::testkit::procs::AppProcess;
 use leaderq::testkit::snapshot::Snapshot;
-use leaderq::testkit::verify::{self, Observed, Verdict};
+use leaderq::testkit::verify::{self, Observed, Printed, Runs, Verdict};
 use leaderq::{conn, inspect, Keys};
 use std::path::Path;
 
 /// What is left once every copy has stopped: the checker's and the report's inputs.
 struct Collected {
-    /// Every line the completed drains and the final getErrors printed.
-    error_lines: Vec<String>,
-    /// What the drains during the run printed and how they ended (their complete lines are in
-    /// `error_lines`).
+    /// Every line the drains during the run and the final getErrors printed, with what became
+    /// of each entry.
+    printed: Vec<Printed>,
+    /// What the drains during the run printed and how they ended (their lines are in
+    /// `printed`).
     drained: DrainOutput,
     /// The final drain failing is a finding about getErrors, not a crash of the sim.
     final_drain_failure: Option<String>,
@@ -83,22 +84,33 @@ impl Run<'_> {
         Ok(self.end(&collected.snap, verdict.pass, elapsed_s))
     }
 
-    /// Ends a run in which Redis lost data: the getErrors drains are killed, and the halt is
-    /// judged instead of the messages.
+    /// Ends a run in which Redis lost data: the halt is judged instead of the messages, and
+    /// what survived the loss (`verify::check_after_loss`): every outcome left is one and as
+    /// seeded, and every outcome of the state Redis went back to is still there.
     async fn finish_halted(mut self, h: &HaltWatch, elapsed_s: f64) -> anyhow::Result<End> {
         let base = Summary {
             elapsed_s,
             ..base_summary(&self)
         };
-        drop(self.drains); // their processes are killed on drop
+        let exits = halt_exit_codes(&mut self.world.apps);
+        let mut after_loss = self.after_loss(h).await;
+        if self.flags.wait_replicas > 0 && !self.master_kills.is_empty() {
+            // A master failover to a replica that confirmed every script call lost nothing a
+            // copy acted on: it must not halt the group.
+            after_loss.push(format!(
+                "the group halted after a master failover although --wait-replicas {} confirmed every write a copy acted on",
+                self.flags.wait_replicas
+            ));
+        }
         let pass = judge_halt(
             h,
-            &mut self.world.apps,
             &mut self.con,
             &self.keys,
             base,
             &self.report_dir,
             &self.timeline,
+            exits,
+            after_loss,
         )
         .await?;
         if !pass {
@@ -109,13 +121,46 @@ impl Run<'_> {
         Ok(if pass { End::Pass } else { End::Violation })
     }
 
+    /// After a loss, once every copy has stopped: what the drains printed, what the final
+    /// getErrors prints, and what Redis still holds, judged against what survives a loss.
+    async fn after_loss(&mut self, h: &HaltWatch) -> Vec<String> {
+        let mut drained = self.drains.finish().await;
+        let mut failures = std::mem::take(&mut drained.failures);
+        let mut printed = std::mem::take(&mut drained.printed);
+        match get_errors(&self.world.app_bin, &self.world.url, &self.namespace).await {
+            Ok(lines) => printed.extend(lines),
+            Err(e) => failures.push(format!("the final getErrors failed: {e:#}")),
+        }
+        let snap = match leaderq::testkit::snapshot::snapshot(&mut self.con, &self.keys).await {
+            Ok(s) => s,
+            Err(e) => return vec![format!("reading what Redis holds after the loss: {e}")],
+        };
+        let mut observed = Observed {
+            messages: h.next_id_before_loss.max(snap.next_id),
+            seed: self.seed,
+            error_rate: self.flags.error_rate,
+            delay_max_ms: self.flags.handler_delay_max_ms,
+            handler_timeout_ms: self.flags.handler_timeout_ms,
+            ok_bitmap: snap.ok_bitmap,
+            printed,
+            ..Observed::default()
+        };
+        observed.counters = snap.counters;
+        let mut violations = verify::check_after_loss(&verify::AfterLoss {
+            observed,
+            kept: h.kept.clone(),
+        });
+        violations.extend(failures);
+        violations
+    }
+
     /// Waits for the drains, runs the final getErrors, and reads what Redis recorded.
     async fn collect(&mut self) -> anyhow::Result<Collected> {
         let mut drained = self.drains.finish().await;
-        let mut error_lines = std::mem::take(&mut drained.complete_lines);
+        let mut printed = std::mem::take(&mut drained.printed);
         let mut final_drain_failure = None;
         match get_errors(&self.world.app_bin, &self.world.url, &self.namespace).await {
-            Ok(lines) => error_lines.extend(lines),
+            Ok(lines) => printed.extend(lines),
             Err(e) => final_drain_failure = Some(format!("the final getErrors failed: {e:#}")),
         }
         let con = &mut self.con;
@@ -129,7 +174,7 @@ impl Run<'_> {
         let total = used.iter().fold(Usage::default(), |sum, u| sum.plus(*u));
         let redis_cpu_per_node_s: Vec<f64> = used.iter().map(|u| u.cpu_s).collect();
         Ok(Collected {
-            error_lines,
+            printed,
             drained,
             final_drain_failure,
             snap,
@@ -151,13 +196,26 @@ impl Run<'_> {
             self.seed,
             flags.error_rate,
             flags.handler_delay_max_ms,
-            std::mem::take(&mut collected.error_lines),
+            std::mem::take(&mut collected.printed),
             self.disruptions,
         )
         .map_err(anyhow::Error::msg)?;
         observed.handler_timeout_ms = flags.handler_timeout_ms;
-        observed.error_lines_killed = std::mem::take(&mut collected.drained.killed_lines);
         observed.injected_duplicates = self.injected;
+        observed.runs = Some(Runs {
+            copies: self.world.runs()?,
+            everyone_disturbed: self.faults.iter().any(|f| {
+                f.done
+                    && matches!(
+                        f.kind,
+                        FaultKind::RestartRedis
+                            | FaultKind::KillMaster
+                            | FaultKind::RollbackRedis
+                            | FaultKind::WipeRedis
+                    )
+            }),
+            planted: self.planted.clone(),
+        });
         let deposing = self
             .faults
             .iter()
@@ -174,6 +232,7 @@ impl Run<'_> {
             .into_iter()
             .chain(collected.final_drain_failure.take())
             .chain(self.stalled.clone())
+            .chain(self.liveness_violations())
             .collect();
         if !extra.is_empty() {
             verdict.violations.extend(extra);
@@ -211,7 +270,11 @@ impl Run<'_> {
             missing: verdict.missing,
             duplicates: verdict.duplicates,
             unexpected: verdict.unexpected,
-            handler_runs: c.runs,
+            // Where each message really ran (the copies' run logs), not what commits counted (a
+            // commit retried after a lost reply counts its runs again).
+            handler_runs: observed.runs.as_ref().map_or(c.runs, |r| {
+                r.copies.iter().map(|c| c.ids.len() as u64).sum()
+            }),
             reruns: verdict.reruns,
             elapsed_s,
             throughput_msgs_per_s: c.processed.saturating_add(c.errors) as f64 / elapsed_s,
@@ -326,6 +389,38 @@ fn base_summary(run: &Run<'_>) -> Summary {
     }
 }
 
+impl Run<'_> {
+    /// The liveness the driver measured, judged (`verify::check_liveness`): every generator a
+    /// fault hit replaced within its lease plus [`LIVENESS_SLACK_MS`], every killed handler's
+    /// messages reclaimed within its heartbeat TTL plus the same.
+    fn liveness_violations(&self) -> Vec<String> {
+        let takeovers: Vec<(String, Option<f64>)> = self
+            .faults
+            .iter()
+            .filter(|f| f.done && f.kind.on_generated())
+            .map(|f| {
+                (
+                    format!("{} at {:.2} s (epoch {})", f.kind.label(), f.t_s, f.epoch),
+                    f.takeover_ms,
+                )
+            })
+            .collect();
+        let mut reclaims: Vec<Option<f64>> = self.reclaim_ms.iter().map(|&ms| Some(ms)).collect();
+        reclaims.extend(self.never_reclaimed.iter().map(|_| None));
+        verify::check_liveness(
+            self.flags.lease_ms,
+            self.flags.heartbeat_ms,
+            LIVENESS_SLACK_MS,
+            &takeovers,
+            &reclaims,
+        )
+    }
+}
+
+/// How far past its lease (or heartbeat TTL) a replacement may come and still count as in time:
+/// a poll period, a round trip, and a loaded 2-core machine's scheduling.
+const LIVENESS_SLACK_MS: u64 = 1000;
+
 /// Failover: from the Redis time of the fault to the first message of the next epoch, ms.
 fn failover_ms(f: &Fault, observed: &Observed) -> Option<f64> {
     observed
@@ -339,36 +434,17 @@ fn failover_ms(f: &Fault, observed: &Observed) -> Option<f64> {
 /// Judges a run in which Redis lost data: every copy must have exited with code 5 (halted), the
 /// namespace must be marked halted, and `next_id` must not have moved since the loss (nothing
 /// generated from the forgotten state). Writes the report; returns whether all of it held.
+#[allow(clippy::too_many_arguments)]
 async fn judge_halt(
     h: &HaltWatch,
-    apps: &mut [AppProcess],
     con: &mut conn::Conn,
     keys: &Keys,
     mut summary: Summary,
     report_dir: &Path,
     timeline: &Timeline,
+    (codes, mut violations): (Vec<Option<i32>>, Vec<String>),
+    after_loss: Vec<String>,
 ) -> anyhow::Result<bool> {
-    let mut violations = Vec::new();
-    let mut codes = Vec::new();
-    for app in apps.iter_mut() {
-        let code = app.exited().and_then(|s| s.code());
-        if code.is_none() {
-            app.kill();
-        }
-        if code != Some(APP_EXIT_HALTED) {
-            violations.push(format!(
-                "{} {} {:?} after Redis lost data, not exit code {APP_EXIT_HALTED} (halted)",
-                app.instance_id,
-                if code.is_some() {
-                    "exited with"
-                } else {
-                    "was still running"
-                },
-                code
-            ));
-        }
-        codes.push(code);
-    }
     let halt_ms = h.since.elapsed().as_secs_f64() * 1000.0;
     let now = read_next_id(con, keys).await?;
     if now != h.next_id_after_loss {
@@ -382,6 +458,7 @@ async fn judge_halt(
         Some(why) => println!("halted: {why}"),
         None => violations.push("the namespace was not marked halted".into()),
     }
+    violations.extend(after_loss);
     summary.redis_lost_data = h.what.clone();
     summary.halt_ms = halt_ms;
     summary.halt_exit_codes = codes;
@@ -413,6 +490,32 @@ async fn judge_halt(
     Ok(summary.violations.is_empty())
 }
 
+/// Every copy's exit code after a loss (each still running is killed: it did not halt), and a
+/// violation for each that did not exit with code 5.
+fn halt_exit_codes(apps: &mut [AppProcess]) -> (Vec<Option<i32>>, Vec<String>) {
+    let (mut codes, mut violations) = (Vec::new(), Vec::new());
+    for app in apps.iter_mut() {
+        let code = app.exited().and_then(|s| s.code());
+        if code.is_none() {
+            app.kill();
+        }
+        if code != Some(APP_EXIT_HALTED) {
+            violations.push(format!(
+                "{} {} {:?} after Redis lost data, not exit code {APP_EXIT_HALTED} (halted)",
+                app.instance_id,
+                if code.is_some() {
+                    "exited with"
+                } else {
+                    "was still running"
+                },
+                code
+            ));
+        }
+        codes.push(code);
+    }
+    (codes, violations)
+}
+
 /// Copies the sim's own Redis directory (its log and AOF, the complete command history of a
 /// persisted run) next to a failed run's report, so the failure can be traced command by command.
 fn keep_redis_data(from: &Path, to: &Path) {
@@ -428,9 +531,9 @@ fn keep_redis_data(from: &Path, to: &Path) {
 }
 
 /// Runs the real `app getErrors` and returns its stdout lines.
-async fn get_errors(app_bin: &Path, url: &str, namespace: &str) -> anyhow::Result<Vec<String>> {
+async fn get_errors(app_bin: &Path, url: &str, namespace: &str) -> anyhow::Result<Vec<Printed>> {
     let out = tokio::process::Command::new(app_bin)
-        .args(["getErrors", "--namespace", namespace])
+        .args(["getErrors", "--json", "--namespace", namespace])
         .env("REDIS_URL", url)
         .kill_on_drop(true)
         .output()
@@ -443,10 +546,15 @@ async fn get_errors(app_bin: &Path, url: &str, namespace: &str) -> anyhow::Resul
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
-        .collect())
+        .collect();
+    Ok(verify::printed_by(
+        &lines,
+        &String::from_utf8_lossy(&out.stderr),
+        false,
+    ))
 }
 
 /// Prints the summary lines: the verdict and counts, timing, the faults this run had, latency.

@@ -175,15 +175,35 @@ pub struct DrainConfig {
 pub trait ErrorSink {
     /// Takes a chunk of entries, in store order.
     fn accept(&mut self, entries: &[ErrorEntry]) -> std::io::Result<()>;
+
+    /// The last `count` entries accepted are deleted from Redis now. (The CLI says so on
+    /// stderr, naming the output lines, so whoever reads both can tell which printed entries
+    /// were deleted and which a later `getErrors` prints again.)
+    fn deleted(&mut self, _count: usize) {}
 }
 
-/// `getErrors`'s sink: each entry as one line in `format`, flushed after every chunk.
+/// `getErrors`'s sink: each entry as one line in `format`, flushed after every chunk; each
+/// deletion reported on stderr as `getErrors: deleted output lines <a>-<b>` (1-based lines of
+/// this run's stdout).
 #[derive(Debug)]
 pub struct Lines<W> {
     /// Where the lines go.
-    pub out: W,
+    out: W,
     /// How each entry is printed.
-    pub format: LineFormat,
+    format: LineFormat,
+    /// Lines written so far.
+    written: u64,
+}
+
+impl<W: Write> Lines<W> {
+    /// Lines in `format` to `out`.
+    pub fn new(out: W, format: LineFormat) -> Lines<W> {
+        Lines {
+            out,
+            format,
+            written: 0,
+        }
+    }
 }
 
 impl<W: Write> ErrorSink for Lines<W> {
@@ -191,9 +211,22 @@ impl<W: Write> ErrorSink for Lines<W> {
         for entry in entries {
             writeln!(self.out, "{}", entry.render(self.format))?;
         }
-        self.out.flush()
+        self.out.flush()?;
+        self.written += entries.len() as u64;
+        Ok(())
+    }
+
+    fn deleted(&mut self, count: usize) {
+        let last = self.written;
+        let first = last + 1 - (count as u64).min(last);
+        eprintln!("{DELETED_LINES}{first}-{last}");
     }
 }
+
+/// How the CLI's sink starts each report of a deletion on stderr, followed by `<a>-<b>`: the
+/// 1-based output lines whose entries were deleted (`sim` reads it to tell deleted entries from
+/// ones a killed `getErrors` printed without deleting).
+pub const DELETED_LINES: &str = "getErrors: deleted output lines ";
 
 /// Collects the entries in memory (for programs that handle them themselves, and tests).
 impl ErrorSink for Vec<ErrorEntry> {
@@ -433,6 +466,7 @@ async fn drain_list(
         if left < 0 {
             return Err(Error::DrainLockLost);
         }
+        sink.deleted(printed);
         total.printed += printed as u64;
         len = left as u64;
         if left == 0 {

@@ -140,6 +140,11 @@ struct RunFlags {
     /// Random when absent.
     #[arg(long)]
     seed: Option<u64>,
+    /// Append the id of every message this copy's handler ran to FILE (8 bytes little-endian
+    /// each), before its outcome is committed, so a verifier can tell where each message really
+    /// ran (`sim` gives each copy one). Off by default.
+    #[arg(long, value_name = "FILE")]
+    run_log: Option<std::path::PathBuf>,
     /// Probability that eventHandler fails a message (the task's 15 %).
     #[arg(long, default_value_t = 0.15)]
     error_rate: f64,
@@ -360,6 +365,7 @@ async fn join(common: Common, f: RunFlags) -> Result<(), Error> {
             heartbeat_ms: f.heartbeat_ms,
             redis_down_max_ms: f.redis_down_max_ms,
             handler_timeout_ms: f.handler_timeout_ms,
+            run_log: f.run_log.clone(),
         },
         max_messages: f.max_messages,
         connect_timeout_ms: common.connect_timeout_ms,
@@ -453,7 +459,7 @@ async fn get_errors(
         token: leaderq::node::default_instance_id(),
         retry_for: Duration::from_millis(redis_down_max_ms),
     };
-    let mut sink = errors::Lines { out, format };
+    let mut sink = errors::Lines::new(out, format);
     let drained = errors::drain(&mut con, &keys, &config, &mut sink).await?;
     eprintln!(
         "getErrors: printed and deleted {} entries ({} failed messages, {} other)",

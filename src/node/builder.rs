@@ -57,6 +57,7 @@ impl Node {
                 heartbeat_ms: 750,
                 redis_down_max_ms: 30_000,
                 handler_timeout_ms: 30_000,
+                run_log: None,
             },
             max_messages: None,
             connect_timeout_ms: 5000,

@@ -127,6 +127,41 @@ async fn snapshot_one(con: &mut Conn, keys: &Keys) -> Result<Snapshot, Error> {
     })
 }
 
+/// The ids with an outcome in the namespace now: its ok bits and the ids of its error store and
+/// drain list (every shard's). What a Redis that goes back to this state must keep.
+pub async fn outcome_ids(con: &mut Conn, keys: &Keys) -> Result<Vec<u64>, Error> {
+    let snap = snapshot(con, keys).await?;
+    let mut ids: Vec<u64> = snap
+        .ok_bitmap
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &byte)| {
+            (0..8u64)
+                .filter(move |j| byte & (0x80 >> j) != 0)
+                .map(move |j| i as u64 * 8 + j)
+        })
+        .collect();
+    for (mut con, keys) in crate::protocol::shards::lanes(con, keys).await? {
+        for list in [keys.errors(), keys.errors_drain()] {
+            let entries: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(&list)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut con)
+                .await?;
+            ids.extend(entries.iter().filter_map(|raw| {
+                let entry = crate::admin::errors::ErrorEntry::parse(raw);
+                crate::protocol::message::Envelope::parse(&entry.payload)
+                    .ok()
+                    .map(|(e, _)| e.id)
+            }));
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
 /// Messages in the in-flight sets and the open messages of the batch records of handler ids
 /// matching `handler_glob` (e.g. `"<instance>.*"`), over every shard. Bounded SCANs.
 pub async fn in_flight_matching(

@@ -199,7 +199,7 @@ impl Fixture {
             work.seed,
             work.error_rate,
             work.delay_max_ms,
-            error_lines,
+            leaderq::testkit::verify::Printed::all_deleted(error_lines),
             worker_kills,
         )
         .expect("epoch log parses");

@@ -283,6 +283,15 @@ pub(super) async fn commit_loop(
     Ok(())
 }
 
+/// Reads a run log ([`super::HandlerConfig::run_log`]): the ids, one per run; a last record cut
+/// short (the process was killed mid-write) is dropped.
+pub fn read_run_log(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
 /// Moves outcomes from the front of `from` to `batch` until it holds `max` (the rest stay in
 /// `from`, in order).
 fn take_upto(batch: &mut Vec<Done>, from: &mut Vec<Done>, max: usize) {

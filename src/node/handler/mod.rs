@@ -103,6 +103,10 @@ pub struct HandlerConfig {
     /// stuck handler cannot hold messages forever. One that finishes but took this long or more
     /// times out too, so the rule is exact: handling time >= timeout fails.
     pub handler_timeout_ms: u64,
+    /// Append the id of every message whose handler ran (finished, failed or timed out) to this
+    /// file, 8 bytes little-endian each, before its outcome is committed: `sim`'s verdict reads
+    /// where each message really ran. `None`: no log.
+    pub run_log: Option<std::path::PathBuf>,
 }
 
 /// What the handler decided about one message, ready to commit.
@@ -313,8 +317,18 @@ pub async fn run<H: Handler>(
         work_tx,
         stop: &stop,
     };
+    let run_log = match &config.run_log {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::Config(format!("--run-log {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let timeout = Duration::from_millis(config.handler_timeout_ms);
-    let runner = runner::run(handler, timeout, work_rx, done_tx);
+    let runner = runner::run(handler, timeout, work_rx, done_tx, run_log);
     let committer = commit::commit_loop(
         con,
         &keys,

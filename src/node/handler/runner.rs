@@ -33,6 +33,7 @@ pub(super) async fn run<H: Handler>(
     timeout: Duration,
     mut work_rx: mpsc::UnboundedReceiver<ToRunner>,
     done_tx: mpsc::UnboundedSender<ToCommitter>,
+    mut run_log: Option<std::fs::File>,
 ) -> Result<(), Error> {
     let mut running = FuturesUnordered::new();
     // Planned messages waiting out their handling; their verdict and handling time are set.
@@ -44,6 +45,8 @@ pub(super) async fn run<H: Handler>(
     let mut open = true;
     while open || !running.is_empty() || !waiting.is_empty() {
         let mut out = Vec::new();
+        // The ids of `out` whose handling ran here (not a bad payload passing through).
+        let mut ran: Vec<u64> = Vec::new();
         tokio::select! {
             input = work_rx.recv(), if open => {
                 let batch = match input {
@@ -80,6 +83,7 @@ pub(super) async fn run<H: Handler>(
                             d.handled_us = wait.as_micros() as u64;
                             crate::admin::metrics::handler_time(wait);
                             if wait.is_zero() {
+                                ran.push(d.envelope.id);
                                 out.push(d);
                             } else {
                                 waiting.insert(started + wait, d);
@@ -101,22 +105,38 @@ pub(super) async fn run<H: Handler>(
                     let late_us = now.saturating_duration_since(due).as_micros() as u64;
                     for d in items {
                         d.handled_us += late_us;
+                        ran.push(d.envelope.id);
                     }
                 });
                 wake.as_mut().reset(waiting.next_due().unwrap_or_else(far));
             }
             Some(d) = running.next(), if !running.is_empty() => {
+                ran.push(d.envelope.id);
                 out.push(d);
                 while let Some(Some(d)) = running.next().now_or_never() {
+                    ran.push(d.envelope.id);
                     out.push(d);
                 }
             }
+        }
+        if let (Some(file), false) = (run_log.as_mut(), ran.is_empty()) {
+            log_runs(file, &ran)?;
         }
         if !out.is_empty() && done_tx.send(ToCommitter::Done(out)).is_err() {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// Appends `ids` (handlings that ran to their end, or to the timeout) to the run log, in one
+/// write, before their outcomes go to the committer: every recorded outcome's run is in the log
+/// whatever happens to the process after ([`super::HandlerConfig::run_log`]).
+fn log_runs(file: &mut std::fs::File, ids: &[u64]) -> Result<(), Error> {
+    use std::io::Write;
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    file.write_all(&bytes)
+        .map_err(|e| Error::Config(format!("writing the run log: {e}")))
 }
 
 /// Runs the handler on one message and sets its verdict: the handler's own, unless it ran for
