@@ -498,9 +498,20 @@ fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, Error> {
 /// The URL without its password, for messages: `scheme://user:password@host` keeps only the
 /// scheme and host, and a `password=` or `pass=` query parameter (unix sockets) is masked.
 pub fn redact(url: &str) -> String {
-    let mut out = match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s + 3 => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
+    // The credentials end at the last '@' of the authority, which ends at the first '/' or '?'
+    // after the scheme (a unix socket's has none: `unix:///path?pass=a@b` has no user part, and
+    // an '@' in its query is the password's).
+    let authority = url.find("://").map(|s| {
+        let rest = &url[s + 3..];
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        (s, &rest[..end])
+    });
+    let mut out = match authority {
+        Some((s, auth)) => match auth.rfind('@') {
+            Some(at) => format!("{}***{}", &url[..s + 3], &url[s + 3 + at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     };
     if let Some(q) = out.find('?') {
         let (head, query) = out.split_at(q + 1);
@@ -546,6 +557,15 @@ mod tests {
         assert_eq!(
             redact_all("connecting to redis://a:b@h:1 failed"),
             "connecting to redis://***@h:1 failed"
+        );
+        // Issue 23: a unix socket's password with an '@' in it leaked its tail.
+        assert_eq!(
+            redact("unix:///run/redis.sock?user=u&pass=Pa@Zq9SeCrEt77"),
+            "unix:///run/redis.sock?user=u&pass=***"
+        );
+        assert_eq!(
+            redact("redis://u:p@ss@h:1/0?x=a@b"),
+            "redis://***@h:1/0?x=a@b"
         );
     }
 

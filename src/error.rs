@@ -65,9 +65,12 @@ pub enum Error {
 }
 
 impl From<redis::RedisError> for Error {
-    /// A guarded script's `FORGOTTEN` refusal becomes [`Error::RedisForgot`]; anything else stays
-    /// a Redis error.
+    /// A guarded script's `FORGOTTEN` refusal becomes [`Error::RedisForgot`], a missing ACL
+    /// permission [`Error::Auth`] naming the command; anything else stays a Redis error.
     fn from(e: redis::RedisError) -> Error {
+        if let Some(why) = permission_refused(&e) {
+            return Error::Auth(why);
+        }
         if e.code() == Some("FORGOTTEN") {
             return Error::RedisForgot(e.detail().unwrap_or("(no detail)").to_string());
         }
@@ -81,12 +84,56 @@ impl From<redis::RedisError> for Error {
     }
 }
 
+/// Redis refused a command for want of an ACL permission: why, naming the command. A plain
+/// command's refusal (`NOPERM`) names it; a script's ("The user executing the script can't run
+/// this command or subcommand script: <sha>, on @user_script:<line>") names only the script's
+/// line, so the command is read off that line of our own script.
+fn permission_refused(e: &redis::RedisError) -> Option<String> {
+    let text = crate::conn::redact_all(&e.to_string());
+    if e.code() == Some("NOPERM")
+        || text.contains("NOPERM")
+        || text.contains("no permissions to run")
+    {
+        return Some(format!(
+            "Redis refused a command for want of an ACL permission: {text}"
+        ));
+    }
+    let at = text.find("can't run this command or subcommand")?;
+    let tail = &text[at..];
+    let sha = tail
+        .split("script: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("")
+        .trim();
+    let line = tail.split("@user_script:").nth(1).and_then(|s| {
+        s.trim_end_matches(|c: char| !c.is_ascii_digit())
+            .parse::<usize>()
+            .ok()
+    });
+    let what = match line.and_then(|l| crate::protocol::scripts::command_at(sha, l)) {
+        Some((script, command)) => format!(
+            "the ACL user may not run {} (called by {script}); grant +{} (README, \"TLS, ACL users, secrets\")",
+            command.to_uppercase(),
+            command.to_lowercase()
+        ),
+        None => "the ACL user may not run a command one of our scripts calls (README, \"TLS, ACL users, secrets\", lists them all)".into(),
+    };
+    Some(format!("{what}: {text}"))
+}
+
 impl Error {
     /// True for what no retry can cure and every copy must stop for: Redis lost data, or a
     /// counter that must never be reset is damaged. The copy halts the group (README, "When
     /// Redis forgets").
     pub fn halts_the_group(&self) -> bool {
         matches!(self, Error::RedisForgot(_) | Error::Damaged(_))
+    }
+
+    /// True for what stops this copy at once, whatever loop meets it: what halts the group,
+    /// and what no retry cures here (a refused permission or TLS, a setting that cannot work).
+    pub fn stops_the_copy(&self) -> bool {
+        self.halts_the_group() || matches!(self, Error::Auth(_) | Error::Tls(_) | Error::Config(_))
     }
 
     /// True when retrying later can succeed: Redis unreachable, or a server state that passes

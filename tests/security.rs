@@ -375,3 +375,135 @@ fn sim_reports_never_hold_the_password() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("hunter2"), "{stdout}");
 }
+
+/// Issue 23: a user missing any one permission of the README's ACL line is stopped at once with
+/// exit code 4 and a message naming what is missing. Before, a missing `evalsha`, `script|load`,
+/// `info`, `setrange` or `hincrby` ended in exit 1, and a missing `incr`, `publish` or `rename`
+/// (refused inside a script, where Redis names only the script's line) was retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_missing_permission_stops_a_copy_with_exit_4_naming_it() {
+    let server = RedisServer::start().unwrap();
+    let mut admin = conn::connect(&server.url(), 5000).await.unwrap();
+    let line = readme_acl_line().replace(">PASSWORD", ">s3cret-pw");
+    for missing in [
+        "evalsha",
+        "script|load",
+        "info",
+        "setrange",
+        "hincrby",
+        "incr",
+        "publish",
+        "hlen",
+    ] {
+        let user = format!("no-{}", missing.replace('|', "-"));
+        let mut words: Vec<String> = line
+            .split_whitespace()
+            .filter(|w| *w != format!("+{missing}"))
+            .map(str::to_string)
+            .collect();
+        assert!(
+            words.len() < line.split_whitespace().count(),
+            "{missing} is in the line"
+        );
+        words[2] = user.clone();
+        redis::cmd(&words[0])
+            .arg(&words[1..])
+            .query_async::<()>(&mut admin)
+            .await
+            .unwrap();
+        // A fresh namespace each time (the ACL line grants only `{app}`).
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(&mut admin)
+            .await
+            .unwrap();
+        let url = format!("redis://{user}:s3cret-pw@127.0.0.1:{}", server.port());
+        let started = std::time::Instant::now();
+        // Two copies: one generates, the other handles (a lone copy only generates), so every
+        // script runs.
+        let logs = tempfile::tempdir().unwrap();
+        let args: Vec<String> = [
+            "--namespace",
+            "app",
+            "--interval-ms",
+            "0",
+            "--max-messages",
+            "50",
+            "--handler-delay-max-ms",
+            "5",
+            "--redis-down-max-ms",
+            "60000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut apps: Vec<(AppProcess, PathBuf)> = ["a", "b"]
+            .iter()
+            .map(|name| {
+                let log = logs.path().join(format!("{name}.log"));
+                let app = AppProcess::spawn_with_env(
+                    &common::app_bin(),
+                    name,
+                    &args,
+                    &[("REDIS_URL", url.as_str())],
+                    Some(&log),
+                )
+                .unwrap();
+                (app, log)
+            })
+            .collect();
+        let mut stopped = None;
+        while stopped.is_none() && started.elapsed() < Duration::from_secs(20) {
+            for (app, log) in apps.iter_mut() {
+                if let Some(status) = app.exited() {
+                    stopped = Some((status.code(), std::fs::read_to_string(&*log).unwrap()));
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(apps);
+        let (code, stderr) =
+            stopped.unwrap_or_else(|| panic!("without {missing}: no copy stopped within 20 s"));
+        assert_eq!(code, Some(4), "without {missing}: {stderr}");
+        let named = missing.split('|').next().unwrap();
+        assert!(
+            stderr.to_lowercase().contains(named),
+            "without {missing}, the message names it: {stderr}"
+        );
+        assert!(!stderr.contains("s3cret-pw"), "{stderr}");
+    }
+    // getErrors takes the store with RENAME (in errors_take.lua).
+    let user = "no-rename";
+    let words: Vec<String> = line
+        .split_whitespace()
+        .filter(|w| *w != "+rename")
+        .map(|w| {
+            if w == "leaderq" {
+                user.to_string()
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    redis::cmd(&words[0])
+        .arg(&words[1..])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    redis::cmd("RPUSH")
+        .arg("{app}:errors")
+        .arg("7:1:1700000000000000\thandler error\t1700000000000001")
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://{user}:s3cret-pw@127.0.0.1:{}", server.port());
+    let out = app(&["getErrors", "--namespace", "app"], &[("REDIS_URL", &url)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "getErrors without rename: {stderr}"
+    );
+    assert!(stderr.contains("RENAME"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing printed, nothing deleted");
+}

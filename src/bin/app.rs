@@ -117,8 +117,9 @@ struct Common {
     /// Namespace of the group: every key lives under `{NAMESPACE}:` (one Redis Cluster slot).
     #[arg(long, default_value = "app")]
     namespace: String,
-    /// Give up with exit code 3 when Redis stays unreachable this long at start-up.
-    #[arg(long, default_value_t = 5000)]
+    /// Give up with exit code 3 when Redis stays unreachable this long at start-up (100 ms to a
+    /// day).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=leaderq::config::DAY_MS))]
     connect_timeout_ms: u64,
     /// Log format on stderr; levels come from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -145,8 +146,8 @@ struct RunFlags {
     /// ran (`sim` gives each copy one). Off by default.
     #[arg(long, value_name = "FILE")]
     run_log: Option<std::path::PathBuf>,
-    /// Probability that eventHandler fails a message (the task's 15 %).
-    #[arg(long, default_value_t = 0.15)]
+    /// Probability that eventHandler fails a message, 0 to 1 (the task's 15 %).
+    #[arg(long, default_value_t = 0.15, allow_negative_numbers = true)]
     error_rate: f64,
     /// eventHandler waits a uniform integer delay in 0..this many ms (the task's 1000).
     #[arg(long, default_value_t = 1000)]

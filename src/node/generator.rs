@@ -184,7 +184,7 @@ pub async fn lead<S: Source>(
                         tracing::warn!(epoch = lease.epoch, "lease lost; stepping down");
                         return Ok(LeadEnd::Lost);
                     }
-                    Err(e) if e.halts_the_group() => return Err(e),
+                    Err(e) if e.stops_the_copy() => return Err(e),
                     Err(e) if renewed_at.elapsed() >= lease_ttl => {
                         tracing::warn!(epoch = lease.epoch, error = %e, "lease not renewed within its TTL; stepping down");
                         return Ok(LeadEnd::Lost);
@@ -261,7 +261,7 @@ pub async fn lead<S: Source>(
                         tracing::warn!(epoch = lease.epoch, "generation fenced: another epoch holds the lease; stepping down");
                         return Ok(LeadEnd::Lost);
                     }
-                    Err(e) if e.halts_the_group() => return Err(e),
+                    Err(e) if e.stops_the_copy() => return Err(e),
                     Err(e @ Error::Config(_)) => return Err(e),
                     Err(Error::Corrupt(msg)) => {
                         // Never reset the counter: ids would repeat. Keep the lease (so no one

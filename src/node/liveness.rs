@@ -357,7 +357,7 @@ pub async fn run(
                     );
                 }
             }
-            Err(e) if e.halts_the_group() => return Err(e),
+            Err(e) if e.stops_the_copy() => return Err(e),
             // Out of memory past the bound: say so, not "unreachable".
             Err(e @ Error::OutOfMemory(_))
                 if last_ok.elapsed() >= Duration::from_millis(redis_down_max_ms) =>

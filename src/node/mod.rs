@@ -470,7 +470,7 @@ async fn leader_loop<S: Source>(
                 }
             }
             Ok(None) => failures = 0,
-            Err(e) if e.halts_the_group() => return Err(e),
+            Err(e) if e.stops_the_copy() => return Err(e),
             Err(e) => {
                 failures += 1;
                 if failures.is_power_of_two() {

@@ -16,14 +16,16 @@ impl Keys {
     /// Validates the namespace: non-empty, at most 64 bytes, no braces or whitespace (a brace would
     /// break the hash tag, whitespace would make `redis-cli` sessions ambiguous).
     pub fn new(namespace: &str) -> Result<Keys, Error> {
+        // '/' is reserved: shard s of namespace x is `{x/s}` (Keys::shards), so a namespace
+        // "x/0" would share its keys with shard 0 of x.
         let ok = !namespace.is_empty()
             && namespace.len() <= 64
             && !namespace
                 .chars()
-                .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control());
+                .any(|c| c == '{' || c == '}' || c == '/' || c.is_whitespace() || c.is_control());
         if !ok {
             return Err(Error::Config(format!(
-                "namespace {namespace:?} must be 1-64 characters without braces or whitespace"
+                "namespace {namespace:?} must be 1-64 characters without braces, '/' (it names a namespace's shards) or whitespace"
             )));
         }
         Ok(Keys {

@@ -15,40 +15,115 @@
 use redis::Script;
 use std::sync::LazyLock;
 
+/// Every script, once: its file name, whether it is guarded (its reply carries the write count:
+/// called only through `Incarnation::invoke`), and its source.
+const SOURCES: [(&str, bool, &str); 16] = [
+    ("acquire.lua", true, include_str!("lua/acquire.lua")),
+    ("renew.lua", true, include_str!("lua/renew.lua")),
+    ("release.lua", false, include_str!("lua/release.lua")),
+    ("generate.lua", true, include_str!("lua/generate.lua")),
+    ("allocate.lua", true, include_str!("lua/allocate.lua")),
+    ("append.lua", true, include_str!("lua/append.lua")),
+    ("fetch.lua", true, include_str!("lua/fetch.lua")),
+    ("commit.lua", true, include_str!("lua/commit.lua")),
+    ("reclaim.lua", true, include_str!("lua/reclaim.lua")),
+    (
+        "errors_take.lua",
+        false,
+        include_str!("lua/errors_take.lua"),
+    ),
+    ("errors_ack.lua", false, include_str!("lua/errors_ack.lua")),
+    ("presence.lua", false, include_str!("lua/presence.lua")),
+    ("sample.lua", false, include_str!("lua/sample.lua")),
+    ("prune.lua", false, include_str!("lua/prune.lua")),
+    ("set_aside.lua", false, include_str!("lua/set_aside.lua")),
+    (
+        "settle_shards.lua",
+        false,
+        include_str!("lua/settle_shards.lua"),
+    ),
+];
+
+/// Each script as Redis runs it (prelude and wrapping included), with its SHA1, in
+/// [`SOURCES`]'s order.
+static TEXTS: LazyLock<Vec<(&'static str, String, String)>> = LazyLock::new(|| {
+    SOURCES
+        .iter()
+        .map(|&(name, is_guarded, body)| {
+            let text = if is_guarded {
+                guarded(body)
+            } else {
+                with_prelude(body)
+            };
+            (name, Script::new(&text).get_hash().to_string(), text)
+        })
+        .collect()
+});
+
+/// The `Script` of the file `name` (one of [`SOURCES`]).
+fn script(name: &str) -> Script {
+    let (_, _, text) = TEXTS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .expect("a script of SOURCES");
+    Script::new(text)
+}
+
 macro_rules! script {
-    ($name:ident, $file:literal) => {
-        #[doc = concat!("`src/protocol/lua/", $file, "`.")]
-        pub static $name: LazyLock<Script> =
-            LazyLock::new(|| Script::new(&with_prelude(include_str!(concat!("lua/", $file)))));
+    ($name:ident, $file:literal, $doc:literal) => {
+        #[doc = concat!("`src/protocol/lua/", $file, "`", $doc)]
+        pub static $name: LazyLock<Script> = LazyLock::new(|| script($file));
     };
 }
 
-/// A guarded script: called only through `Incarnation::invoke`, which reads the write count its
-/// reply carries (see the module docs).
-macro_rules! guarded_script {
-    ($name:ident, $file:literal) => {
-        #[doc = concat!("`src/protocol/lua/", $file, "` (guarded: called through `Incarnation::invoke`).")]
-        pub static $name: LazyLock<Script> =
-            LazyLock::new(|| Script::new(&guarded(include_str!(concat!("lua/", $file)))));
-    };
-}
-
-guarded_script!(ACQUIRE, "acquire.lua");
-guarded_script!(RENEW, "renew.lua");
-script!(RELEASE, "release.lua");
-guarded_script!(GENERATE, "generate.lua");
-guarded_script!(ALLOCATE, "allocate.lua");
-guarded_script!(APPEND, "append.lua");
-guarded_script!(FETCH, "fetch.lua");
-guarded_script!(COMMIT, "commit.lua");
-guarded_script!(RECLAIM, "reclaim.lua");
-script!(ERRORS_TAKE, "errors_take.lua");
-script!(ERRORS_ACK, "errors_ack.lua");
-script!(PRESENCE, "presence.lua");
-script!(SAMPLE, "sample.lua");
-script!(PRUNE, "prune.lua");
-script!(SET_ASIDE, "set_aside.lua");
-script!(SETTLE_SHARDS, "settle_shards.lua");
+script!(
+    ACQUIRE,
+    "acquire.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(
+    RENEW,
+    "renew.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(RELEASE, "release.lua", ".");
+script!(
+    GENERATE,
+    "generate.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(
+    ALLOCATE,
+    "allocate.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(
+    APPEND,
+    "append.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(
+    FETCH,
+    "fetch.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(
+    COMMIT,
+    "commit.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(
+    RECLAIM,
+    "reclaim.lua",
+    " (guarded: called through `Incarnation::invoke`)."
+);
+script!(ERRORS_TAKE, "errors_take.lua", ".");
+script!(ERRORS_ACK, "errors_ack.lua", ".");
+script!(PRESENCE, "presence.lua", ".");
+script!(SAMPLE, "sample.lua", ".");
+script!(PRUNE, "prune.lua", ".");
+script!(SET_ASIDE, "set_aside.lua", ".");
+script!(SETTLE_SHARDS, "settle_shards.lua", ".");
 
 /// `body` with the prelude in front of it, after its shebang line if it has one.
 fn with_prelude(body: &str) -> String {
@@ -86,28 +161,20 @@ fn split_shebang(body: &str) -> (String, &str) {
     }
 }
 
+/// The script with SHA1 `sha` and the Redis command its line `line` (1-based, as Redis counts
+/// `@user_script:<line>`) calls, when that line has a `redis.call('NAME'` (or `pcall`).
+pub fn command_at(sha: &str, line: usize) -> Option<(&'static str, String)> {
+    let (name, _, text) = TEXTS.iter().find(|(_, s, _)| s == sha)?;
+    let source = text.lines().nth(line.checked_sub(1)?)?;
+    let call = source.split("call('").nth(1)?;
+    Some((name, call.split('\'').next()?.to_string()))
+}
+
 /// Loads every script into Redis up front, so the first hot-path call is a plain `EVALSHA` and a
 /// syntax error shows at start-up rather than mid-run.
 pub async fn load_all<C: redis::aio::ConnectionLike>(con: &mut C) -> redis::RedisResult<()> {
-    for s in [
-        &*ACQUIRE,
-        &*RENEW,
-        &*RELEASE,
-        &*GENERATE,
-        &*ALLOCATE,
-        &*APPEND,
-        &*FETCH,
-        &*COMMIT,
-        &*RECLAIM,
-        &*ERRORS_TAKE,
-        &*ERRORS_ACK,
-        &*PRESENCE,
-        &*SAMPLE,
-        &*PRUNE,
-        &*SET_ASIDE,
-        &*SETTLE_SHARDS,
-    ] {
-        s.load_async(con).await?;
+    for (_, _, text) in TEXTS.iter() {
+        Script::new(text).load_async(con).await?;
     }
     Ok(())
 }

@@ -19,7 +19,9 @@ pub fn render_text(s: &Status) -> String {
         s.namespace,
         crate::admin::errors::rfc3339_utc(s.redis_time_us)
     );
-    if s.empty {
+    // A halt comes first: after a FLUSHALL or an empty restart the halt marker may be all the
+    // namespace holds, and "no data yet" would hide that copies stopped (issue 23).
+    if s.empty && s.halted.is_none() {
         let _ = writeln!(
             out,
             "no data yet: no copy of app has run against this Redis under this namespace"
@@ -279,6 +281,16 @@ mod tests {
             ..Status::default()
         };
         assert!(render_text(&s).contains("no data yet"));
+        // Issue 23: wiped, then halted by the copies that saw it: HALTED, not "no data yet".
+        let halted = Status {
+            halted: Some("app1 saw: redis lost data: {app}:incarnation is gone".into()),
+            ..s
+        };
+        let text = render_text(&halted);
+        assert!(
+            text.contains("HALTED") && !text.contains("no data yet"),
+            "{text}"
+        );
     }
 
     #[test]

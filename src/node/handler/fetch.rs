@@ -279,7 +279,7 @@ impl Fetcher<'_> {
                         unknown_since = None;
                         next_check = Instant::now() + RECONCILE_EVERY;
                     }
-                    Err(e) if e.halts_the_group() => return Err(Exit::Fatal(e)),
+                    Err(e) if e.stops_the_copy() => return Err(Exit::Fatal(e)),
                     Err(e) => {
                         tracing::warn!(error = %e, "in-flight reconciliation failed; retrying");
                         outcome_unknown = true;
@@ -357,7 +357,7 @@ impl Fetcher<'_> {
                         .collect();
                     self.hand_over(f.payloads, takes, Some(f.time_us))?;
                 }
-                Err(e) if e.halts_the_group() => {
+                Err(e) if e.stops_the_copy() => {
                     self.permits.add_permits(batch as usize);
                     return Err(Exit::Fatal(e));
                 }
